@@ -1,0 +1,161 @@
+"""`bootimg mkcomposefs`: a drop-in for mkcomposefs 1.0.8 built on the library.
+
+Same flags, same meaning: SOURCE is a directory, or with ``--from-file`` a dump file
+('-' = stdin); IMAGE is written atomically (temp name + rename, nothing left behind on
+error), or to stdout with '-'. ``CFS_PARSE_STRICT`` selects strict dump parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from ..errors import BootimgError, FormatError
+from . import fsverity
+from .dump import parse_dump, strict_from_env
+from .scan import ScanOptions, default_threads, scan_directory
+from .store import ObjectStore
+from .tree import Node
+from .writer import ImageOptions, write_image
+
+
+@dataclass
+class BuildResult:
+    image: bytes
+    digest: bytes
+    root: Node
+    n_files: int = 0
+    objects_created: int = 0
+    bytes_stored: int = 0
+
+
+class Progress:
+    """A one-line progress report on stderr, only when it is a terminal, at most 10/s."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self._last = 0.0
+        self._shown = False
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1:
+            return
+        self._last = now
+        if phase == "scan":
+            msg = f"scanning: {done} files"
+        elif total:
+            msg = f"{phase}: {done / 1e6:.0f}/{total / 1e6:.0f} MB ({100 * done / total:.0f}%)"
+        else:
+            msg = f"{phase}: {done}"
+        sys.stderr.write(f"\r\033[K{msg}")
+        sys.stderr.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def read_source(source: str) -> tuple[bytes, str]:
+    if source == "-":
+        return sys.stdin.buffer.read(), "<stdin>"
+    try:
+        with open(source, "rb") as f:
+            return f.read(), source
+    except OSError as err:
+        raise BootimgError(f"cannot read dump file: {err.strerror}", file=source) from None
+
+
+def build_from_dump(data: bytes, name: str, options: ImageOptions, strict: bool | None = None) -> BuildResult:
+    root = parse_dump(data, name, strict)
+    image = _write(root, options, name)
+    return BuildResult(image=image, digest=fsverity.digest(image), root=root)
+
+
+def build_from_directory(source: str, options: ImageOptions, scan: ScanOptions = ScanOptions(),
+                         digest_store: str | None = None, progress: Progress | None = None) -> BuildResult:
+    result = scan_directory(source, scan, progress)
+    image = _write(result.root, options, source)
+    built = BuildResult(image=image, digest=fsverity.digest(image), root=result.root, n_files=result.n_files)
+    if digest_store is not None:
+        store = ObjectStore(digest_store)
+        threads = scan.threads or default_threads()
+        built.objects_created, built.bytes_stored = store.fill(
+            ((os.fsdecode(path), node.digest) for path, node in result.external), threads=threads)
+    return built
+
+
+def _write(root: Node, options: ImageOptions, source_name: str) -> bytes:
+    try:
+        return write_image(root, options)
+    except FormatError as err:
+        if err.file is None:
+            raise FormatError(err.message, file=source_name) from None
+        raise
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory and a rename, so a
+    reader never sees a partial image and a failure leaves nothing behind."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise BootimgError(f"cannot write image: {err.strerror}", file=path) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.print_digest_only:
+        if args.image is not None:
+            raise BootimgError("--print-digest-only takes no IMAGE argument")
+    elif args.image is None:
+        raise BootimgError("no destination IMAGE given")
+    if args.threads is not None and args.threads < 1:
+        raise BootimgError(f"invalid --threads {args.threads} (must be >= 1)")
+    if args.image == "-" and sys.stdout.isatty():
+        raise BootimgError("stdout is a terminal: refusing to write an image to it")
+    options = ImageOptions(min_version=args.min_version, max_version=args.max_version)
+    if not 0 <= options.min_version <= options.max_version <= 1:
+        raise BootimgError(f"invalid version range --min-version={args.min_version} --max-version={args.max_version}"
+                           " (supported: 0 <= min <= max <= 1)")
+
+    progress = Progress(not args.quiet)
+    try:
+        if args.from_file:
+            data, name = read_source(args.source)
+            built = build_from_dump(data, name, options, strict_from_env())
+        else:
+            scan = ScanOptions(use_epoch=args.use_epoch, skip_devices=args.skip_devices,
+                               skip_xattrs=args.skip_xattrs, user_xattrs=args.user_xattrs,
+                               threads=args.threads or 0)
+            built = build_from_directory(args.source, options, scan, args.digest_store, progress)
+    finally:
+        progress.close()
+
+    if args.image == "-":
+        sys.stdout.buffer.write(built.image)
+        sys.stdout.buffer.flush()
+    elif args.image is not None:
+        write_atomically(args.image, built.image)
+    if args.print_digest or args.print_digest_only:
+        print(built.digest.hex(), flush=True)
+    return 0
