@@ -14,6 +14,7 @@ import stat
 from ..errors import FormatError
 from .tree import (
     INLINE_CONTENT_MAX,
+    MAX_FILE_SIZE,
     NAME_MAX,
     SYMLINK_MAX,
     Node,
@@ -190,6 +191,8 @@ class DumpParser:
                 if len(content) != node.size:
                     raise _LineError(f"inline content length {len(content)} does not match size {node.size}")
                 node.content = content
+            elif ftype == stat.S_IFREG and node.size > MAX_FILE_SIZE:
+                raise _LineError(f"file too large ({node.size} bytes, max {MAX_FILE_SIZE})")
 
         if xattr_part is not None:
             if len(xattr_part) > MAX_XATTR_LINE:

@@ -23,6 +23,7 @@ XATTR_BUDGET = 32767          # per inode: 12 + sum(7 + len(k) + len(v))
 INLINE_CONTENT_MAX = 5000     # largest inline content a dump may carry
 SCAN_INLINE_MAX = 64          # directory scans inline files up to this size
 MAX_CHUNKS = 1024             # external files must fit this many chunks
+MAX_FILE_SIZE = MAX_CHUNKS << 43   # ... of at most 2^43 bytes each
 
 _VALID_TYPES = frozenset(
     (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFBLK, stat.S_IFCHR, stat.S_IFSOCK, stat.S_IFIFO)
