@@ -1,0 +1,118 @@
+"""Directory mode: a scanned tree gives exactly the image its dump gives (the dump computed
+independently, with the fsverity tool's digests), with every option and the object store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+
+import pytest
+
+from bootimg.composefs.dump import parse_dump
+from bootimg.composefs.writer import write_image
+
+from conftest import have, run_cli
+from treegen import dump_of_tree, fsverity_digest_tool, make_tree
+
+pytestmark = pytest.mark.skipif(not have("fsverity"), reason="fsverity-utils not installed")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    return make_tree(tmp_path_factory.mktemp("scan") / "src")
+
+
+def _build(src, out, *opts):
+    res = run_cli("mkcomposefs", *opts, str(src), str(out))
+    assert res.returncode == 0, res.stderr.decode()
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("opts,kw", [
+    ((), {}),
+    (("--use-epoch",), {"use_epoch": True}),
+    (("--skip-devices",), {"skip_devices": True}),
+    (("--user-xattrs",), {"user_xattrs": True}),
+    (("--skip-xattrs",), {"skip_xattrs": True}),
+    (("--threads=1",), {}),
+])
+def test_directory_image_equals_dump_image(tree, tmp_path, opts, kw):
+    image = _build(tree, tmp_path / "dir.cfs", *opts)
+    expected = write_image(parse_dump(dump_of_tree(tree, **kw), "expected", strict=True))
+    assert image == expected
+
+
+def test_tree_covers_the_corners(tree, tmp_path):
+    """The generated tree really holds what the test claims to cover."""
+    image = _build(tree, tmp_path / "dir.cfs")
+    dumped = run_cli("composefs-info", "dump", str(tmp_path / "dir.cfs")).stdout
+    lines = dumped.splitlines()
+    modes = {int(line.split(b" ")[2].lstrip(b"@"), 8) for line in lines}
+    kinds = {stat.S_IFMT(m) for m in modes}
+    assert {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK} <= kinds
+    if os.geteuid() == 0:
+        assert {stat.S_IFCHR, stat.S_IFBLK} <= kinds
+        assert b"trusted.overlay.redirect=/escaped" in dumped       # escaped and unescaped back
+    assert any(len(os.path.basename(line.split(b" ")[0])) == 255 for line in lines)
+    assert any(m & 0o7000 for m in modes)
+    assert len(image) % 4096 == 0
+
+
+def test_copy_gives_same_image(tree, tmp_path):
+    """The image depends only on names, metadata, xattrs and content."""
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(tree), str(copy)], check=True)
+    assert _build(tree, tmp_path / "a.cfs") == _build(copy, tmp_path / "b.cfs")
+
+
+def test_digest_store_fill(tree, tmp_path):
+    store = tmp_path / "store"
+    out = tmp_path / "img.cfs"
+    res = run_cli("mkcomposefs", "--print-digest", f"--digest-store={store}", str(tree), str(out))
+    assert res.returncode == 0, res.stderr.decode()
+    objects = run_cli("composefs-info", "objects", str(out)).stdout.decode().split()
+    on_disk = sorted(os.path.relpath(os.path.join(d, f), store) for d, _, fs in os.walk(store) for f in fs)
+    assert on_disk == sorted(objects)
+    for rel in on_disk:
+        path = store / rel
+        assert fsverity_digest_tool(path) == rel.replace("/", "")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    missing = run_cli("composefs-info", f"--basedir={store}", "missing-objects", str(out))
+    assert missing.returncode == 0 and missing.stdout == b""
+    # The image is the same with and without a store, and a second fill adds nothing.
+    assert out.read_bytes() == _build(tree, tmp_path / "nostore.cfs")
+    before = {p: os.stat(store / p).st_mtime_ns for p in on_disk}
+    run_cli("mkcomposefs", f"--digest-store={store}", str(tree), str(tmp_path / "again.cfs"))
+    assert {p: os.stat(store / p).st_mtime_ns for p in on_disk} == before
+    # A removed object is reported as missing.
+    os.unlink(store / on_disk[0])
+    missing = run_cli("composefs-info", f"--basedir={store}", "missing-objects", str(out))
+    assert missing.stdout.decode().split() == [on_disk[0]]
+
+
+def test_source_errors_are_clean(tmp_path):
+    res = run_cli("mkcomposefs", str(tmp_path / "nope"), str(tmp_path / "out.cfs"))
+    assert res.returncode == 1
+    assert b"Traceback" not in res.stderr and b"nope" in res.stderr
+    assert not (tmp_path / "out.cfs").exists()
+    unreadable = tmp_path / "src"
+    unreadable.mkdir()
+    (unreadable / "f").write_bytes(b"x" * 100)
+    os.chmod(unreadable / "f", 0)
+    if os.geteuid() != 0:
+        res = run_cli("mkcomposefs", str(unreadable), str(tmp_path / "out.cfs"))
+        assert res.returncode == 1 and b"Traceback" not in res.stderr
+
+
+def test_print_digest_only_writes_nothing(tree, tmp_path):
+    res = run_cli("mkcomposefs", "--print-digest-only", str(tree), cwd=str(tmp_path))
+    assert res.returncode == 0
+    assert len(res.stdout.strip()) == 64
+    assert os.listdir(tmp_path) == []
+    image = _build(tree, tmp_path / "x.cfs")
+    measured = run_cli("composefs-info", "measure-file", str(tmp_path / "x.cfs")).stdout.strip()
+    assert measured == res.stdout.strip()
+    assert shutil.which("fsverity") and fsverity_digest_tool(tmp_path / "x.cfs") == measured.decode()
+    assert image
