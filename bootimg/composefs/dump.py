@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from .._perf import gc_paused
 from ..errors import FormatError
 from .tree import (
     INLINE_CONTENT_MAX,
@@ -261,6 +262,11 @@ def parse_dump(data: bytes, source_name: str = "<dump>", strict: bool | None = N
     """Parse a whole dump file (bytes) into a tree rooted at '/'."""
     if strict is None:
         strict = strict_from_env()
+    with gc_paused():
+        return _parse_dump(data, source_name, strict)
+
+
+def _parse_dump(data: bytes, source_name: str, strict: bool) -> Node:
     parser = DumpParser(source_name, strict)
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":

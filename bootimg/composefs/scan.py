@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+from .._perf import gc_paused
 from ..errors import BootimgError
 from . import fsverity
 from .tree import SCAN_INLINE_MAX, Node
@@ -81,6 +82,11 @@ def _hash_file(path: bytes, size: int) -> bytes:
 def scan_directory(source: str | bytes, options: ScanOptions = ScanOptions(),
                    progress: Callable[[str, int, int], None] | None = None) -> ScanResult:
     """Walk ``source`` and return its tree, every external file's digest already set."""
+    with gc_paused():
+        return _scan(source, options, progress)
+
+
+def _scan(source: str | bytes, options: ScanOptions, progress: Callable[[str, int, int], None] | None) -> ScanResult:
     top = os.fsencode(source)
     try:
         st = os.lstat(top)

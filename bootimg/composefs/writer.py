@@ -5,27 +5,42 @@ inline limit are "external": their inode carries overlayfs ``metacopy`` (with th
 digest) and ``redirect`` (to the object in the store) xattrs, and overlayfs serves the data
 from the object store, refusing any object whose digest differs when ``verity=require``.
 
-The steps follow libcomposefs so the bytes match: choose the format version, rewrite the
-tree for overlayfs (escape ``trusted.overlay.*``, synthesize metacopy/redirect, convert
-whiteouts, add the 256 root whiteout stubs), number inodes breadth first, pick shared
-xattrs, place inodes with the reference padding rules, then serialize.
+The steps follow libcomposefs so the bytes match (composefs-format.md sections 3.1-3.12):
+choose the format version, rewrite the tree for overlayfs (escape ``trusted.overlay.*``,
+synthesize metacopy/redirect, convert whiteouts, add the 256 root whiteout stubs), number
+inodes breadth first, pick shared xattrs, place inodes with the reference padding rules,
+then serialize into one preallocated buffer. This is a hot path (140k inodes for a /usr):
+per-inode work is kept to plain attribute access, cached xattr encodings and struct packing.
 """
 
 from __future__ import annotations
 
 import stat
 import struct
+from collections import Counter
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 
 import xxhash
 
+from .._perf import gc_paused
 from ..errors import FormatError
 from . import erofs as E
 from .tree import MAX_CHUNKS, XATTR_BUDGET, XATTR_NAME_MAX, Node
 
 VERSION_MAX = 1
 
+_BLOCK = E.BLOCK
 _HALF_BLOCK = E.BLOCK // 2
+_SLOT = E.SLOT
+_DIRENT_SIZE = E.DIRENT_SIZE
+_S_IFMT = 0o170000
+_S_IFDIR, _S_IFREG, _S_IFLNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+_S_IFCHR, _S_IFBLK = stat.S_IFCHR, stat.S_IFBLK
+_VALID_TYPES = frozenset((stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFBLK, stat.S_IFCHR,
+                          stat.S_IFSOCK, stat.S_IFIFO))
+_first = itemgetter(0)
 
 
 @dataclass(frozen=True)
@@ -35,29 +50,37 @@ class ImageOptions:
 
 
 class _Inode:
-    """One serialized inode and everything the layout needs to know about it."""
+    """One serialized inode and what the layout computes for it."""
 
     __slots__ = (
-        "node", "path", "parent", "mode", "nlink", "uid", "gid", "rdev", "mtime_sec", "mtime_nsec",
-        "size", "xattrs", "entries", "ino", "nid", "isz", "xsz", "n_blocks", "tail", "blkaddr",
-        "layout", "chunk_format", "dir_size", "chunk_table_in_block",
+        "node", "name", "parent", "mode", "nlink", "uid", "gid", "rdev", "mtime_sec", "mtime_nsec",
+        "size", "xattrs", "entries", "ino", "nid", "isz", "shared_ids", "inline_xattrs", "xsz",
+        "n_blocks", "tail", "blkaddr", "layout", "i_size", "chunks", "spilled_chunk_table",
     )
 
-    def __init__(self, node: Node | None, parent: "_Inode | None"):
+    def __init__(self, node: Node | None, name: bytes, parent: "_Inode | None"):
         self.node = node
+        self.name = name
         self.parent = parent
-        self.entries: list[tuple[bytes, _Inode | Node]] | None = None
+        self.entries: list | None = None
         self.blkaddr = 0
-        self.chunk_format = 0
-        self.chunk_table_in_block = False
+        self.spilled_chunk_table = False
+        if node is not None:
+            self.mode = node.mode
+            self.nlink = node.nlink
+            self.uid = node.uid
+            self.gid = node.gid
+            self.rdev = node.rdev
+            self.mtime_sec = node.mtime_sec
+            self.mtime_nsec = node.mtime_nsec
 
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
-
-
-def _shown(path: bytes) -> str:
-    return path.decode("utf-8", "backslashreplace")
+    def path(self) -> str:
+        parts = []
+        ino: _Inode | None = self
+        while ino is not None and ino.parent is not None:
+            parts.append(ino.name)
+            ino = ino.parent
+        return "/" + b"/".join(reversed(parts)).decode("utf-8", "backslashreplace")
 
 
 def choose_version(root: Node, options: ImageOptions) -> int:
@@ -72,141 +95,9 @@ def choose_version(root: Node, options: ImageOptions) -> int:
     return version
 
 
-class _Builder:
-    def __init__(self, root: Node, version: int):
-        self.root = root
-        self.version = version
-
-    # -- step 1: rewrite the tree into inodes with their final mode and xattrs ---------------
-    def rewrite(self) -> _Inode:
-        root_inode = self._make_inode(self.root, None, b"/")
-        stack = [root_inode]
-        while stack:
-            dir_inode = stack.pop()
-            entries: list[tuple[bytes, _Inode | Node]] = []
-            for name, child in dir_inode.node.children.items():
-                if child.link_to is not None:
-                    entries.append((name, child.link_to))    # resolved to an inode later
-                    continue
-                path = dir_inode.path + name if dir_inode.path == b"/" else dir_inode.path + b"/" + name
-                ci = self._make_inode(child, dir_inode, path)
-                entries.append((name, ci))
-                if ci.entries is not None:
-                    stack.append(ci)
-            dir_inode.entries = entries
-        # Root: opaque, after escaping (so it stays a real overlay xattr).
-        root_inode.xattrs[E.OVERLAY_OPAQUE] = b"y"
-        self._add_whiteout_stubs(root_inode)
-        return root_inode
-
-    def _make_inode(self, node: Node, parent: _Inode | None, path: bytes) -> _Inode:
-        node.validate_mode() if stat.S_IFMT(node.mode) else self._bad_mode(node, path)
-        ino = _Inode(node, parent)
-        ino.path = path
-        ino.mode = node.mode
-        ino.nlink = node.nlink
-        ino.uid = node.uid
-        ino.gid = node.gid
-        ino.rdev = node.rdev
-        ino.mtime_sec = node.mtime_sec
-        ino.mtime_nsec = node.mtime_nsec
-        xattrs = {E.escape_overlay_xattr(k): v for k, v in node.xattrs.items()}
-        ftype = stat.S_IFMT(node.mode)
-        if ftype == stat.S_IFDIR:
-            ino.size = 0
-            ino.entries = []
-        elif ftype == stat.S_IFREG:
-            ino.size = node.size
-            if node.content is None and node.size > 0:
-                if _chunk_count(node.size) > MAX_CHUNKS:
-                    raise FormatError(f"{_shown(path)}: file too large ({node.size} bytes)")
-                if node.digest is not None:
-                    xattrs[E.OVERLAY_METACOPY] = E.METACOPY_HEADER + node.digest
-                else:
-                    xattrs[E.OVERLAY_METACOPY] = b""
-                if node.payload:
-                    xattrs[E.OVERLAY_REDIRECT] = b"/" + node.payload
-        elif ftype == stat.S_IFLNK:
-            ino.size = len(node.payload or b"")
-        elif ftype == stat.S_IFCHR and node.rdev == 0:
-            # A whiteout becomes an empty regular file marked for overlayfs, so the image can
-            # itself be a lower layer; the parent is marked as holding whiteouts.
-            ino.mode = stat.S_IFREG | stat.S_IMODE(node.mode)
-            ino.size = 0
-            ino.rdev = 0
-            xattrs[E.OVERLAY_ESCAPED_WHITEOUT] = b""
-            xattrs[E.OVERLAY_USER_WHITEOUT] = b""
-            if parent is not None:
-                parent.xattrs[E.OVERLAY_ESCAPED_WHITEOUTS] = b""
-                parent.xattrs[E.OVERLAY_USER_WHITEOUTS] = b""
-                if self.version >= 1:
-                    parent.xattrs[E.OVERLAY_ESCAPED_OPAQUE] = b"x"
-                    parent.xattrs[E.OVERLAY_USER_OPAQUE] = b"x"
-        else:
-            ino.size = node.size
-        ino.xattrs = xattrs
-        return ino
-
-    @staticmethod
-    def _bad_mode(node: Node, path: bytes) -> None:
-        raise FormatError(f"{_shown(path)}: invalid mode {node.mode:o}")
-
-    def _add_whiteout_stubs(self, root: _Inode) -> None:
-        """256 chardev 0:0 entries 00..ff hide the store's xx/ directories when the store is
-        an ordinary lower layer (kernels without data-only layers)."""
-        present = {name for name, _ in root.entries}
-        selinux = root.node.xattrs.get(b"security.selinux")
-        for i in range(256):
-            name = b"%02x" % i
-            if name in present:
-                continue
-            stub = _Inode(None, root)
-            stub.path = b"/" + name
-            stub.mode = stat.S_IFCHR | 0o644
-            stub.nlink = 1
-            stub.uid, stub.gid = root.uid, root.gid
-            stub.rdev = 0
-            stub.mtime_sec, stub.mtime_nsec = root.mtime_sec, root.mtime_nsec
-            stub.size = 0
-            stub.xattrs = {b"security.selinux": selinux} if selinux is not None else {}
-            root.entries.append((name, stub))
-
-    # -- step 2: number inodes breadth first and resolve directory entries -------------------
-    def number(self, root: _Inode) -> list[_Inode]:
-        order = [root]
-        by_node: dict[int, _Inode] = {}
-        i = 0
-        while i < len(order):
-            ino = order[i]
-            i += 1
-            if ino.node is not None:
-                by_node[id(ino.node)] = ino
-            if ino.entries is not None:
-                ino.entries.sort(key=lambda e: e[0])
-                for _, child in ino.entries:
-                    if isinstance(child, _Inode):
-                        order.append(child)
-        for idx, ino in enumerate(order):
-            ino.ino = idx
-            if ino.entries is not None:
-                resolved = []
-                n_dirs = 0
-                for name, child in ino.entries:
-                    if isinstance(child, Node):
-                        child = by_node[id(child)]
-                    elif stat.S_ISDIR(child.mode):
-                        n_dirs += 1
-                    resolved.append((name, child))
-                resolved.append((b".", ino))
-                resolved.append((b"..", ino.parent if ino.parent is not None else ino))
-                resolved.sort(key=lambda e: e[0])
-                ino.entries = resolved
-                ino.nlink = 2 + n_dirs
-        return order
-
-
 def _chunk_bits(size: int) -> int:
-    return min(max(E.BLOCK_BITS, (size - 1).bit_length()), E.BLOCK_BITS + 31)
+    bits = (size - 1).bit_length()
+    return 12 if bits < 12 else 43 if bits > 43 else bits     # one block .. 2^31 blocks
 
 
 def _chunk_count(size: int) -> int:
@@ -214,155 +105,346 @@ def _chunk_count(size: int) -> int:
     return (size + (1 << bits) - 1) >> bits
 
 
-def _dir_chunks(entries: list[tuple[bytes, _Inode]]) -> list[list[tuple[bytes, _Inode]]]:
-    """Greedy packing of dirents (12 bytes + name each) into 4 KiB blocks."""
-    chunks: list[list[tuple[bytes, _Inode]]] = [[]]
+# -- step 1: rewrite the tree into inodes with their final mode and xattrs ---------------------
+
+def _rewrite(root: Node, version: int) -> _Inode:
+    """Make an _Inode for every non-hardlink node, with the overlay xattrs the reference adds."""
+    root_inode = _make_inode(root, b"", None, version)
+    stack = [root_inode]
+    while stack:
+        dir_inode = stack.pop()
+        entries = []
+        for name, child in dir_inode.node.children.items():
+            if child.link_to is not None:
+                entries.append((name, child.link_to))     # resolved to an inode in _number
+                continue
+            ci = _make_inode(child, name, dir_inode, version)
+            entries.append((name, ci))
+            if ci.entries is not None:
+                stack.append(ci)
+        dir_inode.entries = entries
+    # Root: opaque, set after escaping (so it stays a real overlay xattr).
+    root_inode.xattrs[E.OVERLAY_OPAQUE] = b"y"
+    _add_whiteout_stubs(root_inode)
+    return root_inode
+
+
+def _make_inode(node: Node, name: bytes, parent: _Inode | None, version: int) -> _Inode:
+    ino = _Inode(node, name, parent)
+    ftype = node.mode & _S_IFMT
+    if ftype not in _VALID_TYPES:
+        raise FormatError(f"{ino.path()}: invalid mode {node.mode:o}")
+    xattrs = node.xattrs
+    if xattrs:
+        xattrs = dict(xattrs)
+        for key in [k for k in xattrs if k.startswith(E.OVERLAY_PREFIX)]:
+            escaped = E.escape_overlay_xattr(key)
+            if len(escaped) > XATTR_NAME_MAX:
+                raise FormatError(f"{ino.path()}: escaped xattr name {escaped!r} longer than {XATTR_NAME_MAX} bytes")
+            xattrs[escaped] = xattrs.pop(key)
+    else:
+        xattrs = {}
+    ino.size = node.size
+    if ftype == _S_IFREG:
+        if node.content is None and node.size > 0:
+            if _chunk_count(node.size) > MAX_CHUNKS:
+                raise FormatError(f"{ino.path()}: file too large ({node.size} bytes)")
+            digest = node.digest
+            xattrs[E.OVERLAY_METACOPY] = b"" if digest is None else E.METACOPY_HEADER + digest
+            if node.payload:
+                xattrs[E.OVERLAY_REDIRECT] = b"/" + node.payload
+    elif ftype == _S_IFDIR:
+        ino.size = 0
+        ino.entries = []
+    elif ftype == _S_IFLNK:
+        ino.size = len(node.payload or b"")
+    elif ftype == _S_IFCHR and node.rdev == 0:
+        # A whiteout becomes an empty regular file marked for overlayfs, so the image can
+        # itself be a lower layer; the parent is marked as holding whiteouts.
+        ino.mode = _S_IFREG | stat.S_IMODE(node.mode)
+        ino.size = 0
+        xattrs[E.OVERLAY_ESCAPED_WHITEOUT] = b""
+        xattrs[E.OVERLAY_USER_WHITEOUT] = b""
+        if parent is not None:
+            parent.xattrs[E.OVERLAY_ESCAPED_WHITEOUTS] = b""
+            parent.xattrs[E.OVERLAY_USER_WHITEOUTS] = b""
+            if version >= 1:
+                parent.xattrs[E.OVERLAY_ESCAPED_OPAQUE] = b"x"
+                parent.xattrs[E.OVERLAY_USER_OPAQUE] = b"x"
+    ino.xattrs = xattrs
+    return ino
+
+
+def _add_whiteout_stubs(root: _Inode) -> None:
+    """256 chardev 0:0 entries 00..ff hide the store's xx/ directories when the store is an
+    ordinary lower layer (kernels without data-only layers)."""
+    present = {name for name, _ in root.entries}
+    selinux = root.node.xattrs.get(b"security.selinux")
+    for i in range(256):
+        name = b"%02x" % i
+        if name in present:
+            continue
+        stub = _Inode(None, name, root)
+        stub.mode = _S_IFCHR | 0o644
+        stub.nlink = 1
+        stub.uid, stub.gid = root.uid, root.gid
+        stub.rdev = 0
+        stub.mtime_sec, stub.mtime_nsec = root.mtime_sec, root.mtime_nsec
+        stub.size = 0
+        stub.xattrs = {b"security.selinux": selinux} if selinux is not None else {}
+        root.entries.append((name, stub))
+
+
+# -- step 2: number inodes breadth first and resolve directory entries ---------------------
+
+def _number(root: _Inode) -> list[_Inode]:
+    order = [root]
+    append = order.append
+    i = 0
+    while i < len(order):
+        ino = order[i]
+        i += 1
+        entries = ino.entries
+        if entries is not None:
+            entries.sort(key=_first)
+            for _, child in entries:
+                if child.__class__ is _Inode:
+                    append(child)
+    by_node = {id(ino.node): ino for ino in order if ino.node is not None}
+    for idx, ino in enumerate(order):
+        ino.ino = idx
+        entries = ino.entries
+        if entries is not None:
+            n_dirs = 0
+            for j, (name, child) in enumerate(entries):
+                if child.__class__ is not _Inode:
+                    entries[j] = (name, by_node[id(child)])
+                elif child.mode & _S_IFMT == _S_IFDIR:
+                    n_dirs += 1
+            entries.append((b".", ino))
+            entries.append((b"..", ino.parent if ino.parent is not None else ino))
+            entries.sort(key=_first)
+            ino.nlink = 2 + n_dirs
+    return order
+
+
+# -- step 3: xattrs: budget, sharing, encoding --------------------------------------------------
+
+class _XattrCodec:
+    """Caches the per-key work (prefix split, bloom bits): a tree has few distinct keys."""
+
+    def __init__(self) -> None:
+        self._split: dict[bytes, tuple[int, bytes]] = {}
+        self._bloom: dict[tuple[bytes, ...], int] = {}
+
+    def split(self, key: bytes) -> tuple[int, bytes]:
+        r = self._split.get(key)
+        if r is None:
+            r = self._split[key] = E.xattr_prefix(key)
+        return r
+
+    def entry(self, key: bytes, value: bytes) -> bytes:
+        index, suffix = self.split(key)
+        data = E.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
+        pad = -len(data) % 4
+        return data + b"\0" * pad if pad else data
+
+    def name_filter(self, keys: tuple[bytes, ...]) -> int:
+        r = self._bloom.get(keys)
+        if r is None:
+            bits = 0
+            for key in keys:
+                index, suffix = self.split(key)
+                bits |= 1 << (xxhash.xxh32_intdigest(suffix, E.XATTR_FILTER_SEED + index) & 31)
+            r = self._bloom[keys] = 0xFFFFFFFF & ~bits
+        return r
+
+
+def _prepare_xattrs(order: list[_Inode], codec: _XattrCodec) -> tuple[bytes, bool]:
+    """Sort each inode's xattrs, check the budget, build the shared table (pairs used more
+    than once, in the reference's descending order) and each inode's xattr body parts."""
+    counts: Counter = Counter()
+    has_acl = False
+    acl_access, acl_default = E.ACL_XATTRS
+    for ino in order:
+        xattrs = ino.xattrs
+        if not xattrs:
+            ino.xattrs = ()
+            continue
+        if acl_access in xattrs or acl_default in xattrs:
+            has_acl = True
+        items = sorted(xattrs.items())
+        budget = 12 + 7 * len(items) + sum(map(len, chain.from_iterable(items)))
+        if budget > XATTR_BUDGET:
+            raise FormatError(f"{ino.path()}: too many xattrs ({budget} bytes, max {XATTR_BUDGET})")
+        ino.xattrs = items
+        counts.update(items)
+
+    shared = [pair for pair, n in counts.items() if n > 1]
+    shared.sort(key=lambda p: (p[0], len(p[1]), p[1]), reverse=True)
+    offsets: dict[tuple[bytes, bytes], int] = {}
+    table = bytearray()
+    for pair in shared:
+        offsets[pair] = len(table)
+        table += codec.entry(*pair)
+
+    max_shared = E.XATTR_LONG_PREFIX
+    for ino in order:
+        items = ino.xattrs
+        if not items:
+            ino.xsz = 0
+            continue
+        ids = []
+        inline = []
+        for pair in items:
+            off = offsets.get(pair) if offsets else None
+            if off is not None and len(ids) < max_shared:
+                ids.append(off)
+            else:
+                inline.append(codec.entry(*pair))
+        body = b"".join(inline)
+        ino.shared_ids = ids
+        ino.inline_xattrs = body
+        ino.xsz = E.XATTR_IBODY_HEADER_SIZE + 4 * len(ids) + len(body)
+    return bytes(table), has_acl
+
+
+# -- step 4: sizes and placement -------------------------------------------------------------
+
+def _dir_chunks(entries: list) -> tuple[list[list], int]:
+    """Greedy packing of dirents (12 bytes + name each) into 4 KiB blocks; also returns the
+    bytes used in the last one."""
+    chunks = [[]]
     used = 0
     for entry in entries:
-        size = E.DIRENT_SIZE + len(entry[0])
-        if used + size > E.BLOCK:
+        size = _DIRENT_SIZE + len(entry[0])
+        if used + size > _BLOCK:
             chunks.append([])
             used = 0
         chunks[-1].append(entry)
         used += size
-    return chunks
+    return chunks, used
+
+
+def _layout(order: list[_Inode], min_mtime: tuple[int, int]) -> int:
+    """Pick compact/extended, inline tails and nids exactly as compute_erofs_inodes does;
+    returns the end of the inode area."""
+    pos = E.INODE_AREA_START
+    min_sec, min_nsec = min_mtime
+    compact_size, extended_size = E.INODE_COMPACT_SIZE, E.INODE_EXTENDED_SIZE
+    flat_plain, flat_inline, chunk_based = E.LAYOUT_FLAT_PLAIN, E.LAYOUT_FLAT_INLINE, E.LAYOUT_CHUNK_BASED
+    for ino in order:
+        xsz = ino.xsz
+        ftype = ino.mode & _S_IFMT
+        n_blocks = tail = 0
+        layout = flat_plain
+        size = ino.size
+        if ftype == _S_IFDIR:
+            chunks, tail = _dir_chunks(ino.entries)
+            ino.chunks = chunks
+            n_blocks = len(chunks) - 1
+            if tail > _HALF_BLOCK:
+                n_blocks += 1
+                tail = 0
+            size = n_blocks * _BLOCK + tail
+            ino.i_size = size
+        elif ftype == _S_IFREG:
+            ino.i_size = size
+            if size > 0:
+                if ino.node.content is not None:
+                    n_blocks, tail = divmod(size, _BLOCK)
+                    if tail > _HALF_BLOCK:
+                        n_blocks += 1
+                        tail = 0
+                else:
+                    layout = chunk_based
+                    tail = 4 * _chunk_count(size)
+        elif ftype == _S_IFLNK:
+            tail = size
+            ino.i_size = size
+        else:
+            ino.i_size = 0
+
+        if (ino.mtime_sec == min_sec and ino.mtime_nsec == min_nsec and ino.nlink <= 0xFFFF
+                and ino.uid <= 0xFFFF and ino.gid <= 0xFFFF and size <= 0xFFFFFFFF):
+            isz = compact_size
+        else:
+            isz = extended_size
+        ino.isz = isz
+
+        pos = (pos + 31) & ~31
+        if ftype == _S_IFLNK:
+            # The inode and its inline target must share a block; a target that cannot goes
+            # to a data block, and the inode still moves to a block start.
+            total = isz + xsz + tail
+            if total >= _BLOCK:
+                n_blocks += 1
+                tail = 0
+            if pos // _BLOCK != (pos + total - 1) // _BLOCK:
+                pos += -pos % _BLOCK
+        else:
+            # Only the tail must not cross a block boundary.
+            rem = _BLOCK - (pos + isz + xsz) % _BLOCK
+            if rem < tail:
+                extra = (rem + 31) & ~31
+                rem2 = _BLOCK - (pos + isz + xsz + extra) % _BLOCK
+                if tail > rem2:
+                    n_blocks += 1
+                    tail = 0
+                    extra = -pos % _BLOCK
+                    if layout == chunk_based:
+                        ino.spilled_chunk_table = True
+                pos += extra
+        ino.nid = pos >> 5
+        pos += isz + xsz + tail
+        if layout != chunk_based:
+            layout = flat_inline if tail else flat_plain
+        ino.layout = layout
+        ino.n_blocks = n_blocks
+        ino.tail = tail
+    return (pos + 31) & ~31
+
+
+# -- step 5: serialize ---------------------------------------------------------------------------
+
+def _dirent_block(chunk: list) -> bytes:
+    nameoff = _DIRENT_SIZE * len(chunk)
+    parts = []
+    names = []
+    pack = E.DIRENT.pack
+    file_type = E.file_type
+    for name, target in chunk:
+        parts.append(pack(target.nid, nameoff, file_type(target.mode), 0))
+        names.append(name)
+        nameoff += len(name)
+    return b"".join(parts) + b"".join(names)
 
 
 def write_image(root: Node, options: ImageOptions = ImageOptions()) -> bytes:
     """Serialize ``root`` into a composefs image (bytes identical to mkcomposefs 1.0.8)."""
+    with gc_paused():
+        return _write_image(root, options)
+
+
+def _write_image(root: Node, options: ImageOptions) -> bytes:
     version = choose_version(root, options)
-    builder = _Builder(root, version)
-    root_inode = builder.rewrite()
-    order = builder.number(root_inode)
-
-    # -- per-inode attributes: xattr budget, min mtime, ACL flag --------------------------
+    root_inode = _rewrite(root, version)
+    order = _number(root_inode)
     min_mtime = min((ino.mtime_sec, ino.mtime_nsec) for ino in order)
-    has_acl = False
-    pair_count: dict[tuple[bytes, bytes], int] = {}
-    for ino in order:
-        xattrs = ino.xattrs
-        if xattrs:
-            budget = 12
-            for k, v in xattrs.items():
-                if len(k) > XATTR_NAME_MAX:
-                    raise FormatError(f"{_shown(ino.path)}: xattr name {k!r} longer than {XATTR_NAME_MAX} bytes")
-                budget += 7 + len(k) + len(v)
-                pair = (k, v)
-                pair_count[pair] = pair_count.get(pair, 0) + 1
-            if budget > XATTR_BUDGET:
-                raise FormatError(f"{_shown(ino.path)}: too many xattrs ({budget} bytes, max {XATTR_BUDGET})")
-            if E.ACL_XATTRS[0] in xattrs or E.ACL_XATTRS[1] in xattrs:
-                has_acl = True
-            ino.xattrs = sorted(xattrs.items())
-        else:
-            ino.xattrs = []
+    codec = _XattrCodec()
+    table, has_acl = _prepare_xattrs(order, codec)
+    inodes_end = _layout(order, min_mtime)
 
-    # -- shared xattr table: pairs used more than once, sorted descending ------------------
-    shared_pairs = [p for p, n in pair_count.items() if n > 1]
-    shared_pairs.sort(key=lambda p: (p[0], len(p[1]), p[1]), reverse=True)
-    shared_offset: dict[tuple[bytes, bytes], int] = {}
-    table = bytearray()
-    for key, value in shared_pairs:
-        shared_offset[(key, value)] = len(table)
-        index, suffix = E.xattr_prefix(key)
-        table += E.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
-        table += bytes(-len(table) % 4)
-
-    # -- sizes and inode placement ---------------------------------------------------------
-    ibodies: list[tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]] = []
-    pos = E.INODE_AREA_START
-    for ino in order:
-        shared_refs: list[tuple[bytes, bytes]] = []
-        inline: list[tuple[bytes, bytes]] = []
-        xsz = 0
-        if ino.xattrs:
-            body = E.XATTR_IBODY_HEADER_SIZE
-            for pair in ino.xattrs:
-                if pair in shared_offset and len(shared_refs) < E.XATTR_LONG_PREFIX:
-                    shared_refs.append(pair)
-                    body += 4
-                else:
-                    inline.append(pair)
-                    body += _round_up(E.XATTR_ENTRY.size + len(E.xattr_prefix(pair[0])[1]) + len(pair[1]), 4)
-            xsz = _round_up(body, 4)
-        ibodies.append((shared_refs, inline))
-        ino.xsz = xsz
-
-        ftype = stat.S_IFMT(ino.mode)
-        n_blocks = tail = 0
-        layout = E.LAYOUT_FLAT_PLAIN
-        if ftype == stat.S_IFDIR:
-            chunks = _dir_chunks(ino.entries)
-            n_blocks = len(chunks) - 1
-            tail = sum(E.DIRENT_SIZE + len(name) for name, _ in chunks[-1])
-            if tail > _HALF_BLOCK:
-                n_blocks += 1
-                tail = 0
-            ino.dir_size = n_blocks * E.BLOCK + tail
-            size_for_compact = ino.dir_size
-        elif ftype == stat.S_IFLNK:
-            tail = ino.size
-            size_for_compact = ino.size
-        elif ftype == stat.S_IFREG and ino.size > 0:
-            node = ino.node
-            if node.content is not None:
-                n_blocks, tail = divmod(ino.size, E.BLOCK)
-                if tail > _HALF_BLOCK:
-                    n_blocks += 1
-                    tail = 0
-            else:
-                layout = E.LAYOUT_CHUNK_BASED
-                ino.chunk_format = _chunk_bits(ino.size) - E.BLOCK_BITS
-                tail = 4 * _chunk_count(ino.size)
-            size_for_compact = ino.size
-        else:
-            size_for_compact = ino.size
-
-        compact = ((ino.mtime_sec, ino.mtime_nsec) == min_mtime and ino.nlink <= 0xFFFF
-                   and ino.uid <= 0xFFFF and ino.gid <= 0xFFFF and size_for_compact <= 0xFFFFFFFF)
-        isz = E.INODE_COMPACT_SIZE if compact else E.INODE_EXTENDED_SIZE
-        ino.isz = isz
-
-        pos = _round_up(pos, E.SLOT)
-        if ftype == stat.S_IFLNK:
-            total = isz + xsz + tail
-            if total >= E.BLOCK:
-                n_blocks += 1
-                tail = 0
-            extra = _round_up(pos, E.BLOCK) - pos if pos // E.BLOCK != (pos + total - 1) // E.BLOCK else 0
-        else:
-            rem = E.BLOCK - (pos + isz + xsz) % E.BLOCK
-            extra = 0
-            if rem < tail:
-                extra = _round_up(rem, E.SLOT)
-                rem2 = E.BLOCK - (pos + isz + xsz + extra) % E.BLOCK
-                if tail > rem2:
-                    n_blocks += 1
-                    tail = 0
-                    extra = _round_up(pos, E.BLOCK) - pos
-                    if layout == E.LAYOUT_CHUNK_BASED:
-                        ino.chunk_table_in_block = True
-        pos += extra
-        ino.nid = pos // E.SLOT
-        pos += isz + xsz + tail
-        if layout != E.LAYOUT_CHUNK_BASED:
-            layout = E.LAYOUT_FLAT_INLINE if tail else E.LAYOUT_FLAT_PLAIN
-        ino.layout = layout
-        ino.n_blocks = n_blocks
-        ino.tail = tail
-
-    inodes_end = _round_up(pos, E.SLOT)
-    data_start = _round_up(inodes_end + len(table), E.BLOCK)
-    next_block = data_start // E.BLOCK
+    data_start = (inodes_end + len(table) + _BLOCK - 1) // _BLOCK * _BLOCK
+    next_block = data_start // _BLOCK
     for ino in order:
         if ino.n_blocks:
             ino.blkaddr = next_block
             next_block += ino.n_blocks
     total_blocks = next_block
-    shared_base = inodes_end % E.BLOCK
+    shared_base = inodes_end % _BLOCK
 
-    # -- serialize -------------------------------------------------------------------------
-    out = bytearray(total_blocks * E.BLOCK)
+    out = bytearray(total_blocks * _BLOCK)
     E.COMPOSEFS_HEADER.pack_into(out, 0, E.COMPOSEFS_MAGIC, E.COMPOSEFS_HEADER_VERSION,
                                  E.COMPOSEFS_FLAG_HAS_ACL if has_acl else 0, version)
     E.SUPERBLOCK.pack_into(out, E.SUPERBLOCK_OFFSET, *E.SuperBlock(
@@ -370,90 +452,71 @@ def write_image(root: Node, options: ImageOptions = ImageOptions()) -> bytes:
         feature_compat=E.FEATURE_COMPAT_MTIME | E.FEATURE_COMPAT_XATTR_FILTER,
         blkszbits=E.BLOCK_BITS, sb_extslots=0, root_nid=root_inode.nid, inos=len(order),
         build_time=min_mtime[0], build_time_nsec=min_mtime[1], blocks=total_blocks,
-        meta_blkaddr=0, xattr_blkaddr=inodes_end // E.BLOCK))
+        meta_blkaddr=0, xattr_blkaddr=inodes_end // _BLOCK))
     out[inodes_end:inodes_end + len(table)] = table
 
-    seeds = E.XATTR_FILTER_SEED
-    for ino, (shared_refs, inline) in zip(order, ibodies):
-        off = ino.nid * E.SLOT
-        ftype = stat.S_IFMT(ino.mode)
-        if ftype == stat.S_IFDIR:
-            i_size = ino.dir_size
-        elif ftype == stat.S_IFREG or ftype == stat.S_IFLNK:
-            i_size = ino.size
-        else:
-            i_size = 0
-        if ftype == stat.S_IFCHR or ftype == stat.S_IFBLK:
+    pack_compact = E.INODE_COMPACT.pack_into
+    pack_extended = E.INODE_EXTENDED.pack_into
+    pack_header = E.XATTR_IBODY_HEADER.pack
+    compact_size = E.INODE_COMPACT_SIZE
+    chunk_based = E.LAYOUT_CHUNK_BASED
+    name_filter = codec.name_filter
+    for ino in order:
+        off = ino.nid << 5
+        ftype = ino.mode & _S_IFMT
+        layout = ino.layout
+        if ftype == _S_IFCHR or ftype == _S_IFBLK:
             i_u = ino.rdev
-        elif ino.layout == E.LAYOUT_CHUNK_BASED:
-            i_u = ino.chunk_format
-            if ino.chunk_table_in_block:
+        elif layout == chunk_based:
+            i_u = _chunk_bits(ino.size) - E.BLOCK_BITS
+            if ino.spilled_chunk_table:
                 i_u |= ino.blkaddr & 0xFFFF0000      # the reference's union overwrite
         else:
             i_u = ino.blkaddr if ino.n_blocks else 0
-        icount = (ino.xsz - E.XATTR_IBODY_HEADER_SIZE) // 4 + 1 if ino.xsz else 0
-        if ino.isz == E.INODE_COMPACT_SIZE:
-            E.INODE_COMPACT.pack_into(out, off, (ino.layout << 1), icount, ino.mode & 0xFFFF, ino.nlink,
-                                      i_size, 0, i_u, ino.ino, ino.uid, ino.gid, 0)
+        xsz = ino.xsz
+        icount = (xsz - 12) // 4 + 1 if xsz else 0
+        if ino.isz == compact_size:
+            pack_compact(out, off, layout << 1, icount, ino.mode & 0xFFFF, ino.nlink,
+                         ino.i_size, 0, i_u, ino.ino, ino.uid, ino.gid, 0)
         else:
-            E.INODE_EXTENDED.pack_into(out, off, (ino.layout << 1) | 1, icount, ino.mode & 0xFFFF, 0,
-                                       i_size, i_u, ino.ino, ino.uid, ino.gid,
-                                       ino.mtime_sec, ino.mtime_nsec, ino.nlink)
+            pack_extended(out, off, (layout << 1) | 1, icount, ino.mode & 0xFFFF, 0,
+                          ino.i_size, i_u, ino.ino, ino.uid, ino.gid,
+                          ino.mtime_sec, ino.mtime_nsec, ino.nlink)
         off += ino.isz
-        if ino.xsz:
-            bloom = 0
-            for key, _ in ino.xattrs:
-                index, suffix = E.xattr_prefix(key)
-                bloom |= 1 << (xxhash.xxh32_intdigest(suffix, seeds + index) & 31)
-            E.XATTR_IBODY_HEADER.pack_into(out, off, 0xFFFFFFFF & ~bloom, len(shared_refs))
-            p = off + E.XATTR_IBODY_HEADER_SIZE
-            for pair in shared_refs:
-                struct.pack_into("<I", out, p, (shared_base + shared_offset[pair]) // 4)
-                p += 4
-            for key, value in inline:
-                index, suffix = E.xattr_prefix(key)
-                entry = E.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
-                out[p:p + len(entry)] = entry
-                p += _round_up(len(entry), 4)
-            off += ino.xsz
-        # Tail (inline data) right after the xattrs, blocks in the data area.
-        blk = ino.blkaddr * E.BLOCK
-        if ftype == stat.S_IFDIR:
-            chunks = _dir_chunks(ino.entries)
-            for n, chunk in enumerate(chunks):
+        if xsz:
+            ids = ino.shared_ids
+            body = pack_header(name_filter(tuple(k for k, _ in ino.xattrs)), len(ids))
+            if ids:
+                body += struct.pack(f"<{len(ids)}I", *[(shared_base + o) >> 2 for o in ids])
+            body += ino.inline_xattrs
+            out[off:off + xsz] = body
+            off += xsz
+        # The tail (inline data) follows the xattrs; full blocks go to the data area.
+        if ftype == _S_IFDIR:
+            blk = ino.blkaddr * _BLOCK
+            for n, chunk in enumerate(ino.chunks):
                 data = _dirent_block(chunk)
-                if n < ino.n_blocks:
-                    out[blk + n * E.BLOCK: blk + n * E.BLOCK + len(data)] = data
-                else:
-                    out[off:off + len(data)] = data
-        elif ftype == stat.S_IFLNK:
+                at = blk + n * _BLOCK if n < ino.n_blocks else off
+                out[at:at + len(data)] = data
+            ino.chunks = None
+        elif ftype == _S_IFLNK:
             target = ino.node.payload
-            if ino.n_blocks:
-                out[blk:blk + len(target)] = target
-            else:
-                out[off:off + len(target)] = target
-        elif ino.layout == E.LAYOUT_CHUNK_BASED:
-            if ino.chunk_table_in_block:
+            at = ino.blkaddr * _BLOCK if ino.n_blocks else off
+            out[at:at + len(target)] = target
+        elif layout == chunk_based:
+            if ino.spilled_chunk_table:
                 # The reference fills the whole block it spilled the table into.
-                out[blk:blk + E.BLOCK] = b"\xff" * E.BLOCK
+                blk = ino.blkaddr * _BLOCK
+                out[blk:blk + _BLOCK] = b"\xff" * _BLOCK
             else:
                 out[off:off + ino.tail] = b"\xff" * ino.tail
-        elif ftype == stat.S_IFREG and ino.size:
+        elif ftype == _S_IFREG and ino.size:
             content = ino.node.content
-            head = ino.n_blocks * E.BLOCK
             if ino.n_blocks:
-                first = content[:E.BLOCK]
+                # Sizes up to 5000 need at most one full block (tails are <= 2048 bytes).
+                blk = ino.blkaddr * _BLOCK
+                first = content[:_BLOCK]
                 out[blk:blk + len(first)] = first
             if ino.tail:
-                out[off:off + ino.tail] = content[head:]
+                out[off:off + ino.tail] = content[ino.n_blocks * _BLOCK:]
     return bytes(out)
-
-
-def _dirent_block(chunk: list[tuple[bytes, _Inode]]) -> bytes:
-    header = bytearray()
-    names = bytearray()
-    nameoff = E.DIRENT_SIZE * len(chunk)
-    for name, target in chunk:
-        header += E.DIRENT.pack(target.nid, nameoff + len(names), E.file_type(target.mode), 0)
-        names += name
-    return bytes(header + names)
