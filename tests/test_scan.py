@@ -116,3 +116,40 @@ def test_print_digest_only_writes_nothing(tree, tmp_path):
     assert measured == res.stdout.strip()
     assert shutil.which("fsverity") and fsverity_digest_tool(tmp_path / "x.cfs") == measured.decode()
     assert image
+
+
+def _stderr_on_a_terminal(args: list[str]) -> bytes:
+    """Run the CLI with stderr on a pseudo-terminal, as a person at a shell would."""
+    import pty
+    import sys
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "bootimg", *args], stderr=slave, stdout=subprocess.DEVNULL)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait()
+    os.close(master)
+    assert proc.returncode == 0
+    return b"".join(chunks)
+
+
+def test_progress_on_a_terminal_and_quiet(tmp_path):
+    src = tmp_path / "many"
+    src.mkdir()
+    for i in range(300):
+        (src / f"f{i}").write_bytes(os.urandom(200_000))
+    shown = _stderr_on_a_terminal(["mkcomposefs", str(src), str(tmp_path / "a.cfs")])
+    assert b"MB" in shown or b"scanning" in shown
+    quiet = _stderr_on_a_terminal(["mkcomposefs", "--quiet", str(src), str(tmp_path / "b.cfs")])
+    assert quiet == b""
+    # Not a terminal: nothing either (CI logs stay clean).
+    res = run_cli("mkcomposefs", str(src), str(tmp_path / "c.cfs"))
+    assert res.stderr == b""
