@@ -16,6 +16,8 @@ from .errors import BootimgError
 # Each module adds its sub-commands with register(subparsers); listed in help order.
 COMMAND_MODULES = (
     "bootimg.composefs.commands",
+    "bootimg.manifest.commands",
+    "bootimg.signing.commands",
 )
 
 

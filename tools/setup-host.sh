@@ -4,7 +4,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="erofs-utils fsverity attr util-linux e2fsprogs"
+APT_PACKAGES="erofs-utils fsverity attr util-linux e2fsprogs minisign signify-openbsd openssl"
 
 missing=""
 for p in $APT_PACKAGES; do

@@ -1,0 +1,294 @@
+"""Checks a JSON Schema cannot express: cross-references, uniqueness, cycles, consistency.
+
+They run on the normalized data even when schema validation failed, so a user
+sees every problem in one run; each check therefore skips values of the wrong
+type (the schema has already reported those). Every diagnostic points at the
+offending node through the document's position map.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any, Iterator
+
+from .diagnostics import Diagnostic, Path
+from .document import Document
+
+PHASES = ("early", "basic", "default")
+CONTAINER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# Kernel arguments the build derives from the image digests; a user value would fight them.
+RESERVED_KERNEL_ARGS = ("composefs", "composefs.digest")
+# Milestones reached before the switch to the real root: meaningless against userspace_start.
+BEFORE_USERSPACE = ("initrd", "root_mounted", "userspace")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def container_of(ref: str, names: set[str]) -> str | None:
+    """The container an ordering entry or KPI unit names: 'x' or 'x.service' for a container x."""
+    if ref in names:
+        return ref
+    if ref.endswith(".service") and ref[: -len(".service")] in names:
+        return ref[: -len(".service")]
+    return None
+
+
+def is_bare(ref: str) -> bool:
+    """A bare name (no unit suffix) always means a container of this manifest."""
+    return "." not in ref and bool(CONTAINER_NAME.match(ref))
+
+
+class Checker:
+    def __init__(self, doc: Document, data: Any):
+        self.doc = doc
+        self.data = data if isinstance(data, dict) else {}
+        self.out: list[Diagnostic] = []
+        self.containers: list[tuple[int, dict[str, Any]]] = [
+            (i, c) for i, c in enumerate(self._list("containers")) if isinstance(c, dict)]
+        self.names: dict[str, int] = {}
+        for i, c in self.containers:
+            name = c.get("name")
+            if isinstance(name, str) and name not in self.names:
+                self.names[name] = i
+
+    def _list(self, *keys: str) -> list[Any]:
+        node: Any = self.data
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node if isinstance(node, list) else []
+
+    def error(self, path: Path, message: str) -> None:
+        self.out.append(self.doc.at_value(path, message))
+
+    def warning(self, path: Path, message: str) -> None:
+        self.out.append(self.doc.at_value(path, message, "warning"))
+
+    def run(self) -> list[Diagnostic]:
+        self.unique_names()
+        edges = self.references()
+        cycles = self.cycles(edges)
+        self.phases(edges)
+        if not cycles:
+            self.deadlines(edges)
+        self.commands()
+        self.binds()
+        self.add_files()
+        self.integrity()
+        self.boot()
+        self.kpis()
+        return self.out
+
+    # -- containers ---------------------------------------------------------
+
+    def unique_names(self) -> None:
+        for i, c in self.containers:
+            name = c.get("name")
+            if isinstance(name, str) and self.names.get(name) != i:
+                first = self.doc.place(("containers", self.names[name], "name")).line
+                self.error(("containers", i, "name"), f"duplicate container name '{name}' (first defined at line {first})")
+
+    def _unknown(self, ref: str) -> str:
+        message = f"unknown container '{ref}'"
+        guess = difflib.get_close_matches(ref, list(self.names), n=1, cutoff=0.6)
+        if guess:
+            return message + f" (did you mean '{guess[0]}'?)"
+        return message + " (a unit outside this manifest needs its suffix, e.g. '" + ref + ".service')"
+
+    def references(self) -> list[tuple[str, str, Path]]:
+        """Check every ordering entry; return the start-order edges (first, then, entry path) among containers."""
+        edges: list[tuple[str, str, Path]] = []
+        for i, c in self.containers:
+            own = c.get("name")
+            ordering = c.get("ordering")
+            if not isinstance(ordering, dict):
+                continue
+            for relation in ("after", "before", "requires", "wants"):
+                entries = ordering.get(relation)
+                for j, ref in enumerate(entries if isinstance(entries, list) else []):
+                    if not isinstance(ref, str):
+                        continue
+                    path = ("containers", i, "ordering", relation, j)
+                    target = container_of(ref, set(self.names))
+                    if target is None:
+                        if is_bare(ref):
+                            self.error(path, self._unknown(ref))
+                        continue
+                    if target == own:
+                        self.error(path, f"container '{own}' cannot be ordered against itself")
+                        continue
+                    if not isinstance(own, str):
+                        continue
+                    if relation == "after":
+                        edges.append((target, own, path))
+                    elif relation == "before":
+                        edges.append((own, target, path))
+        return edges
+
+    def cycles(self, edges: list[tuple[str, str, Path]]) -> bool:
+        """Report each start-order cycle once, at the entry that closes it."""
+        graph: dict[str, list[tuple[str, Path]]] = {}
+        for first, then, path in edges:
+            graph.setdefault(first, []).append((then, path))
+        state: dict[str, int] = {}  # 1 = on the DFS stack, 2 = done
+        stack: list[str] = []
+        reported: set[frozenset[str]] = set()
+
+        def visit(node: str) -> None:
+            state[node] = 1
+            stack.append(node)
+            for nxt, path in graph.get(node, []):
+                if state.get(nxt) == 1:
+                    loop = stack[stack.index(nxt):] + [nxt]
+                    key = frozenset(loop)
+                    if key not in reported:
+                        reported.add(key)
+                        self.error(path, "ordering cycle: " + " -> ".join(loop)
+                                   + " (each must start before the next)")
+                elif nxt not in state:
+                    visit(nxt)
+            stack.pop()
+            state[node] = 2
+
+        for name in self.names:
+            if name not in state:
+                visit(name)
+        return bool(reported)
+
+    def _phase(self, name: str) -> str | None:
+        phase = self.data["containers"][self.names[name]].get("phase")
+        return phase if phase in PHASES else None
+
+    def phases(self, edges: list[tuple[str, str, Path]]) -> None:
+        """A container cannot wait for one that starts in a later phase."""
+        for first, then, path in edges:
+            p_first, p_then = self._phase(first), self._phase(then)
+            if p_first is None or p_then is None or PHASES.index(p_first) <= PHASES.index(p_then):
+                continue
+            if path[3] == "after":
+                self.error(path, f"cannot start after '{first}': this container starts in phase {p_then}, "
+                                 f"'{first}' only in the later phase {p_first}")
+            else:
+                self.error(path, f"cannot start before '{then}': this container starts in phase {p_first}, "
+                                 f"'{then}' already in the earlier phase {p_then}")
+
+    def deadlines(self, edges: list[tuple[str, str, Path]]) -> None:
+        """A deadline earlier than one of a container that must be active first can never be the binding one."""
+        preds: dict[str, set[str]] = {}
+        for first, then, _ in edges:
+            preds.setdefault(then, set()).add(first)
+
+        def deadline(name: str) -> int | None:
+            value = self.data["containers"][self.names[name]].get("deadline_ms")
+            return value if _is_int(value) and value > 0 else None
+
+        for name, index in self.names.items():
+            own = deadline(name)
+            if own is None:
+                continue
+            seen: set[str] = set()
+            pending = list(preds.get(name, ()))
+            worst: tuple[int, str] | None = None
+            while pending:
+                pred = pending.pop()
+                if pred in seen:
+                    continue
+                seen.add(pred)
+                pending.extend(preds.get(pred, ()))
+                theirs = deadline(pred)
+                if theirs is not None and theirs > own and (worst is None or theirs > worst[0]):
+                    worst = (theirs, pred)
+            if worst is not None:
+                self.error(("containers", index, "deadline_ms"),
+                           f"deadline {own} ms is earlier than the {worst[0]} ms deadline of '{worst[1]}', "
+                           "which must be active first")
+
+    def commands(self) -> None:
+        for i, c in self.containers:
+            image = c.get("image")
+            kind = image.get("type") if isinstance(image, dict) else None
+            if kind in ("directory", "tar") and "command" not in c:
+                self.error(("containers", i), f"missing required key 'command' (a {kind} image has no default command)")
+
+    def binds(self) -> None:
+        for i, c in self.containers:
+            seen: dict[str, int] = {}
+            binds = c.get("binds")
+            for j, bind in enumerate(binds if isinstance(binds, list) else []):
+                target = bind.get("target") if isinstance(bind, dict) else None
+                if not isinstance(target, str):
+                    continue
+                if target in seen:
+                    self.error(("containers", i, "binds", j, "target"),
+                               f"'{target}' is already a bind target (binds[{seen[target]}])")
+                seen.setdefault(target, j)
+
+    # -- rootfs, integrity, boot --------------------------------------------
+
+    def add_files(self) -> None:
+        seen: dict[str, int] = {}
+        for j, item in enumerate(self._list("rootfs", "add_files")):
+            path = item.get("path") if isinstance(item, dict) else None
+            if not isinstance(path, str):
+                continue
+            if path in seen:
+                self.error(("rootfs", "add_files", j, "path"), f"'{path}' is already added (add_files[{seen[path]}])")
+            seen.setdefault(path, j)
+
+    def integrity(self) -> None:
+        integrity = self.data.get("integrity")
+        if isinstance(integrity, dict) and integrity.get("fsverity") == "optional":
+            self.warning(("integrity", "fsverity"),
+                         "fs-verity is OPTIONAL: file contents are not verified and a tampered image still "
+                         "boots; development images only, never ship this")
+
+    def boot(self) -> None:
+        boot = self.data.get("boot")
+        if not isinstance(boot, dict):
+            return
+        if boot.get("on_verification_failure") == "emergency":
+            self.warning(("boot", "on_verification_failure"),
+                         "a failed verification opens an emergency shell on an unverified system; "
+                         "development images only (use reboot)")
+        for j, arg in enumerate(self._list("boot", "kernel_args")):
+            if isinstance(arg, str) and arg.split("=", 1)[0] in RESERVED_KERNEL_ARGS:
+                self.error(("boot", "kernel_args", j),
+                           f"'{arg.split('=', 1)[0]}=' is set by the build from the image digest; remove it")
+
+    # -- kpis -----------------------------------------------------------------
+
+    def kpis(self) -> None:
+        seen: dict[str, int] = {}
+        for j, kpi in enumerate(self._list("kpis")):
+            if not isinstance(kpi, dict):
+                continue
+            name = kpi.get("name")
+            if isinstance(name, str):
+                if name in seen:
+                    first = self.doc.place(("kpis", seen[name], "name")).line
+                    self.error(("kpis", j, "name"), f"duplicate KPI name '{name}' (first defined at line {first})")
+                seen.setdefault(name, j)
+            unit = kpi.get("unit")
+            if kpi.get("measure") == "unit_active" and isinstance(unit, str) and is_bare(unit) \
+                    and container_of(unit, set(self.names)) is None:
+                self.error(("kpis", j, "unit"), self._unknown(unit))
+            if kpi.get("since") == "userspace_start" and kpi.get("measure") in BEFORE_USERSPACE:
+                self.error(("kpis", j, "since"),
+                           f"'{kpi['measure']}' is reached before userspace starts; measure it since kernel_start")
+            self.out.extend(self._thresholds(j, kpi))
+
+    def _thresholds(self, j: int, kpi: dict[str, Any]) -> Iterator[Diagnostic]:
+        warn, fail, hard = kpi.get("warn_ms"), kpi.get("fail_ms"), kpi.get("max_ms")
+        if _is_int(warn) and _is_int(fail) and warn > fail:
+            yield self.doc.at_value(("kpis", j, "warn_ms"), f"warn_ms {warn} is above fail_ms {fail}; "
+                                                              "a KPI warns before it fails")
+        if _is_int(hard) and _is_int(fail) and hard < fail:
+            yield self.doc.at_value(("kpis", j, "max_ms"), f"max_ms {hard} (every boot) is below fail_ms {fail} "
+                                                             "(the statistic); the per-boot limit must be looser")
+
+
+def check(doc: Document, data: Any) -> list[Diagnostic]:
+    """All semantic problems of the (normalized) manifest ``data``, positioned via ``doc``."""
+    return Checker(doc, data).run()

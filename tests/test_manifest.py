@@ -1,0 +1,706 @@
+"""The manifest: schema (Draft 4), error reporting with lines, semantic checks, model, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+import tomllib
+import typing
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from bootimg.manifest import (ManifestError, ManifestUnreadable, load_manifest, load_schema, model,
+                              osbuild_options_schema, validate_file, validate_text)
+from bootimg.manifest.messages import PATTERN_HINTS
+from bootimg.manifest.schema import patterns, resolve, walk_refs
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFESTS = REPO / "manifests"
+EXAMPLES = [MANIFESTS / "ivi-demo.yaml", MANIFESTS / "minimal.yaml"]
+
+BASE = """\
+apiVersion: bootimg/v1
+identity: {name: t, version: "1", source_date_epoch: 0}
+rootfs:
+  source: {type: directory, path: root}
+integrity: {trust: sealed}
+"""
+
+
+def check(text: str, base_dir: Path | str = "/base") -> list[tuple[int, int, str, str]]:
+    """(line, column, path, message) of every diagnostic for manifest text."""
+    result = validate_text(textwrap.dedent(text), "m.yaml", base_dir)
+    return [(d.line, d.column, d.format("m.yaml").split(": ", 2)[1], d.message) for d in result.diagnostics]
+
+
+def messages(text: str) -> list[str]:
+    return [f"{path}: {msg}" for _, _, path, msg in check(text)]
+
+
+def run_validate(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bootimg", "validate", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+# -- the schema itself --------------------------------------------------------------
+
+FORBIDDEN_IN_DRAFT4 = {"const", "if", "then", "else", "$defs", "contains", "propertyNames", "$id",
+                       "unevaluatedProperties", "dependentRequired", "examples"}
+
+
+def _schemas(node, path=()):
+    """Every sub-schema with its path (keys that hold schemas, not data such as enum or default)."""
+    if isinstance(node, dict):
+        yield path, node
+        for key, value in node.items():
+            if key in ("properties", "patternProperties", "definitions"):
+                for name, sub in value.items():
+                    yield from _schemas(sub, path + (key, name))
+            elif key in ("items", "not", "additionalProperties") and isinstance(value, dict):
+                yield from _schemas(value, path + (key,))
+            elif key in ("oneOf", "anyOf", "allOf"):
+                for i, sub in enumerate(value):
+                    yield from _schemas(sub, path + (key, i))
+
+
+def test_schema_is_draft4_and_uses_only_its_subset():
+    schema = load_schema()
+    jsonschema.Draft4Validator.check_schema(schema)
+    assert schema["$schema"] == "http://json-schema.org/draft-04/schema#"
+    for path, sub in _schemas(schema):
+        assert not FORBIDDEN_IN_DRAFT4 & set(sub), f"{path}: not Draft 4: {FORBIDDEN_IN_DRAFT4 & set(sub)}"
+        for bound in ("exclusiveMinimum", "exclusiveMaximum"):
+            assert not isinstance(sub.get(bound), (int, float)) or isinstance(sub.get(bound), bool), path
+        if "$ref" in sub:
+            assert set(sub) == {"$ref"}, f"{path}: Draft 4 ignores keywords next to $ref"
+        if sub.get("type") == "object" and ("properties" in sub or "patternProperties" in sub):
+            assert sub.get("additionalProperties") is False, f"{path}: must set additionalProperties: false"
+        if "oneOf" in sub:
+            for i, branch in enumerate(sub["oneOf"]):
+                if "properties" in branch:
+                    assert branch.get("additionalProperties") is False, f"{path}.oneOf[{i}]"
+
+
+def test_schema_refs_are_local_and_resolve():
+    schema = load_schema()
+    refs = set(walk_refs(schema))
+    assert refs, "expected refs"
+    for ref in refs:
+        assert ref == "#" or ref.startswith("#/definitions/"), ref
+        resolve({"$ref": ref}, schema)
+
+
+def test_schema_pins_api_version():
+    assert load_schema()["properties"]["apiVersion"]["enum"] == ["bootimg/v1"]
+
+
+def test_every_pattern_has_a_human_hint():
+    for pattern in set(patterns(load_schema())) | set(patterns(osbuild_options_schema())):
+        assert pattern in PATTERN_HINTS, f"no hint for {pattern!r} in messages.PATTERN_HINTS"
+        re.compile(pattern)
+
+
+def test_model_literals_match_schema_enums():
+    """The typed model's Literal types must stay equal to the schema's enums."""
+    defs = load_schema()["definitions"]
+    container = defs["container"]["properties"]
+    boot = defs["boot"]["properties"]
+    kpi_measures = [v for b in defs["kpi"]["oneOf"] for v in b["properties"]["measure"]["enum"]]
+    expected = {
+        model.SourceType: [b["properties"]["type"]["enum"][0] for b in defs["source"]["oneOf"]],
+        model.Phase: container["phase"]["enum"],
+        model.Readiness: container["readiness"]["enum"],
+        model.Essential: container["essential"]["enum"],
+        model.Restart: container["restart"]["enum"],
+        model.Network: container["network"]["enum"],
+        model.FsVerity: defs["fsverity"]["enum"],
+        model.Trust: [b["properties"]["trust"]["enum"][0] for b in defs["integrity"]["oneOf"]],
+        model.EtcPolicy: boot["etc"]["enum"],
+        model.VarPolicy: boot["var"]["enum"],
+        model.VerificationFailure: boot["on_verification_failure"]["enum"],
+        model.Measure: kpi_measures,
+        model.Since: defs["kpi_since"]["enum"],
+        model.Statistic: defs["kpi_statistic"]["enum"],
+    }
+    for literal, enum in expected.items():
+        assert list(typing.get_args(literal)) == enum, literal
+
+
+def test_schema_json_is_package_data():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    data = pyproject["tool"]["setuptools"]["package-data"]
+    assert any(pkg in ("bootimg", "bootimg.manifest") and any(p.endswith("*.json") for p in pats)
+               for pkg, pats in data.items())
+
+
+# -- the examples ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_valid_under_draft4_and_draft2020(path):
+    data = yaml.safe_load(path.read_text())
+    schema = load_schema()
+    for cls in (jsonschema.Draft4Validator, jsonschema.Draft202012Validator):
+        assert list(cls(schema).iter_errors(data)) == [], cls.__name__
+    result = validate_file(path)
+    assert result.lines() == []
+    assert result.manifest is not None
+    for cls in (jsonschema.Draft4Validator, jsonschema.Draft202012Validator):
+        assert list(cls(schema).iter_errors(result.normalized)) == [], "normalized form must stay valid"
+
+
+def test_broken_example_is_invalid_under_plain_jsonschema_too():
+    data = yaml.safe_load((MANIFESTS / "broken.yaml").read_text())
+    assert list(jsonschema.Draft4Validator(load_schema()).iter_errors(data))
+
+
+# -- the broken example: every error, with its place, in one run -----------------------
+
+BROKEN_EXPECTED = [
+    (6, 12, "identity.version", "must be a string, got the number 1.5 (quote the value to make it a string)"),
+    (12, 5, "rootfs.source.ref", "unknown key 'ref' (only allowed with type: oci)"),
+    (13, 1, "contaners", "unknown key 'contaners' (did you mean 'containers'?)"),
+    (15, 11, "containers[0].name", "invalid value 'Vehicle_Bus': use lowercase letters, digits and '-', "
+                                   "starting with a letter or digit, at most 63 characters"),
+    (17, 12, "containers[0].phase", "must be one of: early, basic, default; got the string 'earyl' "
+                                    "(did you mean 'early'?)"),
+    (18, 18, "containers[0].deadline_ms", "must be >= 1, got -5"),
+    (25, 15, "containers[1].ordering.after[0]", "unknown container 'vehicle-bus' (did you mean 'Vehicle_Bus'?)"),
+    (27, 5, "containers[1].restart", "duplicate key 'restart' (first given at line 26)"),
+    (28, 5, "containers[2]", "missing required key 'name'"),
+    (30, 14, "containers[2].environment.LEVEL", "must be a string, got the integer 3 "
+                                                "(quote the value to make it a string)"),
+    (31, 1, "integrity", "missing required key 'trusted_keys'"),
+    (33, 13, "integrity.fsverity", "fs-verity is OPTIONAL: file contents are not verified and a tampered image "
+                                   "still boots; development images only, never ship this"),
+    (39, 14, "kpis[0].warn_ms", "warn_ms 3000 is above fail_ms 2000; a KPI warns before it fails"),
+]
+
+
+def test_broken_reports_every_error_with_line_and_column():
+    result = validate_file(MANIFESTS / "broken.yaml")
+    got = [(d.line, d.column, d.format("x").split(": ", 2)[1], d.message) for d in result.diagnostics]
+    assert got == BROKEN_EXPECTED
+    assert [d.line for d in result.warnings] == [33]
+    assert len(result.errors) == 12
+    assert result.manifest is None
+
+
+def test_broken_via_cli_lists_all_errors_in_one_run():
+    proc = run_validate("manifests/broken.yaml")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    located = [line for line in lines if re.match(r"^manifests/broken\.yaml:\d+:\d+: ", line)]
+    assert {int(line.split(":")[1]) for line in located} == {e[0] for e in BROKEN_EXPECTED}
+    assert located[0] == ("manifests/broken.yaml:6:12: identity.version: must be a string, got the number 1.5 "
+                          "(quote the value to make it a string)")
+    assert "manifests/broken.yaml:33:13: integrity.fsverity: warning: fs-verity is OPTIONAL" in proc.stderr
+    assert lines[-1] == "manifests/broken.yaml: invalid: 12 errors"
+
+
+# -- single error classes ---------------------------------------------------------------
+
+def test_unknown_key_did_you_mean():
+    assert check(BASE + "contaners: []\n") == [
+        (6, 1, "contaners", "unknown key 'contaners' (did you mean 'containers'?)")]
+    assert messages(BASE + "boot: {kernel_arg: [quiet]}\n") == [
+        "boot.kernel_arg: unknown key 'kernel_arg' (did you mean 'kernel_args'?)"]
+
+
+def test_unknown_key_without_close_match_lists_allowed_keys():
+    assert messages(BASE + "boot: {zzz: 1}\n") == [
+        "boot.zzz: unknown key 'zzz' (allowed: kernel_args, etc, var, on_verification_failure)"]
+
+
+def test_missing_required_points_at_parent_key():
+    text = BASE.replace('identity: {name: t, version: "1", source_date_epoch: 0}',
+                        "identity:\n  name: t\n  version: '1'")
+    assert check(text) == [(2, 1, "identity", "missing required key 'source_date_epoch'")]
+
+
+def test_missing_top_level_keys_point_at_document_start():
+    assert check("apiVersion: bootimg/v1\n") == [
+        (1, 1, "$", "missing required key 'identity'"),
+        (1, 1, "$", "missing required key 'integrity'"),
+        (1, 1, "$", "missing required key 'rootfs'"),
+    ]
+
+
+def test_wrong_type_hints_at_yaml_booleans_and_empty_values():
+    assert messages(BASE + "containers:\n  - name: a\n    image: {type: oci, path: a, ref: x}\n    restart: no\n") == [
+        "containers[0].restart: must be one of: never, on-failure, always; got the boolean false "
+        "(YAML reads yes/no/on/off as booleans; quote the value)"]
+    assert check(BASE + "boot:\n") == [(6, 1, "boot", "must be a mapping, got nothing (null)")]
+
+
+def test_mode_must_be_a_quoted_octal_string():
+    text = BASE + "  add_files:\n    - {path: /etc/x, text: x, mode: 0644}\n"
+    text = text.replace("integrity: {trust: sealed}\n", "") + "integrity: {trust: sealed}\n"
+    assert messages(text) == [
+        "rootfs.add_files[0].mode: must be a string, got the integer 420 (quote the value to make it a string)"]
+
+
+def test_source_discriminator():
+    def with_source(src: str) -> list[str]:
+        return messages(BASE.replace("{type: directory, path: root}", src))
+
+    assert with_source("{path: root}") == [
+        "rootfs.source: missing required key 'type' (one of: directory, tar, oci)"]
+    assert with_source("{type: docker, path: root}") == [
+        "rootfs.source.type: must be one of: directory, tar, oci; got the string 'docker'"]
+    assert with_source("{type: oci, path: root}") == ["rootfs.source: missing required key 'ref'"]
+    assert with_source("{type: oci, path: root, ref: 'bad ref'}") == [
+        "rootfs.source.ref: invalid value 'bad ref': must be an OCI ref name such as 'latest' or a digest "
+        "'sha256:<64 hex digits>'"]
+    assert with_source("root/") == ["rootfs.source: must be a mapping, got the string 'root/'"]
+
+
+def test_add_files_need_exactly_one_content():
+    text = BASE + textwrap.dedent("""\
+        containers: []
+        rootfs:
+          source: {type: directory, path: root}
+          add_files:
+            - {path: /etc/a}
+            - {path: /etc/b, text: b, source_path: b}
+            - {path: etc/c, text: c}
+            - {path: /etc/d/../e, text: e}
+            - {path: /etc/b, text: again}
+        """)
+    text = text.replace("rootfs:\n  source: {type: directory, path: root}\n", "", 1)
+    assert messages(text) == [
+        "rootfs.add_files[0]: missing one of the keys 'text' or 'source_path'",
+        "rootfs.add_files[1]: give only one of 'text' or 'source_path'",
+        "rootfs.add_files[2].path: invalid value 'etc/c': must be an absolute, normalized path "
+        "(no '.', '..', '//' or trailing '/')",
+        "rootfs.add_files[3].path: invalid value '/etc/d/../e': must be an absolute, normalized path "
+        "(no '.', '..', '//' or trailing '/')",
+        "rootfs.add_files[4].path: '/etc/b' is already added (add_files[1])",
+    ]
+
+
+def test_trust_profiles():
+    assert messages(BASE.replace("{trust: sealed}", "{trust: sealed, trusted_keys: [k.pub]}")) == [
+        "integrity.trusted_keys: unknown key 'trusted_keys' (only allowed with trust: signed)"]
+    assert messages(BASE.replace("{trust: sealed}", "{trust: signed, trusted_keys: []}")) == [
+        "integrity.trusted_keys: must not be empty"]
+    assert messages(BASE.replace("{trust: sealed}", "{trust: signed, trusted_keys: [a.pub, a.pub]}")) == [
+        "integrity.trusted_keys[1]: duplicate item 'a.pub' (same as item 0)"]
+    assert messages(BASE.replace("{trust: sealed}", "{fsverity: required}")) == [
+        "integrity: missing required key 'trust' (one of: sealed, signed)"]
+
+
+def test_duplicate_keys_are_errors_but_merge_keys_are_not():
+    assert check(BASE + "boot:\n  etc: readonly\n  etc: transient\n") == [
+        (8, 3, "boot.etc", "duplicate key 'etc' (first given at line 7)")]
+    text = BASE + textwrap.dedent("""\
+        containers:
+          - &common
+            name: a
+            image: {type: oci, path: a, ref: x}
+            restart: always
+          - <<: *common
+            name: b
+        """)
+    result = validate_text(text, "m.yaml", "/base")
+    assert result.lines() == []
+    assert [(c.name, c.restart) for c in result.manifest.containers] == [("a", "always"), ("b", "always")]
+
+
+def test_yaml_syntax_error_empty_file_and_several_documents():
+    assert check("apiVersion: [bootimg/v1\n") == [
+        (2, 1, "$", "YAML syntax error: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence)")]
+    assert check("") == [(1, 1, "$", "the file has no YAML document; expected a mapping starting with "
+                                     "'apiVersion: bootimg/v1'")]
+    assert check(BASE + "---\n" + BASE) == [(6, 1, "$", "YAML syntax error: expected a single YAML document, "
+                                                        "found another one")]
+    assert check("- a\n") == [(1, 1, "$", "must be a mapping, got a list")]
+
+
+def test_unsafe_tags_are_rejected_not_executed():
+    assert messages(BASE + "boot: !!python/object:os.system {}\n") == [
+        "boot: unsupported YAML tag 'tag:yaml.org,2002:python/object:os.system'"]
+    assert messages(BASE + "boot: {kernel_args: [!!python/name:os.system '']}\n") == [
+        "boot.kernel_args[0]: cannot read value: could not determine a constructor for the tag "
+        "'tag:yaml.org,2002:python/name:os.system'"]
+
+
+# -- semantic checks --------------------------------------------------------------------
+
+def containers(yaml_text: str) -> str:
+    return BASE + "containers:\n" + textwrap.indent(textwrap.dedent(yaml_text), "  ")
+
+
+def test_ordering_references_must_exist():
+    text = containers("""\
+        - name: a
+          image: {type: oci, path: a, ref: x}
+          ordering: {after: [b, vehcle-bus, a, b.service, dbus.service], wants: [nope]}
+        - name: b
+          image: {type: oci, path: b, ref: x}
+        - name: vehicle-bus
+          image: {type: oci, path: b, ref: x}
+        """)
+    assert messages(text) == [
+        "containers[0].ordering.after[1]: unknown container 'vehcle-bus' (did you mean 'vehicle-bus'?)",
+        "containers[0].ordering.after[2]: container 'a' cannot be ordered against itself",
+        "containers[0].ordering.wants[0]: unknown container 'nope' (a unit outside this manifest needs its "
+        "suffix, e.g. 'nope.service')",
+    ]
+
+
+def test_duplicate_container_names():
+    text = containers("""\
+        - {name: a, image: {type: oci, path: a, ref: x}}
+        - {name: a, image: {type: oci, path: a, ref: x}}
+        """)
+    assert check(text) == [(8, 12, "containers[1].name", "duplicate container name 'a' (first defined at line 7)")]
+
+
+def test_ordering_cycles_are_reported_once():
+    text = containers("""\
+        - {name: a, image: {type: oci, path: a, ref: x}, ordering: {after: [c]}}
+        - {name: b, image: {type: oci, path: a, ref: x}, ordering: {after: [a.service]}}
+        - {name: c, image: {type: oci, path: a, ref: x}, ordering: {before: [a], after: [b]}}
+        """)
+    assert messages(text) == ["containers[0].ordering.after[0]: ordering cycle: a -> b -> c -> a "
+                              "(each must start before the next)"]
+
+
+def test_phase_order():
+    text = containers("""\
+        - {name: a, image: {type: oci, path: a, ref: x}, phase: early, ordering: {after: [b]}}
+        - {name: b, image: {type: oci, path: a, ref: x}, ordering: {before: [c]}}
+        - {name: c, image: {type: oci, path: a, ref: x}, phase: basic}
+        - {name: d, image: {type: oci, path: a, ref: x}, phase: basic, ordering: {after: [c], wants: [b]}}
+        """)
+    assert messages(text) == [
+        "containers[0].ordering.after[0]: cannot start after 'b': this container starts in phase early, "
+        "'b' only in the later phase default",
+        "containers[1].ordering.before[0]: cannot start before 'c': this container starts in phase default, "
+        "'c' already in the earlier phase basic",
+    ]
+
+
+def test_deadline_order_is_sane_transitively():
+    text = containers("""\
+        - {name: a, image: {type: oci, path: a, ref: x}, deadline_ms: 900}
+        - {name: b, image: {type: oci, path: a, ref: x}, ordering: {after: [a]}}
+        - {name: c, image: {type: oci, path: a, ref: x}, ordering: {after: [b]}, deadline_ms: 500}
+        - {name: d, image: {type: oci, path: a, ref: x}, ordering: {after: [a]}, deadline_ms: 900}
+        """)
+    assert messages(text) == ["containers[2].deadline_ms: deadline 500 ms is earlier than the 900 ms deadline "
+                              "of 'a', which must be active first"]
+
+
+def test_directory_and_tar_images_need_a_command():
+    text = containers("""\
+        - {name: a, image: {type: tar, path: a.tar}}
+        - {name: b, image: {type: directory, path: b}, command: [/bin/b]}
+        - {name: c, image: {type: oci, path: c, ref: x}}
+        """)
+    assert messages(text) == ["containers[0]: missing required key 'command' (a tar image has no default command)"]
+
+
+def test_container_fields():
+    text = containers("""\
+        - name: a
+          image: {type: oci, path: a, ref: x}
+          user: "root user"
+          environment: {1BAD: x, GOOD: x}
+          resources: {cpu_weight: 0, memory_max: 256M}
+          binds: [{source: /a, target: /t}, {source: /b, target: /t}, {source: rel, target: /u}]
+          network: bridge
+          command: []
+        """)
+    assert messages(text) == [
+        "containers[0].user: invalid value 'root user': must be a user name or UID[:GID], e.g. \"1000:1000\"",
+        "containers[0].environment[\"1BAD\"]: invalid key '1BAD': environment variable names use letters, digits "
+        "and '_', not starting with a digit",
+        "containers[0].resources.cpu_weight: must be >= 1, got 0",
+        "containers[0].resources.memory_max: unknown key 'memory_max' (did you mean 'memory_max_mib'?)",
+        "containers[0].binds[1].target: '/t' is already a bind target (binds[0])",
+        "containers[0].binds[2].source: invalid value 'rel': must be an absolute, normalized path "
+        "(no '.', '..', '//' or trailing '/')",
+        "containers[0].network: must be one of: none, host; got the string 'bridge'",
+        "containers[0].command: must not be empty",
+    ]
+
+
+def test_boot_checks_and_warnings():
+    text = BASE + "boot:\n  kernel_args: [quiet, composefs.digest=abc, 'a b']\n  on_verification_failure: emergency\n"
+    result = validate_text(text, "m.yaml", "/base")
+    assert result.lines() == [
+        "m.yaml:7:24: boot.kernel_args[1]: 'composefs.digest=' is set by the build from the image digest; remove it",
+        "m.yaml:7:46: boot.kernel_args[2]: invalid value 'a b': must be one argument without whitespace",
+        "m.yaml:8:28: boot.on_verification_failure: warning: a failed verification opens an emergency shell on "
+        "an unverified system; development images only (use reboot)",
+    ]
+
+
+def test_fsverity_optional_is_valid_but_loud():
+    text = BASE.replace("{trust: sealed}", "{trust: sealed, fsverity: optional}")
+    result = validate_text(text, "m.yaml", "/base")
+    assert result.valid and result.manifest is not None
+    assert [d.severity for d in result.diagnostics] == ["warning"]
+    assert "fs-verity is OPTIONAL" in result.lines()[0]
+
+
+def test_kpi_checks():
+    text = containers("- {name: cam, image: {type: oci, path: a, ref: x}}\n") + textwrap.dedent("""\
+        kpis:
+          - {name: k, measure: unit_active, unit: cma, statistic: p95, warn_ms: 1, fail_ms: 2}
+          - {name: k, measure: initrd, since: userspace_start, statistic: p90, warn_ms: 5, fail_ms: 4}
+          - {name: k3, measure: userspace, statistic: p99, warn_ms: 1, fail_ms: 5, max_ms: 4}
+          - {name: k4, measure: boot_finished, unit: cam, statistic: max, warn_ms: 1, fail_ms: 2}
+          - {name: k5, measure: unit_active, statistic: max, warn_ms: 1, fail_ms: 2}
+          - {name: k6, measure: unit_active, unit: cam.service, statistic: max, warn_ms: 1, fail_ms: 2}
+          - {name: k7, measure: unit_active, unit: weston.service, statistic: max, warn_ms: 1, fail_ms: 2}
+        """)
+    assert messages(text) == [
+        "kpis[0].unit: unknown container 'cma' (did you mean 'cam'?)",
+        "kpis[1].name: duplicate KPI name 'k' (first defined at line 9)",
+        "kpis[1].since: 'initrd' is reached before userspace starts; measure it since kernel_start",
+        "kpis[1].warn_ms: warn_ms 5 is above fail_ms 4; a KPI warns before it fails",
+        "kpis[2].statistic: must be one of: median, p90, p95, max; got the string 'p99' (did you mean 'p95'?)",
+        "kpis[2].max_ms: max_ms 4 (every boot) is below fail_ms 5 (the statistic); the per-boot limit must be looser",
+        "kpis[3].unit: unknown key 'unit' (only allowed with measure: unit_active)",
+        "kpis[4]: missing required key 'unit'",
+    ]
+
+
+# -- the typed model ----------------------------------------------------------------------
+
+def test_model_fields_from_ivi_demo():
+    m = load_manifest(MANIFESTS / "ivi-demo.yaml")
+    assert m.api_version == "bootimg/v1"
+    assert (m.identity.name, m.identity.version, m.identity.source_date_epoch) == ("ivi-demo", "1.4.0", 1767225600)
+    assert m.rootfs.source == model.Source("directory", (REPO / "build" / "ivi-rootfs"))
+    assert m.rootfs.source.path.is_absolute()
+    assert m.rootfs.add_files[0] == model.AddFile(path="/etc/hostname", mode="0644", text="ivi-demo\n")
+    assert [c.name for c in m.containers] == ["vehicle-bus", "rear-camera", "cluster", "telemetry"]
+    vbus = m.container("vehicle-bus")
+    assert (vbus.phase, vbus.readiness, vbus.deadline_ms, vbus.essential) == ("early", "notify", 800, "reboot")
+    assert vbus.image == model.Source("oci", REPO / "build" / "images" / "vehicle-bus", "1.4.0")
+    assert vbus.command == ("/usr/bin/vbusd", "--can", "can0", "--someip")
+    assert vbus.environment == {"VBUS_LOG_LEVEL": "warning"}
+    assert vbus.resources == model.Resources(cpu_weight=1000, memory_max_mib=64)
+    assert vbus.binds == (model.Bind("/run/vsomeip", "/run/vsomeip"),)
+    cam = m.container("rear-camera")
+    assert cam.ordering == model.Ordering(after=("vehicle-bus",), before=(), requires=("vehicle-bus",), wants=())
+    assert cam.deadline_ms == 2000 and cam.user is None
+    telemetry = m.container("telemetry")
+    assert (telemetry.phase, telemetry.network, telemetry.readiness) == ("default", "host", "started")
+    assert m.container("cluster").command is None
+    assert m.integrity == model.Integrity(
+        trust="signed", fsverity="required",
+        trusted_keys=(MANIFESTS / "keys" / "release-2026.pub", MANIFESTS / "keys" / "release-2027.pub"))
+    assert m.boot.etc == "transient" and m.boot.on_verification_failure == "reboot"
+    assert m.kpis[1] == model.KpiBudget(name="rear-camera-visible", measure="unit_active", since="kernel_start",
+                                        statistic="p95", warn_ms=1500, fail_ms=1800, unit="rear-camera", max_ms=2000)
+    assert m.source_file == MANIFESTS / "ivi-demo.yaml"
+    assert m.unit_name("rear-camera") == "rear-camera.service"
+    assert m.unit_name("weston.service") == "weston.service"
+    assert [k.name for k in m.deadline_budgets()] == ["vehicle-bus.deadline", "rear-camera.deadline",
+                                                      "cluster.deadline"]
+    assert len(m.all_budgets()) == len(m.kpis) + 3
+    hash(m)  # frozen all the way down
+
+
+def test_minimal_defaults():
+    m = load_manifest(MANIFESTS / "minimal.yaml")
+    assert m.containers == () and m.kpis == ()
+    assert m.integrity == model.Integrity(trust="sealed", fsverity="required")
+    assert m.boot == model.Boot(kernel_args=(), etc="transient", var="persistent", on_verification_failure="reboot")
+    assert m.rootfs.source == model.Source("tar", REPO / "build" / "minimal-rootfs.tar")
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_model_round_trips_to_the_normalized_form(path):
+    result = validate_file(path)
+    assert result.manifest.to_dict() == result.normalized
+    rebuilt = model.from_dict(model.Manifest, json.loads(json.dumps(result.normalized)))
+    assert rebuilt == result.manifest
+
+
+def test_relative_paths_resolve_against_the_manifest_directory(tmp_path):
+    (tmp_path / "sub").mkdir()
+    manifest = tmp_path / "sub" / "m.yaml"
+    manifest.write_text(BASE.replace("{trust: sealed}", "{trust: signed, trusted_keys: [../k.pub, /abs/k2.pub]}"))
+    m = load_manifest(manifest)
+    assert m.rootfs.source.path == tmp_path / "sub" / "root"
+    assert m.integrity.trusted_keys == (tmp_path / "k.pub", Path("/abs/k2.pub"))
+
+
+def test_load_manifest_raises_with_every_line_and_reports_warnings(tmp_path):
+    with pytest.raises(ManifestError) as info:
+        load_manifest(MANIFESTS / "broken.yaml")
+    assert len(info.value.lines) == len(BROKEN_EXPECTED)
+    assert str(info.value).count("\n") == len(BROKEN_EXPECTED) - 1
+    assert info.value.exit_code == 1
+    with pytest.raises(ManifestUnreadable) as unreadable:
+        load_manifest(tmp_path / "missing.yaml")
+    assert unreadable.value.exit_code == 2
+    dev = tmp_path / "dev.yaml"
+    dev.write_text(BASE.replace("{trust: sealed}", "{trust: sealed, fsverity: optional}"))
+    seen: list[str] = []
+    assert load_manifest(dev, on_warning=seen.append).integrity.fsverity == "optional"
+    assert len(seen) == 1 and seen[0].startswith(f"{dev}:5:") and "warning: fs-verity is OPTIONAL" in seen[0]
+
+
+# -- osbuild ------------------------------------------------------------------------------
+
+def test_osbuild_options_schema_is_self_contained_draft4():
+    schema = osbuild_options_schema()
+    jsonschema.Draft4Validator.check_schema(schema)
+    for ref in walk_refs(schema):
+        assert ref.startswith("#/definitions/"), ref
+        assert ref.removeprefix("#/definitions/") in schema["definitions"], ref
+    assert "osbuild_stage_options" not in schema["definitions"]
+    assert json.loads(json.dumps(schema)) == schema
+
+
+def test_osbuild_options_schema_accepts_normalized_and_rejects_bad_options():
+    validator = jsonschema.Draft4Validator(osbuild_options_schema())
+    normalized = load_manifest(MANIFESTS / "ivi-demo.yaml").to_dict()
+    assert list(validator.iter_errors({"manifest": normalized})) == []
+    assert list(validator.iter_errors({"manifest": normalized,
+                                       "output": {"repository": "/composefs", "unit_dir": "/usr/lib/systemd/system"}})) == []
+    relative = json.loads(json.dumps(normalized))
+    relative["rootfs"]["source"]["path"] = "build/rootfs"
+    bad = [{}, {"manifest": normalized, "bogus": 1}, {"manifest": relative},
+           {"manifest": normalized, "output": {"repository": "composefs"}},
+           {"manifest": {**normalized, "apiVersion": "bootimg/v0"}}]
+    for options in bad:
+        assert list(validator.iter_errors(options)), options
+
+
+def test_osbuild_options_schema_survives_osbuilds_wrapping():
+    """osbuild wraps schema_2.options in its stage schema and hoists 'definitions' to the root."""
+    options = osbuild_options_schema()
+    definitions = options.pop("definitions")
+    stage_schema = {
+        "title": "Pipeline Stage", "type": "object", "additionalProperties": False,
+        "properties": {"type": {"enum": ["org.bootimg.build"]}, "options": options, "mounts": {"type": "array"}},
+        "required": ["type"], "definitions": definitions,
+    }
+    jsonschema.Draft4Validator.check_schema(stage_schema)
+    validator = jsonschema.Draft4Validator(stage_schema)
+    normalized = load_manifest(MANIFESTS / "minimal.yaml").to_dict()
+    assert list(validator.iter_errors({"type": "org.bootimg.build", "options": {"manifest": normalized}})) == []
+    assert list(validator.iter_errors({"type": "org.bootimg.build", "options": {"manifest": {"apiVersion": 1}}}))
+
+
+# -- the CLI ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,summary", [
+    ("ivi-demo.yaml", "manifests/ivi-demo.yaml: valid: ivi-demo 1.4.0, 4 containers (2 early, 1 basic, 1 default), "
+                      "5 KPI budgets + 3 deadlines, trust signed (2 keys), fs-verity required"),
+    ("minimal.yaml", "manifests/minimal.yaml: valid: minimal 1.0, 0 containers, 0 KPI budgets, trust sealed, "
+                     "fs-verity required"),
+])
+def test_cli_valid_exit_0(name, summary):
+    proc = run_validate(f"manifests/{name}")
+    assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, summary, "")
+
+
+def test_cli_json_prints_normalized_manifest_sorted():
+    proc = run_validate("manifests/ivi-demo.yaml", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data == load_manifest(MANIFESTS / "ivi-demo.yaml").to_dict()
+    assert proc.stdout == json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    assert data["rootfs"]["source"]["path"] == str(REPO / "build" / "ivi-rootfs")
+
+
+def test_cli_exit_codes_and_no_traceback(tmp_path):
+    cases = {
+        "missing.yaml": (2, f"{tmp_path}/missing.yaml: cannot read: No such file or directory"),
+        "syntax.yaml": (1, f"{tmp_path}/syntax.yaml:2:1: $: YAML syntax error: "),
+        "empty.yaml": (1, f"{tmp_path}/empty.yaml:1:1: $: the file has no YAML document"),
+        "binary.yaml": (2, f"{tmp_path}/binary.yaml: cannot read: not UTF-8 text"),
+        "": (2, f"{tmp_path}/: cannot read: is a directory"),
+    }
+    (tmp_path / "syntax.yaml").write_text("a: [1\n")
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\xfa\x00garbage")
+    for name, (code, first) in cases.items():
+        proc = run_validate(f"{tmp_path}/{name}")
+        assert proc.returncode == code, (name, proc.stderr)
+        assert proc.stderr.startswith(first), (name, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert proc.stdout == ""
+
+
+def test_cli_json_on_invalid_prints_nothing_to_stdout():
+    proc = run_validate("manifests/broken.yaml", "--json")
+    assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr
+
+
+def test_a_duplicate_key_with_a_bad_value_reports_both():
+    assert messages(BASE + "boot:\n  etc: readonly\n  etc: writable\n") == [
+        "boot.etc: duplicate key 'etc' (first given at line 7)",
+        "boot.etc: must be one of: transient, readonly; got the string 'writable'",
+    ]
+
+
+def test_recursive_alias_is_an_error_not_a_hang():
+    assert messages(BASE + "boot: &b {kernel_args: [*b]}\n") == [
+        "boot.kernel_args[0]: recursive alias: a node cannot contain itself"]
+
+
+def test_alias_bomb_is_bounded():
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    diagnostics = check("\n".join(lines) + "\n")
+    assert len(diagnostics) == 1 and "after expanding aliases" in diagnostics[0][3]
+
+
+def test_yaml_reader_errors_have_positions():
+    assert check("apiVersion: b\x07\n") == [(1, 14, "$", "YAML syntax error: character U+0007 is not allowed")]
+    assert check("a: 1\n\tb: 2\n")[0][:2] == (2, 1)
+    assert check("[" * 5000 + "]" * 5000) == [(1, 1, "$", "YAML nested too deeply")]
+
+
+def test_check_inputs_reports_missing_inputs_at_their_lines(tmp_path):
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(textwrap.dedent("""\
+        apiVersion: bootimg/v1
+        identity: {name: t, version: "1", source_date_epoch: 0}
+        rootfs:
+          source: {type: directory, path: root}
+          add_files:
+            - {path: /etc/x, source_path: files/x}
+        containers:
+          - {name: a, image: {type: oci, path: images/a, ref: latest}}
+          - {name: b, image: {type: tar, path: images/b.tar}, command: [/b]}
+        integrity: {trust: signed, trusted_keys: [keys/k.pub]}
+        """))
+    assert validate_file(manifest).lines() == []  # existence is not checked by default
+    result = validate_file(manifest, check_inputs=True)
+    assert [(d.line, d.message.split(":")[0]) for d in result.diagnostics] == [
+        (4, "no such directory"), (6, "no such file"), (8, "not an OCI image layout (no index.json)"),
+        (9, "no such file"), (10, "no such file")]
+    for directory in ("root", "files", "images/a", "keys"):
+        (tmp_path / directory).mkdir(parents=True)
+    for file in ("files/x", "images/a/index.json", "images/b.tar", "keys/k.pub"):
+        (tmp_path / file).write_text("")
+    assert validate_file(manifest, check_inputs=True).lines() == []
+    assert load_manifest(manifest, check_inputs=True).container("b").image.path == tmp_path / "images" / "b.tar"
+
+
+def test_paths_are_relative_to_the_manifest_as_named_not_a_symlink_target(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "m.yaml").write_text(BASE)
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / "m.yaml").symlink_to(tmp_path / "real" / "m.yaml")
+    m = load_manifest(tmp_path / "link" / "m.yaml")
+    assert m.rootfs.source.path == tmp_path / "link" / "root"
+    assert m.source_file == tmp_path / "link" / "m.yaml"
