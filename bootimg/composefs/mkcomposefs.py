@@ -11,7 +11,9 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 from ..errors import BootimgError, FormatError
 from . import fsverity
@@ -19,7 +21,7 @@ from .dump import parse_dump, strict_from_env
 from .scan import ScanOptions, default_threads, scan_directory
 from .store import ObjectStore
 from .tree import Node
-from .writer import ImageOptions, write_image
+from .writer import ImageOptions, ImageWriter
 
 
 @dataclass
@@ -81,8 +83,12 @@ def build_from_dump(data: bytes, name: str, options: ImageOptions, strict: bool 
 
 def build_from_directory(source: str, options: ImageOptions, scan: ScanOptions = ScanOptions(),
                          digest_store: str | None = None, progress: Progress | None = None) -> BuildResult:
-    result = scan_directory(source, scan, progress)
-    image = _write(result.root, options, source)
+    # The walk returns while digests are still being computed; the writer's structural
+    # phase runs meanwhile.
+    result = scan_directory(source, scan, progress, defer_digests=True)
+    writer = _writer(result.root, options, source)
+    result.wait_digests(progress)
+    image = _finish(writer, source)
     built = BuildResult(image=image, digest=fsverity.digest(image), root=result.root, n_files=result.n_files)
     if digest_store is not None:
         store = ObjectStore(digest_store)
@@ -93,8 +99,24 @@ def build_from_directory(source: str, options: ImageOptions, scan: ScanOptions =
 
 
 def _write(root: Node, options: ImageOptions, source_name: str) -> bytes:
+    return _finish(_writer(root, options, source_name), source_name)
+
+
+def _writer(root: Node, options: ImageOptions, source_name: str) -> ImageWriter:
+    with _naming_source(source_name):
+        return ImageWriter(root, options)
+
+
+def _finish(writer: ImageWriter, source_name: str) -> bytes:
+    with _naming_source(source_name):
+        return writer.finish()
+
+
+@contextmanager
+def _naming_source(source_name: str) -> Iterator[None]:
+    """Writer errors name a path inside the tree; prefix the source they came from."""
     try:
-        return write_image(root, options)
+        yield
     except FormatError as err:
         if err.file is None:
             raise FormatError(err.message, file=source_name) from None

@@ -107,9 +107,10 @@ def _chunk_count(size: int) -> int:
 
 # -- step 1: rewrite the tree into inodes with their final mode and xattrs ---------------------
 
-def _rewrite(root: Node, version: int) -> _Inode:
-    """Make an _Inode for every non-hardlink node, with the overlay xattrs the reference adds."""
-    root_inode = _make_inode(root, b"", None, version)
+def _rewrite(root: Node, version: int, external: list[_Inode]) -> _Inode:
+    """Make an _Inode for every non-hardlink node, with the overlay xattrs the reference adds
+    (except the digest-dependent ones of external files, collected in ``external``)."""
+    root_inode = _make_inode(root, b"", None, version, external)
     stack = [root_inode]
     while stack:
         dir_inode = stack.pop()
@@ -118,7 +119,7 @@ def _rewrite(root: Node, version: int) -> _Inode:
             if child.link_to is not None:
                 entries.append((name, child.link_to))     # resolved to an inode in _number
                 continue
-            ci = _make_inode(child, name, dir_inode, version)
+            ci = _make_inode(child, name, dir_inode, version, external)
             entries.append((name, ci))
             if ci.entries is not None:
                 stack.append(ci)
@@ -129,7 +130,8 @@ def _rewrite(root: Node, version: int) -> _Inode:
     return root_inode
 
 
-def _make_inode(node: Node, name: bytes, parent: _Inode | None, version: int) -> _Inode:
+def _make_inode(node: Node, name: bytes, parent: _Inode | None, version: int,
+                external: list[_Inode]) -> _Inode:
     ino = _Inode(node, name, parent)
     ftype = node.mode & _S_IFMT
     if ftype not in _VALID_TYPES:
@@ -149,10 +151,7 @@ def _make_inode(node: Node, name: bytes, parent: _Inode | None, version: int) ->
         if node.content is None and node.size > 0:
             if _chunk_count(node.size) > MAX_CHUNKS:
                 raise FormatError(f"{ino.path()}: file too large ({node.size} bytes)")
-            digest = node.digest
-            xattrs[E.OVERLAY_METACOPY] = b"" if digest is None else E.METACOPY_HEADER + digest
-            if node.payload:
-                xattrs[E.OVERLAY_REDIRECT] = b"/" + node.payload
+            external.append(ino)
     elif ftype == _S_IFDIR:
         ino.size = 0
         ino.entries = []
@@ -420,16 +419,46 @@ def _dirent_block(chunk: list) -> bytes:
     return b"".join(parts) + b"".join(names)
 
 
+def _add_data_xattrs(external: list[_Inode]) -> None:
+    """metacopy (with the fs-verity digest) and redirect (to the object) on external files."""
+    metacopy, redirect, header = E.OVERLAY_METACOPY, E.OVERLAY_REDIRECT, E.METACOPY_HEADER
+    for ino in external:
+        node = ino.node
+        digest = node.digest
+        ino.xattrs[metacopy] = b"" if digest is None else header + digest
+        if node.payload:
+            ino.xattrs[redirect] = b"/" + node.payload
+
+
 def write_image(root: Node, options: ImageOptions = ImageOptions()) -> bytes:
     """Serialize ``root`` into a composefs image (bytes identical to mkcomposefs 1.0.8)."""
-    with gc_paused():
-        return _write_image(root, options)
+    return ImageWriter(root, options).finish()
 
 
-def _write_image(root: Node, options: ImageOptions) -> bytes:
-    version = choose_version(root, options)
-    root_inode = _rewrite(root, version)
-    order = _number(root_inode)
+class ImageWriter:
+    """Writes one image in two phases, so that the structural work (rewriting the tree for
+    overlayfs, breadth-first numbering) can run while file digests are still being computed:
+    the constructor reads names, modes and metadata only; ``finish()`` reads digests and
+    payloads (set them on the nodes before calling it) and returns the image bytes."""
+
+    def __init__(self, root: Node, options: ImageOptions = ImageOptions()):
+        with gc_paused():
+            self.version = choose_version(root, options)
+            self._external: list[_Inode] = []
+            self._root_inode = _rewrite(root, self.version, self._external)
+            self._order = _number(self._root_inode)
+
+    def finish(self) -> bytes:
+        if self._order is None:
+            raise RuntimeError("ImageWriter.finish() called twice")
+        order, self._order = self._order, None
+        with gc_paused():
+            _add_data_xattrs(self._external)
+            self._external = []
+            return _serialize(self._root_inode, order, self.version)
+
+
+def _serialize(root_inode: _Inode, order: list[_Inode], version: int) -> bytes:
     min_mtime = min((ino.mtime_sec, ino.mtime_nsec) for ino in order)
     codec = _XattrCodec()
     table, has_acl = _prepare_xattrs(order, codec)
