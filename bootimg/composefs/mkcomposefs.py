@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..errors import BootimgError, FormatError
+from ..fsutil import write_atomically
 from . import fsverity
 from .dump import parse_dump, strict_from_env
 from .scan import ScanOptions, default_threads, scan_directory
@@ -121,28 +122,6 @@ def _naming_source(source_name: str) -> Iterator[None]:
         if err.file is None:
             raise FormatError(err.message, file=source_name) from None
         raise
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and a rename, so a
-    reader never sees a partial image and a failure leaves nothing behind."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except OSError as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise BootimgError(f"cannot write image: {err.strerror}", file=path) from None
 
 
 def run(args: argparse.Namespace) -> int:
