@@ -501,7 +501,7 @@ def test_model_fields_from_ivi_demo():
     assert m.container("cluster").command is None
     assert m.integrity == model.Integrity(
         trust="signed", fsverity="required",
-        trusted_keys=(MANIFESTS / "keys" / "release-2026.pub", MANIFESTS / "keys" / "release-2027.pub"))
+        trusted_keys=(REPO / "build" / "keys" / "release-2026.pub", REPO / "build" / "keys" / "release-2027.pub"))
     assert m.boot.etc == "transient" and m.boot.on_verification_failure == "reboot"
     assert m.kpis[1] == model.KpiBudget(name="rear-camera-visible", measure="unit_active", since="kernel_start",
                                         statistic="p95", warn_ms=1500, fail_ms=1800, unit="rear-camera", max_ms=2000)
@@ -572,7 +572,7 @@ def test_osbuild_options_schema_accepts_normalized_and_rejects_bad_options():
     normalized = load_manifest(MANIFESTS / "ivi-demo.yaml").to_dict()
     assert list(validator.iter_errors({"manifest": normalized})) == []
     assert list(validator.iter_errors({"manifest": normalized,
-                                       "output": {"repository": "/composefs", "unit_dir": "/usr/lib/systemd/system"}})) == []
+                                       "output": {"repository": "/composefs"}})) == []
     relative = json.loads(json.dumps(normalized))
     relative["rootfs"]["source"]["path"] = "build/rootfs"
     bad = [{}, {"manifest": normalized, "bogus": 1}, {"manifest": relative},

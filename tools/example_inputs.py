@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Make the inputs the example manifests point at, under build/ (deterministically).
+
+- build/ivi-rootfs/               the root filesystem (a directory source)
+- build/images/vehicle-bus/       an OCI image layout, ref "1.4.0", two layers
+- build/images/cluster/           an OCI image layout, ref "latest", three layers with whiteouts
+- build/images/rear-camera.tar.zst a zstd tar
+- build/images/telemetry/         a directory
+- build/minimal-rootfs.tar        a plain tar (manifests/minimal.yaml)
+- build/keys/release-2026.{key,pub}, release-2027.{key,pub}   release signing keys (dev only)
+
+The programs are small POSIX sh services built from the host's own shell and libc, so the
+images share real objects (libc, ld.so, sh) the way real containers share a runtime. On the
+QEMU board (issue 4) the rootfs comes from debootstrap instead; these stay the container
+images. Run: .venv/bin/python tools/example_inputs.py [BUILD_DIR]
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+EPOCH = 1767225600
+HOST_FILES = [  # (host path, path in image): the shared runtime
+    ("/bin/dash", "usr/bin/sh"),
+    ("/lib/x86_64-linux-gnu/libc.so.6", "usr/lib/x86_64-linux-gnu/libc.so.6"),
+    ("/lib64/ld-linux-x86-64.so.2", "usr/lib64/ld-linux-x86-64.so.2"),
+]
+
+
+def service_script(name: str, notify: bool) -> bytes:
+    ready = 'systemd-notify --ready 2>/dev/null || true\n' if notify else ""
+    return (f"#!/usr/bin/sh\n# {name}: demo boot-time service\necho \"{name}: started\"\n{ready}"
+            "while :; do sleep 3600; done\n").encode()
+
+
+def runtime_files() -> dict[str, tuple[bytes, int]]:
+    files = {}
+    for host, inside in HOST_FILES:
+        files[inside] = (Path(host).read_bytes(), 0o755)
+    files["etc/os-release"] = (b'NAME="bootimg demo"\nID=bootimg-demo\nVERSION_ID=1.4.0\n', 0o644)
+    return files
+
+
+def write_dir(top: Path, files: dict[str, tuple[bytes, int]], symlinks: dict[str, str] | None = None) -> None:
+    for rel, (data, mode) in sorted(files.items()):
+        path = top / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        os.chmod(path, mode)
+    for rel, target in sorted((symlinks or {}).items()):
+        path = top / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, path)
+    for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+        for name in filenames + dirnames:
+            os.utime(os.path.join(dirpath, name), (EPOCH, EPOCH), follow_symlinks=False)
+    os.utime(top, (EPOCH, EPOCH))
+
+
+def tar_bytes(files: dict[str, tuple[bytes, int]], symlinks: dict[str, str] | None = None,
+              whiteouts: list[str] = ()) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        dirs = set()
+        for rel in list(files) + list(symlinks or {}) + list(whiteouts):
+            parts = rel.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                dirs.add("/".join(parts[:i]))
+        entries = [(d, "dir") for d in dirs] + [(f, "file") for f in files] + \
+                  [(s, "sym") for s in (symlinks or {})] + [(w, "wh") for w in whiteouts]
+        for rel, kind in sorted(entries):
+            info = tarfile.TarInfo(rel)
+            info.mtime = EPOCH
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            if kind == "dir":
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            elif kind == "sym":
+                info.type, info.linkname, info.mode = tarfile.SYMTYPE, symlinks[rel], 0o777
+                tar.addfile(info)
+            else:
+                data, mode = files[rel] if kind == "file" else (b"", 0o644)
+                info.size, info.mode = len(data), mode
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def zstd(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=10).compress(data)
+
+
+def write_oci(top: Path, layers: list[tuple[bytes, str]], ref: str, config: dict) -> None:
+    """An OCI image layout with one manifest; layers are (tar bytes, 'tar'|'gzip'|'zstd')."""
+    blobs = top / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def blob(data: bytes) -> dict:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"digest": f"sha256:{digest}", "size": len(data)}
+
+    layer_descs, diff_ids = [], []
+    for data, comp in layers:
+        diff_ids.append("sha256:" + hashlib.sha256(data).hexdigest())
+        if comp == "gzip":
+            payload, media = gzip.compress(data, mtime=0), "application/vnd.oci.image.layer.v1.tar+gzip"
+        elif comp == "zstd":
+            payload, media = zstd(data), "application/vnd.oci.image.layer.v1.tar+zstd"
+        else:
+            payload, media = data, "application/vnd.oci.image.layer.v1.tar"
+        layer_descs.append({"mediaType": media, **blob(payload)})
+    cfg = {"architecture": "amd64", "os": "linux", "config": config,
+           "rootfs": {"type": "layers", "diff_ids": diff_ids}, "created": "2026-01-01T00:00:00Z"}
+    cfg_desc = {"mediaType": "application/vnd.oci.image.config.v1+json",
+                **blob(json.dumps(cfg, sort_keys=True).encode())}
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": cfg_desc, "layers": layer_descs}
+    man_desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                **blob(json.dumps(manifest, sort_keys=True).encode()),
+                "annotations": {"org.opencontainers.image.ref.name": ref}}
+    (top / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (top / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [man_desc]}, sort_keys=True))
+
+
+def make_keys(keys: Path) -> None:
+    from bootimg.signing import generate_keypair
+
+    keys.mkdir(parents=True, exist_ok=True)
+    for name in ("release-2026", "release-2027"):
+        if (keys / f"{name}.key").exists():
+            continue
+        secret, public = generate_keypair(f"bootimg demo {name} (development only)")
+        secret.to_file(keys / f"{name}.key")
+        public.to_file(keys / f"{name}.pub")
+
+
+def main(build: Path) -> None:
+    images = build / "images"
+    for path in (build / "ivi-rootfs", images):
+        shutil.rmtree(path, ignore_errors=True)
+    images.mkdir(parents=True)
+    runtime = runtime_files()
+    # Root filesystem: the runtime plus the system's own files.
+    root_files = dict(runtime)
+    root_files["etc/motd"] = (b"bootimg demo: verified composefs root\n", 0o644)
+    root_files["usr/lib/bootimg-demo/banner.txt"] = (b"IVI demo\n" * 40, 0o644)
+    root_files["var/cache/demo/stale.bin"] = (b"x" * 1000, 0o644)        # excluded by the manifest
+    write_dir(build / "ivi-rootfs", root_files, {"bin": "usr/bin", "lib64": "usr/lib64"})
+    # vehicle-bus: OCI, base runtime layer (gzip) + app layer (plain).
+    app = {"usr/bin/vbusd": (service_script("vehicle-bus", True), 0o755)}
+    write_oci(images / "vehicle-bus", [(tar_bytes(runtime, {"bin": "usr/bin"}), "gzip"), (tar_bytes(app), "tar")],
+              "1.4.0", {"Entrypoint": ["/usr/bin/vbusd"], "Env": ["PATH=/usr/bin"], "User": "1100:1100"})
+    # cluster: OCI with a whiteout of a base file and an opaque directory (zstd layers).
+    base = dict(runtime)
+    base["usr/share/cluster/theme/old.css"] = (b"body{}\n" * 20, 0o644)
+    base["usr/share/cluster/legacy.txt"] = (b"legacy\n" * 20, 0o644)
+    upper = {"usr/bin/clusterd": (service_script("cluster", True), 0o755),
+             "usr/share/cluster/theme/.wh..wh..opq": (b"", 0o644),
+             "usr/share/cluster/theme/new.css": (b"body{color:#fff}\n" * 20, 0o644)}
+    write_oci(images / "cluster", [(tar_bytes(base), "zstd"),
+                                   (tar_bytes(upper, whiteouts=["usr/share/cluster/.wh.legacy.txt"]), "zstd")],
+              "latest", {"Cmd": ["/usr/bin/clusterd"], "Env": ["PATH=/usr/bin"]})
+    # rear-camera: a zstd tar.
+    cam = dict(runtime)
+    cam["usr/bin/rvc"] = (service_script("rear-camera", True), 0o755)
+    (images / "rear-camera.tar.zst").write_bytes(zstd(tar_bytes(cam)))
+    # telemetry: a directory.
+    tel = dict(runtime)
+    tel["usr/bin/telemetryd"] = (service_script("telemetry", False), 0o755)
+    tel["etc/telemetry.toml"] = (b'endpoint = "https://telemetry.example.com/v1"\nbatch = 64\n', 0o644)
+    write_dir(images / "telemetry", tel)
+    # minimal.yaml: the root as a plain tar.
+    (build / "minimal-rootfs.tar").write_bytes(tar_bytes(root_files, {"bin": "usr/bin", "lib64": "usr/lib64"}))
+    make_keys(build / "keys")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "build"))
