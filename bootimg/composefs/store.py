@@ -18,6 +18,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import BinaryIO
 
 from bootimg.composefs import fsverity
 from bootimg.errors import BootimgError
@@ -122,6 +123,70 @@ class ObjectStore:
         except OSError as e:
             raise BootimgError(f"cannot write object: {e.strerror}", file=dest) from None
         return digest
+
+    def add_stream(self, fileobj: BinaryIO, size: int) -> bytes:
+        """Store exactly ``size`` bytes read from ``fileobj`` (anything with ``read(n)``, e.g. a
+        tar member or a decompressor) as an object; returns its digest. See add_stream_info."""
+        return self.add_stream_info(fileobj, size)[0]
+
+    def add_stream_info(self, fileobj: BinaryIO, size: int) -> tuple[bytes, bool]:
+        """Like add_stream; returns (digest, True if a new object was created).
+
+        The data goes to a temp file in the store while its fs-verity digest is computed, then
+        the usual protocol applies (0644, fsync, fs-verity, atomic rename; an object that already
+        exists is kept and the temp dropped). Exactly ``size`` bytes are read, never more: if
+        fileobj ends sooner, EOFError is raised and nothing is stored. Exceptions raised by
+        ``fileobj.read`` propagate unchanged (the temp is removed); store I/O errors are
+        BootimgError."""
+        if size < 0:
+            raise ValueError(f"negative size {size}")
+        try:
+            tmp_fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.root)
+        except OSError as e:
+            raise BootimgError(f"cannot create object in store: {e.strerror}", file=self.root) from None
+        try:
+            hasher = fsverity.Hasher()
+            try:
+                done = 0
+                while done < size:
+                    chunk = fileobj.read(min(_COPY_CHUNK, size - done))
+                    if not chunk:
+                        raise EOFError(f"data ended after {done} of {size} bytes")
+                    if len(chunk) > size - done:
+                        raise ValueError("read() returned more bytes than asked for")
+                    hasher.update(chunk)
+                    mv = memoryview(chunk)
+                    written = 0
+                    try:
+                        while written < len(mv):
+                            written += os.write(tmp_fd, mv[written:])
+                    except OSError as e:
+                        raise BootimgError(f"cannot write object: {e.strerror}", file=tmp) from None
+                    done += len(chunk)
+                try:
+                    os.fchmod(tmp_fd, 0o644)
+                    if self.fsync:
+                        os.fsync(tmp_fd)
+                except OSError as e:
+                    raise BootimgError(f"cannot write object: {e.strerror}", file=tmp) from None
+            finally:
+                os.close(tmp_fd)  # enabling verity needs no writable fd open on the file
+            digest = hasher.digest()
+            dest = self.object_path(digest)
+            if os.path.lexists(dest):
+                os.unlink(tmp)
+                return digest, False
+            try:
+                self._mkdir(os.path.dirname(dest))
+                return digest, self._commit(tmp, dest, digest, False)
+            except OSError as e:
+                raise BootimgError(f"cannot write object: {e.strerror}", file=dest) from None
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
 
     def fill(self, files: Iterable[tuple[str, bytes | None]], threads: int = 1) -> tuple[int, int]:
         """Add many (src_path, digest) pairs with a thread pool; returns (objects created, bytes
