@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "bootimg.composefs.commands",
     "bootimg.manifest.commands",
     "bootimg.signing.commands",
+    "bootimg.release.commands",
 )
 
 
