@@ -8,7 +8,7 @@ setup:
 	@sh tools/setup-host.sh
 
 test: setup
-	$(PY) -m pytest -ra
+	BOOTIMG_REQUIRE_ACCEL=1 $(PY) -m pytest -ra
 
 demo: setup
 	@sh tools/demo.sh

@@ -4,7 +4,17 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="erofs-utils fsverity attr util-linux e2fsprogs minisign signify-openbsd openssl"
+# gcc, libc6-dev (only a Recommends of gcc) and libssl-dev build the optional C accelerator
+# bootimg/composefs/_fsverity_accel.c against OpenSSL libcrypto.
+APT_PACKAGES="erofs-utils fsverity attr util-linux e2fsprogs minisign signify-openbsd openssl gcc libc6-dev libssl-dev"
+# debootstrap, e2fsprogs (mkfs.ext4 -d) and zstd build the QEMU board's Debian root (bootimg.board).
+APT_PACKAGES="$APT_PACKAGES debootstrap zstd"
+PY=${PYTHON:-python3}
+# Python.h: a pyenv or self-built interpreter has its own; Debian's python3 needs python3-dev.
+inc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
+case "$inc" in
+    /usr/include/*) [ -f "$inc/Python.h" ] || APT_PACKAGES="$APT_PACKAGES python3-dev" ;;
+esac
 
 missing=""
 for p in $APT_PACKAGES; do
@@ -17,14 +27,44 @@ if [ -n "$missing" ]; then
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-PY=${PYTHON:-python3}
+# The QEMU board (bootimg.board) needs QEMU >= 8: bookworm's 7.2 crashes the 6.12 guest under TCG,
+# so on bookworm it comes from bookworm-backports (source added once, only if no backports source).
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'; }
+codename=$(. /etc/os-release 2>/dev/null; echo "${VERSION_CODENAME:-}")
+if [ "$(qemu_major)" = "" ] || [ "$(qemu_major)" -lt 8 ] || ! command -v qemu-img >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    if [ "$codename" = bookworm ]; then
+        if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+            echo "setup: adding the bookworm-backports apt source"
+            cat > /etc/apt/sources.list.d/bookworm-backports.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+        fi
+        echo "setup: installing qemu-system-x86 qemu-utils from bookworm-backports"
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
+    else
+        echo "setup: installing qemu-system-x86 qemu-utils"
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends qemu-system-x86 qemu-utils >/dev/null
+    fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     "$PY" -m venv .venv
 fi
-# Reinstall only when the project's metadata changed.
+# Reinstall only when the project's metadata or C sources changed (an editable install does not
+# rebuild the extension by itself), or when the built extension went missing.
 stamp=.venv/.bootimg-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml bootimg/composefs/*.c | sha256sum | cut -d' ' -f1)
+if ! ls bootimg/composefs/_fsverity_accel.*.so >/dev/null 2>&1; then
+    rm -f "$stamp"
+fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "setup: pip install -e .[test]"
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
