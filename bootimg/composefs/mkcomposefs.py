@@ -27,7 +27,7 @@ from .writer import ImageOptions, ImageWriter
 
 @dataclass
 class BuildResult:
-    image: bytes
+    image: bytearray
     digest: bytes
     root: Node
     n_files: int = 0
