@@ -23,6 +23,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import run  # noqa: E402
+
 REF_IMAGE_S = 3.53
 REF_RSS_MB = 169
 REF_STORE_S = 15.91
@@ -40,17 +43,6 @@ def tree_size(src: str) -> tuple[int, int]:
                 files += 1
                 nbytes += st.st_size
     return files, nbytes
-
-
-def run(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"benchmark command failed: {' '.join(cmd)}\n{proc.stderr.read().decode()}")
-    return wall, usage.ru_maxrss / 1024
 
 
 def bench_writer_only(image: str) -> tuple[float, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
@@ -82,3 +83,35 @@ requires_root = pytest.mark.skipif(not is_root(), reason="needs root for kernel 
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+@contextlib.contextmanager
+def composefs_mount(image: Path, store: Path, where: Path, verity: bool = False):
+    """Mount an image the way composefs does: EROFS (loop) + overlayfs with the object store
+    as a data-only lower layer; unmounted again whatever happens."""
+    erofs, mnt = where / "erofs", where / "mnt"
+    erofs.mkdir(parents=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "erofs", "-o", "loop,ro", str(image), str(erofs)], check=True)
+    try:
+        opts = "ro,metacopy=on,redirect_dir=on" + (",verity=require" if verity else "")
+        subprocess.run(["mount", "-t", "overlay", "composefs", "-o", f"{opts},lowerdir={erofs}::{store}", str(mnt)],
+                       check=True)
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        subprocess.run(["umount", str(erofs)], check=True)
+
+
+def example_workspace(top: Path) -> Path:
+    """A copy of manifests/ next to a build/ made by tools/example_inputs.py."""
+    import shutil
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import example_inputs
+
+    shutil.copytree(REPO / "manifests", top / "manifests")
+    example_inputs.main(top / "build")
+    return top

@@ -5,7 +5,6 @@ full enforcement is proven in the QEMU board tests)."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -14,33 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import have, requires_root, run_cli
+from conftest import composefs_mount, have, requires_root, run_cli
 from treegen import make_tree
 
 pytestmark = [pytest.mark.kernel, requires_root]
 
 OVERLAY_KEYS = ("trusted.overlay.", "user.overlay.")
-
-
-@contextlib.contextmanager
-def composefs_mount(image: Path, store: Path, where: Path, verity: bool = False):
-    erofs = where / "erofs"
-    mnt = where / "mnt"
-    erofs.mkdir()
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "erofs", "-o", "loop,ro", str(image), str(erofs)], check=True)
-    try:
-        opts = "ro,metacopy=on,redirect_dir=on"
-        if verity:
-            opts += ",verity=require"
-        subprocess.run(["mount", "-t", "overlay", "composefs", "-o", f"{opts},lowerdir={erofs}::{store}",
-                        str(mnt)], check=True)
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["umount", str(mnt)], check=True)
-    finally:
-        subprocess.run(["umount", str(erofs)], check=True)
 
 
 def _xattrs(path: str) -> dict[str, bytes]:

@@ -16,10 +16,9 @@ import pytest
 
 from bootimg.manifest import validate_text
 
-from conftest import REPO, run_cli
+from conftest import REPO, example_workspace, run_cli
 
 sys.path.insert(0, str(REPO / "tools"))
-import example_inputs  # noqa: E402
 import gen_osbuild_meta  # noqa: E402
 
 STAGE = REPO / "osbuild" / "org.bootimg.build"
@@ -49,10 +48,7 @@ def validator(meta):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    top = tmp_path_factory.mktemp("osb")
-    shutil.copytree(REPO / "manifests", top / "manifests")
-    example_inputs.main(top / "build")
-    return top
+    return example_workspace(tmp_path_factory.mktemp("osb"))
 
 
 def normalized(ws: Path, name: str = "ivi-demo.yaml") -> dict:

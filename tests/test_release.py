@@ -15,19 +15,12 @@ import pytest
 from bootimg.composefs import fsverity
 from bootimg.composefs.reader import load_image
 
-from conftest import REPO, run_cli
-
-sys.path.insert(0, str(REPO / "tools"))
-import example_inputs  # noqa: E402
+from conftest import example_workspace, run_cli
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """A copy of manifests/ next to a build/ made by tools/example_inputs.py."""
-    top = tmp_path_factory.mktemp("rel")
-    shutil.copytree(REPO / "manifests", top / "manifests")
-    example_inputs.main(top / "build")
-    return top
+    return example_workspace(tmp_path_factory.mktemp("rel"))
 
 
 def build(ws: Path, out: Path, manifest: str = "ivi-demo.yaml", key: str | None = "release-2026",

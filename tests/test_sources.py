@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
@@ -39,7 +38,7 @@ from bootimg.sources.directory import load_directory
 from bootimg.sources.tar import load_tar
 from bootimg.sources.treeops import add_file, exclude, tree_stats
 
-from conftest import have, requires_root
+from conftest import composefs_mount, have, requires_root
 from treegen import make_tree
 
 MT = 1_700_000_000
@@ -137,23 +136,6 @@ def rnd(n: int, seed: int) -> bytes:
 
 
 # -- mounting ---------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def composefs_mount(image: Path, store: Path, where: Path):
-    erofs, mnt = where / "erofs", where / "mnt"
-    erofs.mkdir()
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "erofs", "-o", "loop,ro", str(image), str(erofs)], check=True)
-    try:
-        subprocess.run(["mount", "-t", "overlay", "composefs", "-o",
-                        f"ro,metacopy=on,redirect_dir=on,lowerdir={erofs}::{store}", str(mnt)], check=True)
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["umount", str(mnt)], check=True)
-    finally:
-        subprocess.run(["umount", str(erofs)], check=True)
-
 
 OVERLAY_KEYS = ("trusted.overlay.", "user.overlay.")
 
