@@ -7,6 +7,7 @@ Every sub-command parses its arguments, calls one library function and turns a
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import sys
@@ -19,6 +20,7 @@ COMMAND_MODULES = (
     "bootimg.manifest.commands",
     "bootimg.signing.commands",
     "bootimg.release.commands",
+    "bootimg.board.commands",
 )
 
 
@@ -34,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        # The process is about to exit: keep the interpreter's final garbage collection from
+        # walking the (large, cyclic) trees a command built; the OS frees them at once.
+        gc.freeze()
+        return code
     except BootimgError as err:
         print(f"bootimg {args.cmd}: {err}", file=sys.stderr)
         return err.exit_code
