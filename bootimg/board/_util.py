@@ -1,0 +1,223 @@
+"""Shared plumbing of the QEMU board: the cache, tool checks, logged sub-processes, chroots."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+from ..errors import BootimgError
+
+DEFAULT_CACHE_ROOT = "/var/cache/bootimg"
+SETUP_HINT = "run `sh tools/setup-host.sh` (or `make setup`)"
+
+Log = Callable[[str], None]
+
+
+class BoardError(BootimgError):
+    """The board could not be built or booted (missing tool, failed build step, bad input)."""
+
+
+def stderr_log(message: str) -> None:
+    print(f"board: {message}", file=sys.stderr, flush=True)
+
+
+def quiet_log(message: str) -> None:
+    pass
+
+
+def cache_dir(cache: str | os.PathLike[str] | None = None) -> Path:
+    """The board's cache directory: ``cache`` if given, else ``$BOOTIMG_CACHE/board``, else
+    ``/var/cache/bootimg/board``. Created if missing."""
+    if cache is None:
+        cache = Path(os.environ.get("BOOTIMG_CACHE") or DEFAULT_CACHE_ROOT) / "board"
+    path = Path(cache)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BoardError(f"cannot create the cache directory: {err.strerror}", file=str(path)) from None
+    return path
+
+
+def need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise BoardError(f"{what} needs root (debootstrap, chroot, mounts)")
+
+
+def need_tools(*names: str) -> None:
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        raise BoardError(f"missing host tool(s): {', '.join(missing)}; {SETUP_HINT}")
+
+
+def digest(*parts: object) -> str:
+    """A short stable hash of JSON-able parts (the cache keys)."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode()
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()[:16]
+
+
+def tree_digest(path: Path) -> str:
+    """Hash of a directory's (or file's) names, modes, link targets and contents."""
+    h = hashlib.sha256()
+    path = Path(path)
+    entries = [path] if not path.is_dir() else sorted(path.rglob("*"))
+    for p in entries:
+        rel = p.name if p == path else str(p.relative_to(path))
+        st = p.lstat()
+        h.update(f"{rel}\0{st.st_mode:o}\0".encode())
+        if p.is_symlink():
+            h.update(os.readlink(p).encode())
+        elif p.is_file():
+            h.update(p.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _tail(path: Path | None, text: str = "", lines: int = 1) -> str:
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - 8192))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+    kept = [line.strip() for line in text.splitlines() if line.strip()]
+    return " | ".join(kept[-lines:])
+
+
+def run(argv: Sequence[str], *, what: str, log_file: Path | None = None,
+        env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
+        timeout: float | None = None, capture: bool = False) -> str:
+    """Run a command; its output goes to ``log_file`` (appended) or is captured. A failure
+    becomes a one-line BoardError naming the step, the exit code, the log and its last line."""
+    full_env = None if env is None else {**os.environ, **env}
+    try:
+        if log_file is not None and not capture:
+            with open(log_file, "ab") as log:
+                log.write(f"\n$ {' '.join(argv)}\n".encode())
+                log.flush()
+                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                      stderr=subprocess.STDOUT, env=full_env, cwd=cwd, timeout=timeout)
+            out = ""
+        else:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, env=full_env, cwd=cwd, timeout=timeout)
+            out = proc.stdout.decode(errors="replace")
+            if log_file is not None:
+                with open(log_file, "ab") as log:
+                    log.write(f"\n$ {' '.join(argv)}\n".encode() + proc.stdout)
+    except FileNotFoundError:
+        raise BoardError(f"{what}: {argv[0]} not found; {SETUP_HINT}") from None
+    except subprocess.TimeoutExpired:
+        raise BoardError(f"{what}: timed out after {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        where = f"; log: {log_file}" if log_file is not None else ""
+        last = _tail(log_file if not capture else None, out)
+        raise BoardError(f"{what} failed (exit {proc.returncode}){where}: {last}")
+    return out
+
+
+# The chroot runs in new mount and PID namespaces: /proc, /sys and /dev are mounted there only,
+# so they vanish with the namespace on any exit (error, kill -9) and never show on the host, and
+# no daemon a maintainer script starts can outlive the step (PID 1 of the namespace exits).
+_CHROOT_SH = r'''
+root=$1; shift
+mount -t proc proc "$root/proc"
+mount -t sysfs sysfs "$root/sys"
+mount --rbind /dev "$root/dev"
+mount -t tmpfs -o mode=0755 tmpfs "$root/run"
+exec chroot "$root" "$@"
+'''
+
+CHROOT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C.UTF-8",
+    "LANG": "C.UTF-8",
+    "DEBIAN_FRONTEND": "noninteractive",
+    "HOME": "/root",
+    "TMPDIR": "/tmp",
+}
+
+
+def chroot_run(root: Path, argv: Sequence[str], *, what: str, log_file: Path | None = None,
+               env: Mapping[str, str] | None = None, timeout: float | None = None,
+               capture: bool = False) -> str:
+    """Run ``argv`` chrooted into ``root`` with /proc, /sys, /dev and /run mounted in private
+    namespaces (nothing to unmount afterwards, whatever happens)."""
+    need_tools("unshare", "chroot")
+    full = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
+            "sh", "-euc", _CHROOT_SH, "board-chroot", str(root), *argv]
+    # env -i: nothing of the caller's environment (proxies aside) leaks into the chroot.
+    chroot_env = dict(CHROOT_ENV)
+    for var in ("http_proxy", "https_proxy", "no_proxy", "SOURCE_DATE_EPOCH"):
+        if var in os.environ:
+            chroot_env[var] = os.environ[var]
+    chroot_env.update(env or {})
+    full = ["env", "-i", *(f"{k}={v}" for k, v in chroot_env.items()), *full]
+    return run(full, what=what, log_file=log_file, timeout=timeout, capture=capture)
+
+
+def mounts_under(root: Path) -> list[str]:
+    """Mount points at or below ``root`` in this mount namespace (should always be empty)."""
+    root_s = os.path.realpath(root)
+    found = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                point = line.split()[4].replace("\\040", " ")
+                if point == root_s or point.startswith(root_s + "/"):
+                    found.append(point)
+    except OSError:
+        pass
+    return found
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (two builds of the same artifact wait for each other)."""
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: Path, prefix: str, *, keep: bool = False) -> Iterator[Path]:
+    """A temporary directory under ``parent`` (same filesystem as the cache, so renames are
+    atomic), removed afterwards unless ``keep``."""
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield path
+    finally:
+        if not keep:
+            remove_tree(path)
+
+
+def remove_tree(path: Path) -> None:
+    leftover = mounts_under(path)
+    if leftover:  # never rm -rf through a mount (it would reach the host's /dev)
+        raise BoardError(f"refusing to remove a tree with mounts below it: {', '.join(leftover)}")
+    # chattr +i files or odd permissions are not expected in a Debian tree; rm is faster than
+    # shutil.rmtree on ~20k files.
+    subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
+
+
+def write_json_atomically(path: Path, data: object) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,114 @@
+"""The board as one object: ``prepare()`` (root + kernel + initramfs, all cached) and the
+plain-ext4 baseline boot built on it."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from ._util import Log, cache_dir, scratch_dir, stderr_log
+from .disk import DiskImage, make_disk
+from .initramfs import DEFAULT_DRIVERS, BootFiles, build_initramfs
+from .qemu import DEFAULT_TIMEOUT, BootResult, baseline_cmdline, boot, check_qemu
+from .rootfs import Rootfs, RootfsSpec, build_rootfs, extract_rootfs
+
+
+@dataclass(frozen=True)
+class Board:
+    """A prepared board: the cached root tarball and the kernel + initramfs built from it."""
+
+    rootfs: Rootfs
+    boot_files: BootFiles
+    cache: Path
+
+    @property
+    def kernel(self) -> Path:
+        return self.boot_files.kernel
+
+    @property
+    def initrd(self) -> Path:
+        return self.boot_files.initrd
+
+    @property
+    def kver(self) -> str:
+        return self.boot_files.kver
+
+    @property
+    def cached(self) -> bool:
+        return self.rootfs.cached and self.boot_files.cached
+
+
+def prepare(spec: RootfsSpec | None = None, *, cache: str | os.PathLike[str] | None = None,
+            add_modules: Sequence[str] = (), module_dirs: Sequence[str | os.PathLike[str]] = (),
+            add_drivers: Sequence[str] = DEFAULT_DRIVERS, compress: str | None = None,
+            dracut_args: Sequence[str] = (), tree_files: Mapping[str, str | os.PathLike[str]] | None = None,
+            rebuild: bool = False, log: Log = stderr_log) -> Board:
+    """Build (or reuse from the cache) the root filesystem and the kernel + initramfs.
+
+    ``add_modules``/``module_dirs``/``tree_files`` extend the initramfs (see
+    ``initramfs.build_initramfs``); the root tarball is shared by all variants."""
+    cdir = cache_dir(cache)
+    rootfs = build_rootfs(spec, cache=cdir, rebuild=rebuild, log=log)
+    boot_files = build_initramfs(rootfs, cache=cdir, add_modules=add_modules, module_dirs=module_dirs,
+                                 add_drivers=add_drivers, compress=compress, dracut_args=dracut_args,
+                                 tree_files=tree_files, rebuild=rebuild, log=log)
+    return Board(rootfs, boot_files, cdir)
+
+
+@dataclass
+class BaselineRun:
+    """The boots of one baseline run (same disk image, each boot on a throw-away overlay)."""
+
+    results: list[BootResult]
+    disk: DiskImage
+    seconds_disk: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.results) and all(r.ok for r in self.results)
+
+    def median(self, what: str = "total") -> float | None:
+        """Median of a marker field (kernel, initrd, userspace, total) over the ready boots, or
+        of the host time to the marker with ``what="host"``."""
+        values = [r.duration if what == "host" else r.startup.get(what)
+                  for r in self.results if r.ok]
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+
+def boot_baseline(board: Board, *, times: int = 1, timeout: float = DEFAULT_TIMEOUT,
+                  append: str | None = None, work_dir: str | os.PathLike[str] | None = None,
+                  serial_logs: str | os.PathLike[str] | None = None, keep: bool = False,
+                  on_result: Callable[[int, BootResult], None] | None = None,
+                  log: Log = stderr_log) -> BaselineRun:
+    """Boot the plain ext4 baseline ``times`` times: the root tree itself is the disk.
+
+    ``append`` replaces the default command line (``baseline_cmdline()``); ``serial_logs`` is a
+    directory that gets ``boot-N.log`` per boot. The disk is made in a scratch directory (under
+    ``work_dir``, default the cache) and removed afterwards unless ``keep``."""
+    check_qemu()
+    parent = Path(work_dir) if work_dir else board.cache / "work"
+    results: list[BootResult] = []
+    with scratch_dir(parent, "baseline-", keep=keep) as work:
+        t0 = time.monotonic()
+        tree = extract_rootfs(board.rootfs, work / "tree")
+        disk = make_disk(work / "baseline.img", tree, seed=f"baseline-{board.rootfs.key}")
+        seconds_disk = time.monotonic() - t0
+        log(f"baseline disk {disk.size // 2**20} MiB ({disk.content_bytes // 2**20} MiB of files) "
+            f"in {seconds_disk:.1f} s")
+        for i in range(1, times + 1):
+            serial = Path(serial_logs) / f"boot-{i}.log" if serial_logs else None
+            result = boot(board.kernel, board.initrd, disk.path,
+                          append if append is not None else baseline_cmdline(),
+                          timeout=timeout, serial_log=serial)
+            results.append(result)
+            if on_result:
+                on_result(i, result)
+        if keep:
+            log(f"kept the work directory {work}")
+    return BaselineRun(results, disk, seconds_disk)

@@ -1,0 +1,314 @@
+"""Boot the board: QEMU (TCG), serial console captured line by line with host timestamps.
+
+``boot()`` starts ``qemu-system-x86_64`` with a direct kernel boot, watches the serial console
+and ends the run at the first of:
+
+* ``ready``     the marker line of ``board-ready.service`` (then waits for the guest's poweroff
+                when the command line asks for it, else stops QEMU);
+* ``panic``     "Kernel panic - not syncing";
+* ``emergency`` an emergency shell (dracut's in the initramfs, or systemd's emergency.target);
+                ``BootResult.stage`` tells which;
+* ``timeout``   the watchdog: nothing conclusive within ``timeout`` seconds;
+* ``exited``    QEMU ended by itself before any of the above (e.g. a guest poweroff/reboot);
+* ``qemu-error`` QEMU refused to start (bad option, missing file); its stderr is in ``error``.
+
+QEMU always runs in its own process group and is killed on every path out, exceptions included.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ._util import BoardError, SETUP_HINT
+from .disk import LABEL
+from .rootfs import MARKER, POWEROFF_ARG
+
+QEMU = "qemu-system-x86_64"
+MIN_QEMU = (8, 0)
+DEFAULT_TIMEOUT = 180.0
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
+PANIC_RE = re.compile(r"Kernel panic - not syncing")
+EMERGENCY_RE = re.compile(
+    r"Entering emergency mode|You are in emergency mode|Give root password for maintenance|"
+    r"Cannot open access to console, the root account is locked|Reached target .*Emergency Mode|"
+    r"Starting .*[Ee]mergency [Ss]hell|Could not boot\.|dracut Warning: .*Could not boot")
+INITRD_RE = re.compile(r"\(Initramfs\)!|Reached target .*Initrd Default Target|Running in initrd")
+SWITCH_ROOT_RE = re.compile(r"Switching root\.|Reached target .*Switch Root")
+MARKER_RE = re.compile(re.escape(MARKER) + r".*")
+STARTUP_RE = re.compile(r"Startup finished in (?P<parts>.*?) = (?P<total>[\d.]+)s")
+PART_RE = re.compile(r"([\d.]+)s \((\w+)\)")
+
+
+def baseline_cmdline(extra: str = "", *, root: str = f"LABEL={LABEL}", poweroff: bool = True) -> str:
+    """The board's default kernel command line: ext4 root by label, read-write, serial console,
+    reboot (i.e. QEMU exit, with -no-reboot) on panic, power off after the marker."""
+    parts = [f"root={root}", "rw", "console=ttyS0", "panic=-1"]
+    if poweroff:
+        parts.append(POWEROFF_ARG)
+    if extra:
+        parts.append(extra)
+    return " ".join(parts)
+
+
+@functools.lru_cache(maxsize=4)
+def qemu_version(binary: str = QEMU) -> tuple[int, ...]:
+    path = shutil.which(binary)
+    if path is None:
+        raise BoardError(f"{binary} not found: install qemu-system-x86 >= 8 (on bookworm from "
+                         f"bookworm-backports); {SETUP_HINT}")
+    out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", out)
+    if not m:
+        raise BoardError(f"cannot tell the version of {path}: {out.strip()[:80]!r}")
+    return tuple(int(g or 0) for g in m.groups())
+
+
+def check_qemu(binary: str = QEMU) -> tuple[int, ...]:
+    version = qemu_version(binary)
+    if version[:2] < MIN_QEMU:
+        raise BoardError(
+            f"QEMU {'.'.join(map(str, version))} is too old: the board needs >= {MIN_QEMU[0]} "
+            f"(bookworm's 7.2 crashes the 6.12 guest under TCG); install qemu-system-x86 from "
+            f"bookworm-backports: {SETUP_HINT}")
+    return version
+
+
+@dataclass
+class BootResult:
+    """What one boot showed. ``duration``: host seconds from QEMU start to the marker (or to the
+    end of the run when there is no marker)."""
+
+    exit_reason: str
+    console: str
+    marker: str | None
+    duration: float
+    wall: float
+    stage: str
+    lines: list[tuple[float, str]] = field(default_factory=list, repr=False)
+    returncode: int | None = None
+    error: str = ""
+    cmdline: str = ""
+    argv: list[str] = field(default_factory=list, repr=False)
+    serial_log: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_reason == "ready"
+
+    @property
+    def startup(self) -> dict[str, float]:
+        """The marker's "Startup finished in" parts: kernel, initrd, userspace, total (seconds)."""
+        if not self.marker:
+            return {}
+        m = STARTUP_RE.search(self.marker)
+        if not m:
+            return {}
+        parts = {name: float(v) for v, name in PART_RE.findall(m.group("parts"))}
+        parts["total"] = float(m.group("total"))
+        return parts
+
+    def line_time(self, pattern: str) -> float | None:
+        """Host time (s since QEMU start) of the first console line matching ``pattern``."""
+        rx = re.compile(pattern)
+        return next((t for t, line in self.lines if rx.search(line)), None)
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"ready in {self.duration:.1f} s: {self.marker}"
+        detail = {"panic": "kernel panic", "emergency": f"emergency shell ({self.stage})",
+                  "timeout": f"no marker within the timeout ({self.stage})",
+                  "exited": f"QEMU exited (code {self.returncode}) before the marker ({self.stage})",
+                  "qemu-error": f"QEMU failed: {self.error}"}.get(self.exit_reason, self.exit_reason)
+        last = next((line for _, line in reversed(self.lines) if line.strip()), "")
+        return f"{detail} after {self.wall:.1f} s" + (f"; last line: {last.strip()[:160]}" if last else "")
+
+
+class _Reader(threading.Thread):
+    """Reads QEMU's stdout (the serial console), splits lines and timestamps them."""
+
+    def __init__(self, fd: int, t0: float):
+        super().__init__(daemon=True)
+        self.fd, self.t0 = fd, t0
+        self.lines: list[tuple[float, str]] = []
+        self.partial = ""
+        self.raw = bytearray()
+        self.cond = threading.Condition()
+        self.eof = False
+
+    def run(self) -> None:
+        try:
+            while True:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    break
+                now = time.monotonic() - self.t0
+                with self.cond:
+                    self.raw += chunk
+                    text = self.partial + chunk.decode("utf-8", errors="replace")
+                    *done, self.partial = text.split("\n")
+                    self.lines.extend((now, _ANSI.sub("", line)) for line in done)
+                    self.cond.notify_all()
+        finally:
+            with self.cond:
+                if self.partial:
+                    self.lines.append((time.monotonic() - self.t0, _ANSI.sub("", self.partial)))
+                    self.partial = ""
+                self.eof = True
+                self.cond.notify_all()
+
+    def tail_text(self) -> str:
+        return _ANSI.sub("", self.partial)
+
+
+def qemu_argv(kernel: Path, initrd: Path | None, disk: Path | None, append: str, *,
+              memory: int = 2048, smp: int = 2, snapshot: bool = True, cpu: str = "max",
+              extra_args: Sequence[str] = (), binary: str = QEMU) -> list[str]:
+    argv = [binary, "-accel", "tcg", "-cpu", cpu, "-m", str(memory), "-smp", str(smp),
+            "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+            "-no-reboot", "-kernel", str(kernel), "-append", append]
+    if initrd is not None:
+        argv += ["-initrd", str(initrd)]
+    if disk is not None:
+        argv += ["-drive", f"file={disk},format=raw,if=virtio,cache=unsafe"]
+    if snapshot:
+        argv.append("-snapshot")
+    return argv + list(extra_args)
+
+
+def boot(kernel: str | os.PathLike[str], initrd: str | os.PathLike[str] | None,
+         disk: str | os.PathLike[str] | None, append: str | None = None, *,
+         timeout: float = DEFAULT_TIMEOUT, serial_log: str | os.PathLike[str] | None = None,
+         memory: int = 2048, smp: int = 2, cpu: str = "max", snapshot: bool = True,
+         poweroff_grace: float = 30.0,
+         emergency_grace: float = 3.0, extra_args: Sequence[str] = (), binary: str = QEMU,
+         marker: re.Pattern[str] = MARKER_RE) -> BootResult:
+    """Boot ``kernel`` + ``initrd`` with ``disk`` as a virtio disk and watch the console.
+
+    ``append`` defaults to ``baseline_cmdline()``. With ``snapshot`` (the default) the guest's
+    writes go to a throw-away overlay, so every boot sees the same disk. ``serial_log`` gets the
+    raw console output. The watchdog kills QEMU after ``timeout`` seconds.
+    """
+    check_qemu(binary)
+    kernel = Path(kernel)
+    for label, path in (("kernel", kernel), ("initrd", initrd), ("disk", disk)):
+        if path is not None and not Path(path).is_file():
+            raise BoardError(f"{label} not found", file=str(path))
+    append = baseline_cmdline() if append is None else append
+    argv = qemu_argv(kernel, Path(initrd) if initrd else None, Path(disk) if disk else None, append,
+                     memory=memory, smp=smp, snapshot=snapshot, cpu=cpu, extra_args=extra_args,
+                     binary=binary)
+    stderr_file = tempfile.TemporaryFile()
+    env = dict(os.environ)
+    env.setdefault("TMPDIR", "/var/tmp")  # -snapshot's overlay
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=stderr_file, start_new_session=True, env=env)
+    reader = _Reader(proc.stdout.fileno(), t0)
+    reader.start()
+    reason, found, t_found, stage = "", None, None, "firmware"
+    checked = 0
+    exited = False
+    try:
+        deadline = t0 + timeout
+        stop_at: float | None = None
+        while True:
+            with reader.cond:
+                if checked >= len(reader.lines) and not reader.eof and not exited:
+                    reader.cond.wait(timeout=0.2)
+                new = reader.lines[checked:]
+                checked = len(reader.lines)
+                eof = reader.eof
+                pending = reader.tail_text()
+            for t, line in new:
+                if stage == "firmware" and ("Linux version" in line or "Booting Linux" in line):
+                    stage = "kernel"
+                if stage in ("firmware", "kernel") and INITRD_RE.search(line):
+                    stage = "initramfs"
+                if SWITCH_ROOT_RE.search(line) and stage != "root":
+                    stage = "switch-root"
+                if stage == "switch-root" and ("Welcome to" in line or "systemd[1]" in line):
+                    stage = "root"
+                if reason:
+                    continue
+                m = marker.search(line)
+                if m:
+                    reason, found, t_found = "ready", m.group(0).strip(), t
+                    stage = "root"
+                    stop_at = (time.monotonic() + poweroff_grace) if POWEROFF_ARG in append.split() \
+                        else time.monotonic()
+                elif PANIC_RE.search(line):
+                    reason, t_found = "panic", t
+                    stop_at = time.monotonic() + 5.0  # the rest of the panic report; panic=-1 exits
+                elif EMERGENCY_RE.search(line):
+                    reason, t_found = "emergency", t
+                    stop_at = time.monotonic() + emergency_grace
+            # A prompt without a newline ("Press Enter for maintenance", ":/#") only shows here.
+            if not reason and pending and EMERGENCY_RE.search(pending):
+                reason, t_found = "emergency", time.monotonic() - t0
+                stop_at = time.monotonic() + emergency_grace
+            if exited:  # the last lines after QEMU's exit are processed: done
+                if not reason:
+                    reason = "exited" if reader.lines or proc.returncode == 0 else "qemu-error"
+                break
+            now = time.monotonic()
+            if eof or proc.poll() is not None:
+                proc.wait()
+                reader.join(timeout=5)
+                exited = True
+                continue
+            if stop_at is not None and now >= stop_at:
+                break
+            if not reason and now >= deadline:
+                reason = "timeout"
+                break
+    finally:
+        _kill(proc)
+        reader.join(timeout=5)
+        wall = time.monotonic() - t0
+        stderr_file.seek(0)
+        error = stderr_file.read().decode(errors="replace").strip()
+        stderr_file.close()
+        if proc.stdout:
+            proc.stdout.close()
+    if reason == "exited" and proc.returncode not in (0, None) and error:
+        reason = "qemu-error"
+    console = "\n".join(line for _, line in reader.lines)
+    if serial_log is not None:
+        serial_log = Path(serial_log)
+        serial_log.parent.mkdir(parents=True, exist_ok=True)
+        serial_log.write_bytes(bytes(reader.raw))
+    return BootResult(exit_reason=reason, console=console, marker=found,
+                      duration=t_found if t_found is not None else wall, wall=wall, stage=stage,
+                      lines=list(reader.lines), returncode=proc.returncode,
+                      error=error.splitlines()[-1] if error else "", cmdline=append, argv=argv,
+                      serial_log=serial_log)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

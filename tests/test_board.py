@@ -1,0 +1,286 @@
+"""The QEMU board (bootimg.board): cache keys, disk layouts and argv without a VM; then, marked
+``vm``, real boots of the plain ext4 baseline under TCG QEMU.
+
+The VM tests use the real cache ($BOOTIMG_CACHE/board, default /var/cache/bootimg/board): on a
+fresh machine the first test builds the root (debootstrap, ~1-2 min) and the initramfs (~30 s);
+afterwards the whole file takes a few boots of ~20-40 s each.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bootimg.board import (LABEL, MARKER, POWEROFF_ARG, BoardError, BootResult, RootfsSpec,
+                           baseline_cmdline, boot, boot_baseline, check_qemu, extract_rootfs,
+                           make_disk, prepare)
+from bootimg.board import _util
+from bootimg.board.qemu import SWITCH_ROOT_RE, qemu_argv
+from bootimg.board.rootfs import customize_script
+
+from conftest import have, is_root, run_cli
+
+BOOT_TIMEOUT = 180.0
+
+
+# --- no VM ----------------------------------------------------------------------------------
+
+def test_rootfs_key_covers_every_input(monkeypatch):
+    base = RootfsSpec()
+    base_key = base.key()
+    assert base_key == RootfsSpec().key() and len(base_key) == 16
+    changed = [replace(base, suite="trixie"), replace(base, mirror="http://mirror.example/debian"),
+               replace(base, packages=base.packages + ("less",)), replace(base, extra_packages=("vim",)),
+               replace(base, kernel_suite="bookworm"), replace(base, kernel_packages=("linux-image-cloud-amd64",))]
+    keys = {spec.key() for spec in changed}
+    assert base_key not in keys and len(keys) == len(changed)
+    # The customisation script is part of the key.
+    import bootimg.board.rootfs as rootfs_mod
+    monkeypatch.setattr(rootfs_mod, "BOARD_READY_UNIT", rootfs_mod.BOARD_READY_UNIT + "# changed\n")
+    assert RootfsSpec().key() != base_key
+
+
+def test_customize_script_installs_marker_unit_and_getty():
+    script = customize_script()
+    assert not re.search(r"@[A-Z_]+@", script)  # every placeholder substituted
+    assert "board-ready.service" in script and "WantedBy=multi-user.target" in script
+    assert "Type=oneshot" in script and "After=multi-user.target" in script
+    assert MARKER in script and POWEROFF_ARG in script
+    assert "--autologin root" in script and ": > /etc/machine-id" in script
+
+
+def test_cache_dir_honours_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("BOOTIMG_CACHE", str(tmp_path / "c"))
+    assert _util.cache_dir() == tmp_path / "c" / "board" and (tmp_path / "c" / "board").is_dir()
+    assert _util.cache_dir(tmp_path / "x") == tmp_path / "x"
+
+
+def test_baseline_cmdline_and_qemu_argv(tmp_path):
+    cmdline = baseline_cmdline("quiet")
+    assert cmdline.split() == [f"root=LABEL={LABEL}", "rw", "console=ttyS0", "panic=-1", POWEROFF_ARG, "quiet"]
+    assert POWEROFF_ARG not in baseline_cmdline(poweroff=False)
+    argv = qemu_argv(Path("K"), Path("I"), Path("D"), cmdline)
+    assert argv[:5] == ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max"]
+    for pair in (["-kernel", "K"], ["-initrd", "I"], ["-append", cmdline], ["-m", "2048"], ["-smp", "2"]):
+        i = argv.index(pair[0])
+        assert argv[i:i + 2] == pair
+    assert "-no-reboot" in argv and "-snapshot" in argv
+    assert "file=D,format=raw,if=virtio,cache=unsafe" in argv
+    assert "-initrd" not in qemu_argv(Path("K"), None, None, cmdline)
+
+
+def test_boot_result_parses_the_marker():
+    line = (f"{MARKER} Startup finished in 2.354s (kernel) + 5.115s (initrd) + 3.471s (userspace) "
+            f"= 10.941s; multi-user.target reached; uptime 11.20s")
+    r = BootResult("ready", line, line, 12.5, 14.0, "root", lines=[(12.5, line)])
+    assert r.ok and r.startup == {"kernel": 2.354, "initrd": 5.115, "userspace": 3.471, "total": 10.941}
+    assert r.line_time("READY") == 12.5 and "ready in 12.5 s" in r.summary()
+    assert BootResult("timeout", "", None, 9, 9, "initramfs").startup == {}
+
+
+@pytest.mark.skipif(not have("mkfs.ext4") or not have("debugfs"), reason="needs e2fsprogs")
+def test_disk_layouts(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hostname").write_text("board\n")
+    (tree / "sbin").symlink_to("usr/sbin")
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    (rel / "release.json").write_text("{}\n")
+
+    def ls(img: Path, path: str) -> str:
+        return subprocess.run(["debugfs", "-R", f"ls -l {path}", str(img)], capture_output=True,
+                              text=True, check=True).stdout
+
+    flat = make_disk(tmp_path / "flat.img", tree, headroom=8 << 20)
+    assert "hostname" in ls(flat.path, "/etc") and "sbin" in ls(flat.path, "/")
+    nested = make_disk(tmp_path / "nested.img", tree, subdir="rootfs",
+                       extra={"bootimg/releases/1": rel}, seed="s1", headroom=8 << 20)
+    assert "hostname" in ls(nested.path, "/rootfs/etc") and "release.json" in ls(nested.path, "/bootimg/releases/1")
+    assert "etc" not in ls(nested.path, "/")
+    assert nested.layout == {"root": "/rootfs", "extra": {"/bootimg/releases/1": str(rel)}}
+    head = subprocess.run(["dumpe2fs", "-h", str(nested.path)], capture_output=True, text=True).stdout
+    assert f"Filesystem volume name:   {LABEL}" in head and nested.uuid in head
+    assert "verity" in head.split("Filesystem features:")[1].splitlines()[0]
+    # The UUID comes from the seed: same seed, same UUID; another seed, another.
+    assert make_disk(tmp_path / "again.img", tree, subdir="rootfs", seed="s1", headroom=8 << 20).uuid == nested.uuid
+    assert nested.uuid != flat.uuid
+    # The staging tree is gone and the source is untouched.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.img", "flat.img", "nested.img", "rel", "tree"]
+    with pytest.raises(BoardError, match="bad destination"):
+        make_disk(tmp_path / "bad.img", tree, extra={"../x": rel})
+
+
+def test_old_qemu_is_refused_with_a_hint(tmp_path):
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text("#!/bin/sh\necho 'QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u13)'\n")
+    fake.chmod(0o755)
+    with pytest.raises(BoardError, match=r"QEMU 7\.2\.22 is too old.*>= 8.*bookworm-backports"):
+        check_qemu(str(fake))
+    with pytest.raises(BoardError, match="not found"):
+        check_qemu(str(tmp_path / "missing-qemu"))
+
+
+@pytest.mark.skipif(not have("qemu-system-x86_64"), reason="needs QEMU")
+def test_qemu_start_failure_is_reported_not_hung(tmp_path):
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"not a kernel")
+    result = boot(kernel, None, None, "console=ttyS0", timeout=60, extra_args=["-no-such-option"])
+    assert result.exit_reason == "qemu-error" and result.wall < 30
+    assert "no-such-option" in result.error
+    assert "QEMU failed" in result.summary()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = run_cli("board", "boot-baseline", "--times", "0")
+    assert proc.returncode != 0
+    assert proc.stderr.decode().strip() == "bootimg board: --times must be at least 1"
+
+
+# --- VM: real boots -------------------------------------------------------------------------
+
+def vm(test):
+    """A real-boot test: marked ``vm``; building the board needs root (debootstrap, chroot)."""
+    return pytest.mark.vm(pytest.mark.skipif(not is_root(), reason="building the board needs root")(test))
+
+
+@pytest.fixture(scope="session")
+def board():
+    check_qemu()
+    return prepare()
+
+
+@pytest.fixture(scope="session")
+def baseline_disk(board, tmp_path_factory):
+    work = tmp_path_factory.mktemp("board")
+    tree = extract_rootfs(board.rootfs, work / "tree")
+    disk = make_disk(work / "baseline.img", tree, seed="test-baseline")
+    shutil.rmtree(tree)
+    return disk
+
+
+@vm
+def test_baseline_boots_to_default_target(board, tmp_path):
+    assert board.kver.startswith("6.12."), board.kver
+    run = boot_baseline(board, times=1, timeout=BOOT_TIMEOUT, serial_logs=tmp_path, work_dir=tmp_path / "work")
+    result = run.results[0]
+    assert result.ok, result.summary()
+    assert result.marker.startswith(MARKER)
+    startup = result.startup
+    assert set(startup) == {"kernel", "initrd", "userspace", "total"}
+    assert 0 < startup["total"] < BOOT_TIMEOUT
+    assert abs(startup["kernel"] + startup["initrd"] + startup["userspace"] - startup["total"]) < 0.01
+    assert "multi-user.target reached" in result.marker
+    assert result.duration < BOOT_TIMEOUT and result.stage == "root"
+    # The whole chain ran: 6.12 kernel, dracut's initramfs, switch to the ext4 root, our unit,
+    # then the poweroff the command line asked for (QEMU exits by itself).
+    console = result.console
+    assert f"Linux version {board.kver}" in console
+    assert "(Initramfs)" in console and "EXT4-fs (vda): mounted filesystem" in console
+    assert result.line_time(r"\(Initramfs\)") < result.line_time(SWITCH_ROOT_RE.pattern) < result.duration
+    assert "reboot: Power down" in console and result.returncode == 0
+    assert (tmp_path / "boot-1.log").read_bytes().count(MARKER.encode()) == 1
+    # The throw-away tree and disk are gone.
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+@vm
+def test_prepare_reuses_the_cache(board):
+    tarball = board.rootfs.tarball
+    before = tarball.stat()
+    t0 = time.monotonic()
+    again = prepare()
+    elapsed = time.monotonic() - t0
+    assert elapsed < 3.0
+    assert again.rootfs.cached and again.boot_files.cached and again.cached
+    assert again.rootfs.tarball == tarball and again.rootfs.key == board.rootfs.key
+    after = tarball.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert again.initrd == board.initrd and again.boot_files.initrd_size == board.initrd.stat().st_size
+    # The CLI says the same.
+    proc = run_cli("board", "prepare")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.decode()
+    assert str(tarball) in out and "cached" in out and board.kver in out
+
+
+@vm
+def test_broken_root_ends_in_initramfs_emergency(board, baseline_disk, tmp_path):
+    # rd.timeout bounds dracut's wait for the root device (default: several minutes).
+    cmdline = baseline_cmdline("rd.timeout=10 rd.retry=5", root="LABEL=no-such-disk")
+    t0 = time.monotonic()
+    result = boot(board.kernel, board.initrd, baseline_disk.path, cmdline, timeout=BOOT_TIMEOUT,
+                  serial_log=tmp_path / "serial.log")
+    elapsed = time.monotonic() - t0
+    assert result.exit_reason == "emergency", result.summary()
+    assert result.stage == "initramfs" and result.marker is None and not result.ok
+    assert "/dev/disk/by-label/no-such-disk does not exist" in result.console
+    assert "emergency shell (initramfs)" in result.summary()
+    assert elapsed < BOOT_TIMEOUT - 30  # detected, not run into the watchdog
+
+
+@vm
+def test_kernel_panic_is_reported(board, baseline_disk):
+    # Without the initramfs the kernel has no virtio_blk (a module): it cannot mount the root.
+    result = boot(board.kernel, None, baseline_disk.path, "root=/dev/vda rw console=ttyS0 panic=-1",
+                  timeout=BOOT_TIMEOUT)
+    assert result.exit_reason == "panic", result.summary()
+    assert "VFS: Unable to mount root fs" in result.console and result.wall < 60
+
+
+@vm
+def test_watchdog_kills_a_hanging_boot(board, baseline_disk):
+    t0 = time.monotonic()
+    result = boot(board.kernel, board.initrd, baseline_disk.path, timeout=4)
+    assert result.exit_reason == "timeout" and not result.ok
+    assert time.monotonic() - t0 < 20
+    assert result.returncode is not None  # QEMU was reaped
+    assert "timeout" in result.summary()
+
+
+MODULE_SETUP = """\
+#!/bin/bash
+# bootimg board test module: a systemd unit in the composefs slot (after sysroot.mount,
+# before initrd-root-fs.target) that leaves a line on the console.
+check() { return 255; }
+depends() { echo systemd; return 0; }
+install() {
+    inst_simple "$moddir/bootimg-test.service" "$systemdsystemunitdir/bootimg-test.service"
+    $SYSTEMCTL -q --root "$initdir" add-wants initrd-root-fs.target bootimg-test.service
+}
+"""
+
+MODULE_UNIT = """\
+[Unit]
+Description=bootimg board test hook
+DefaultDependencies=no
+After=sysroot.mount
+Before=initrd-root-fs.target
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'test -e /sysroot/etc/os-release && echo "BOOTIMG-TEST-MODULE: sysroot ok" > /dev/kmsg'
+"""
+
+
+@vm
+def test_extra_dracut_module_runs_in_the_initramfs(board, baseline_disk, tmp_path):
+    module = tmp_path / "90bootimgtest"
+    module.mkdir()
+    (module / "module-setup.sh").write_text(MODULE_SETUP)
+    (module / "bootimg-test.service").write_text(textwrap.dedent(MODULE_UNIT))
+    custom = prepare(add_modules=["bootimgtest"], module_dirs=[module])
+    assert custom.rootfs.key == board.rootfs.key and custom.boot_files.key != board.boot_files.key
+    assert custom.kernel.read_bytes() == board.kernel.read_bytes()
+    result = boot(custom.kernel, custom.initrd, baseline_disk.path, timeout=BOOT_TIMEOUT)
+    assert result.ok, result.summary()
+    hook = result.line_time("BOOTIMG-TEST-MODULE: sysroot ok")
+    assert hook is not None and hook < result.line_time(SWITCH_ROOT_RE.pattern) < result.duration
+    assert custom.initrd != board.initrd and board.initrd.is_file()
