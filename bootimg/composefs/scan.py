@@ -184,6 +184,7 @@ def _scan(source: str | bytes, options: ScanOptions, progress: Callable[[str, in
                 entries = list(os.scandir(dir_path))
             except OSError as err:
                 raise BootimgError(f"cannot list directory: {err.strerror}", file=os.fsdecode(dir_path)) from None
+            children = dir_node.children
             for entry in entries:
                 path = entry.path
                 try:
@@ -194,7 +195,11 @@ def _scan(source: str | bytes, options: ScanOptions, progress: Callable[[str, in
                     node = _make_node(path, est, options)
                 except OSError as err:
                     raise BootimgError(f"cannot read: {err.strerror}", file=os.fsdecode(path)) from None
-                dir_node.add_child(entry.name, node)
+                # Names from the kernel are valid and unique: link directly (add_child's
+                # checks cost ~1 us per entry, 0.15 s on /usr).
+                node.name = name = entry.name
+                node.parent = dir_node
+                children[name] = node
                 n_files += 1
                 if fmt == stat.S_IFDIR:
                     stack.append((path, node))
@@ -217,9 +222,9 @@ def _scan(source: str | bytes, options: ScanOptions, progress: Callable[[str, in
 
 def _make_node(path: bytes, st: os.stat_result, options: ScanOptions) -> Node:
     mode = st.st_mode
-    fmt = stat.S_IFMT(mode)
+    fmt = mode & 0o170000
     node = Node(mode, nlink=1, uid=st.st_uid, gid=st.st_gid,
-                rdev=st.st_rdev if fmt in (stat.S_IFCHR, stat.S_IFBLK) else 0)
+                rdev=st.st_rdev if fmt == stat.S_IFCHR or fmt == stat.S_IFBLK else 0)
     if not options.use_epoch:
         sec, node.mtime_nsec = divmod(st.st_mtime_ns, 1_000_000_000)
         node.mtime_sec = sec % (1 << 64)     # pre-1970 times wrap like the C u64
