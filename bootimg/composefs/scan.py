@@ -16,6 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import stat
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -94,6 +95,10 @@ class _Hasher:
     def __init__(self, workers: int):
         self.workers = workers
         self.pool: ProcessPoolExecutor | None = None
+        # While the walk runs it needs a core of its own (it is the longest serial step); so
+        # until walk_done() only one batch is hashed at a time, then all workers run.
+        self._gate = threading.Semaphore(1)
+        self._held = max(0, workers - 1)
         self.batches: list[tuple[list[Node], list[bytes], Future | None]] = []
         self._nodes: list[Node] = []
         self._paths: list[bytes] = []
@@ -120,10 +125,26 @@ class _Hasher:
                     self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
                 # The first batch was held back in case the tree was small: send it now.
                 first_nodes, first_paths, _ = self.batches[0]
-                self.batches[0] = (first_nodes, first_paths, self.pool.submit(fsverity.digest_paths, first_paths, [n.size for n in first_nodes]))
-            future = self.pool.submit(fsverity.digest_paths, self._paths, [n.size for n in self._nodes])
+                self.batches[0] = (first_nodes, first_paths, self._submit(first_paths, first_nodes))
+            future = self._submit(self._paths, self._nodes)
         self.batches.append((self._nodes, self._paths, future))
         self._nodes, self._paths, self._bytes = [], [], 0
+
+    def _submit(self, paths: list[bytes], nodes: list[Node]) -> Future:
+        sizes = [n.size for n in nodes]
+        if fsverity.ACCELERATED:
+            return self.pool.submit(self._gated, paths, sizes)
+        return self.pool.submit(fsverity.digest_paths, paths, sizes)
+
+    def _gated(self, paths: list[bytes], sizes: list[int]) -> list[bytes]:
+        with self._gate:
+            return fsverity.digest_paths(paths, sizes)
+
+    def walk_done(self) -> None:
+        """Let every worker hash from now on."""
+        for _ in range(self._held):
+            self._gate.release()
+        self._held = 0
 
     def finish(self, progress: Callable[[str, int, int], None] | None) -> None:
         """Wait for every digest and set each node's digest and payload."""
@@ -209,6 +230,7 @@ def _scan(source: str | bytes, options: ScanOptions, progress: Callable[[str, in
                 if progress is not None and n_files % 4096 == 0:
                     progress("scanning", n_files, 0)
         hasher.flush()
+        hasher.walk_done()
         result = ScanResult(root=root, external=external, n_files=n_files, bytes_hashed=hasher.total_bytes,
                             _pending=hasher)
         if not defer_digests:
