@@ -69,6 +69,21 @@ def root_contributor(fn: RootContributor) -> RootContributor:
     return fn
 
 
+# Functions that edit the finished root tree (what InjectedFile cannot express, e.g. an
+# empty directory); they run after every contributor's files are in.
+RootTreeHook = Callable[[BuildContext, Node], None]
+ROOT_TREE_HOOKS: list[RootTreeHook] = []
+
+
+def root_tree_hook(fn: RootTreeHook) -> RootTreeHook:
+    ROOT_TREE_HOOKS.append(fn)
+    return fn
+
+
+# Here rather than with the imports above: the boot layer imports the names defined so far.
+from .. import boot  # noqa: E402,F401  (registers root contributors)
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     out: Path
@@ -178,6 +193,8 @@ def _root_tree(ctx: BuildContext) -> Node:
         injected.extend(contributor(ctx))
     for item in sorted(injected, key=lambda f: f.path):
         treeops.add_file(root, item.path, item.content, item.mode, mtime=epoch, store=ctx.store)
+    for hook in ROOT_TREE_HOOKS:
+        hook(ctx, root)
     return root
 
 

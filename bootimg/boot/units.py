@@ -1,0 +1,681 @@
+"""Boot-time container units: what ``bootimg build`` adds to the root for each container.
+
+The contract is docs/boot-design.md, "Boot-time containers". For every container NAME of the
+manifest (image digest DIGEST from the release), the root image gets:
+
+- ``/usr/lib/systemd/system/bootimg-image-NAME.service``: oneshot, ``DefaultDependencies=no``,
+  ``After=local-fs.target``; runs ``/usr/libexec/bootimg/bootimg-mount-image [--bind=...]
+  NAME DIGEST``, which refuses an image whose fs-verity digest is not DIGEST and mounts it
+  (EROFS + read-only overlay with ``verity=require`` over the release's object store, plus a
+  skeleton layer of mount points) at ``/run/bootimg/containers/NAME``; ``ExecStop=`` unmounts.
+- ``/usr/lib/systemd/system/NAME.service``: the container, ``RootDirectory=`` that mount
+  (the mapping from the manifest is :func:`container_service`'s table);
+- ``/usr/share/containers/systemd/NAME.container``: the same as a podman quadlet;
+
+and, once: ``bootimg-containers.target`` (wants and is ordered after every container),
+drop-ins that make ``multi-user.target`` want that target and ``sysinit.target`` /
+``basic.target`` want the early / basic containers (regular files, so no enablement
+symlinks are needed), ``/usr/lib/sysusers.d/bootimg-containers.conf`` for the numeric ids
+the containers run as (systemd looks User=/Group= up in the system's user database and
+fails a unit whose id is not there), and the mount helper
+``/usr/libexec/bootimg/bootimg-mount-image``.
+
+Everything is a pure function of the manifest, the image digests, the images' OCI configs
+and (for checks and name lookups) the container trees, so builds stay byte-identical. The
+file skeletons are templates in ``bootimg/boot/templates/`` (``units/`` at the top of the
+repository is a link to it); ``@KEY@`` fills a value, a line holding only ``@BLOCK@`` expands
+to zero or more lines.
+
+Quoting. ExecStart= words: systemd unquotes and C-unescapes each word, expands ``%``
+specifiers in it and ``$VAR`` at run time, and takes a lone ``;`` as a separator, so every
+``%`` is written ``%%``, every ``$`` ``$$``, and a word with whitespace, quotes, a backslash,
+``;`` or control characters is double-quoted with C escapes. Environment= assignments get the
+same quoting but keep ``$`` (systemd does not expand variables there). The quadlet keys that
+end up in podman's ExecStart (Exec=, Environment=) are escaped like ExecStart words.
+
+Deadline. ``deadline_ms`` is a per-boot KPI measured from kernel start (the KPI verifier
+checks it); the unit records it as ``# bootimg: deadline_ms=N`` and sets
+``TimeoutStartSec=max(2 x deadline, 5 s)``: a container that is merely late on a slow boot
+still comes up (the KPI reports the miss), one that hangs before readiness fails in bounded
+time instead of systemd's default 90 s, so ``essential`` and ``Restart=`` act on it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from ..composefs.reader import load_image
+from ..composefs.tree import Node
+from ..errors import BootimgError
+from ..manifest.model import Container, Manifest
+from ..release.build import BuildContext, InjectedFile, root_contributor, root_tree_hook
+from ..sources import treeops
+from . import quadlet
+
+UNIT_DIR = "/usr/lib/systemd/system"
+QUADLET_DIR = "/usr/share/containers/systemd"
+HELPER = "/usr/libexec/bootimg/bootimg-mount-image"
+CONTAINERS_TARGET = "bootimg-containers.target"
+CONTAINERS_MOUNT_DIR = "/run/bootimg/containers"
+SYSUSERS_FILE = "/usr/lib/sysusers.d/bootimg-containers.conf"
+SYSROOT = "/sysroot"
+DROPIN_NAME = "50-bootimg.conf"
+PHASE_TARGETS = {"early": "sysinit.target", "basic": "basic.target"}
+# What a runtime searches for a bare command name when the image sets no PATH (runc/crun).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MIN_START_TIMEOUT_MS = 5000
+SYMLINK_HOPS = 40
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NEEDS_QUOTES = re.compile(r"[\s\"'\\;]|[\x00-\x1f\x7f]")
+_C_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r", "\a": "\\a",
+              "\b": "\\b", "\f": "\\f", "\v": "\\v"}
+_UNSAFE_PATH = re.compile(r"[\s:\"'\\]|[\x00-\x1f\x7f]")
+_PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
+
+
+def image_unit(name: str) -> str:
+    return f"bootimg-image-{name}.service"
+
+
+def service_unit(name: str) -> str:
+    return f"{name}.service"
+
+
+# -- templates -----------------------------------------------------------------------------------
+
+def template_text(name: str) -> str:
+    """A template shipped in bootimg/boot/templates (package data, so it works from a wheel too)."""
+    return resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def render(name: str, values: Mapping[str, str | list[str]]) -> str:
+    """Fill template ``name``: ``@KEY@`` takes a string; a line that is exactly ``@KEY@`` takes a
+    list of lines (none: the line goes). Unknown or unused keys are errors (a template and its
+    caller must agree)."""
+    used: set[str] = set()
+    out: list[str] = []
+
+    def fill(m: re.Match) -> str:
+        key = m.group(1)
+        if key not in values:
+            raise KeyError(f"template {name}: no value for @{key}@")
+        value = values[key]
+        if not isinstance(value, str):
+            raise TypeError(f"template {name}: @{key}@ is inside a line, so it takes a string")
+        used.add(key)
+        return value
+
+    for line in template_text(name).split("\n"):
+        whole = _PLACEHOLDER.fullmatch(line)
+        if whole and not isinstance(values.get(whole.group(1)), str):
+            key = whole.group(1)
+            if key not in values:
+                raise KeyError(f"template {name}: no value for @{key}@")
+            used.add(key)
+            out.extend(values[key])
+            continue
+        out.append(_PLACEHOLDER.sub(fill, line))
+    unused = set(values) - used
+    if unused:
+        raise KeyError(f"template {name}: unused values {sorted(unused)}")
+    return "\n".join(out)
+
+
+# -- systemd quoting -------------------------------------------------------------------------------
+
+def _c_escape(s: str) -> str:
+    return "".join(_C_ESCAPES.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or ord(ch) == 0x7f else ch)
+                   for ch in s)
+
+
+def exec_word(arg: str) -> str:
+    """One ExecStart= argument, written so systemd hands the program exactly ``arg``."""
+    s = arg.replace("%", "%%").replace("$", "$$")
+    if s and not _NEEDS_QUOTES.search(s):
+        return s
+    return '"' + _c_escape(s) + '"'
+
+
+def exec_line(argv: Iterable[str], *, container: str = "?") -> str:
+    """A whole command line. argv[0] is the executable: systemd reads prefix characters
+    (``-@:+!``) off its front, and expands no variables in it, so those are refused."""
+    argv = list(argv)
+    first = argv[0]
+    if not first or first[0] in "-@:+!" or "$" in first or re.search(r"[\"'\\]|[\x00-\x1f\x7f]", first) \
+            or first.endswith("/") or ("/" in first and not first.startswith("/")):
+        raise BootimgError(f"container '{container}': command {first!r} cannot be an executable for systemd "
+                           "(an absolute path or a bare name, without quotes, backslashes, '$', control "
+                           "characters or a leading '-@:+!')")
+    return " ".join(exec_word(a) for a in argv)
+
+
+def env_assignment(key: str, value: str) -> str:
+    """An Environment= value: specifiers are expanded there, variables are not."""
+    s = f"{key}={value}".replace("%", "%%")
+    if not _NEEDS_QUOTES.search(s):
+        return s
+    return '"' + _c_escape(s) + '"'
+
+
+def check_path(path: str, *, container: str, what: str) -> str:
+    """A path that goes into a list-valued setting (BindReadOnlyPaths=, quadlet Volume=, the
+    helper's --bind=): ':' and whitespace separate there, so such paths are refused rather
+    than escaped."""
+    if _UNSAFE_PATH.search(path):
+        raise BootimgError(f"container '{container}': {what} {path!r} contains whitespace, ':', a quote, "
+                           "a backslash or a control character, which systemd and podman cannot take here")
+    return path
+
+
+def unit_path(path: str, *, container: str, what: str) -> str:
+    """check_path, then ``%`` escaped for a unit file setting."""
+    return check_path(path, container=container, what=what).replace("%", "%%")
+
+
+def timespan_ms(ms: int) -> str:
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def start_timeout_ms(deadline_ms: int) -> int:
+    return max(2 * deadline_ms, MIN_START_TIMEOUT_MS)
+
+
+# -- container images --------------------------------------------------------------------------------
+
+@dataclass
+class ContainerImage:
+    """A container's tree as built (to check its command and read its /etc/passwd).
+
+    ``objects`` is the object store holding its external files (None: only inline content
+    can be read)."""
+
+    root: Node
+    objects: Path | None = None
+
+    def resolve(self, path: str, *, follow_last: bool = True) -> Node | None:
+        """The node at absolute ``path``, following symlinks inside the image (an absolute
+        link target means the image's root, as it will be under RootDirectory=)."""
+        pending = [c for c in path.encode("utf-8", "surrogateescape").split(b"/") if c][::-1]
+        stack = [self.root]
+        hops = 0
+        while pending:
+            comp = pending.pop()
+            if comp == b".":
+                continue
+            if comp == b"..":
+                if len(stack) > 1:
+                    stack.pop()
+                continue
+            cur = stack[-1].target()
+            if cur.children is None:
+                return None
+            child = cur.children.get(comp)
+            if child is None:
+                return None
+            node = child.target()
+            if node.is_symlink() and (pending or follow_last):
+                hops += 1
+                if hops > SYMLINK_HOPS or node.payload is None:
+                    return None
+                if node.payload.startswith(b"/"):
+                    stack = [self.root]
+                pending.extend(c for c in reversed(node.payload.split(b"/")) if c)
+                continue
+            stack.append(node)
+        return stack[-1].target()
+
+    def read(self, path: str) -> bytes | None:
+        node = self.resolve(path)
+        if node is None or not node.is_reg():
+            return None
+        if node.content is not None:
+            return bytes(node.content)
+        if node.size == 0:
+            return b""
+        if self.objects is None or node.payload is None:
+            return None
+        try:
+            return (self.objects / node.payload.decode()).read_bytes()
+        except OSError:
+            return None
+
+    def is_executable(self, path: str) -> bool:
+        node = self.resolve(path)
+        return node is not None and node.is_reg() and bool(node.mode & 0o111)
+
+    def lookup_id(self, db: str, name: str) -> tuple[int, int | None] | None:
+        """(id, primary gid) of ``name`` in the image's /etc/passwd (db "passwd") or
+        /etc/group (db "group"; no primary gid)."""
+        data = self.read(f"/etc/{db}")
+        if data is None:
+            return None
+        for line in data.decode("utf-8", "replace").splitlines():
+            fields = line.split(":")
+            if len(fields) >= 3 and fields[0] == name and fields[2].isdigit():
+                gid = int(fields[3]) if db == "passwd" and len(fields) > 3 and fields[3].isdigit() else None
+                return int(fields[2]), gid
+        return None
+
+
+# -- resolution: what runs, as whom, with which environment -------------------------------------------
+
+@dataclass(frozen=True)
+class Resolved:
+    argv: tuple[str, ...]
+    environment: tuple[tuple[str, str], ...]   # sorted by name
+    user: str | None = None
+    group: str | None = None
+    workdir: str | None = None
+    notes: tuple[str, ...] = field(default=())  # "# bootimg: ..." comments for the units
+
+
+def _fail(manifest: Manifest, message: str) -> BootimgError:
+    return BootimgError(message, file=str(manifest.source_file or "manifest"))
+
+
+def resolve(manifest: Manifest, c: Container, config: Mapping | None = None,
+            image: ContainerImage | None = None) -> Resolved:
+    """The command, environment, user and working directory container ``c`` runs with:
+    the manifest's settings over its OCI image config (``config``: the config's "config"
+    object). With ``image`` the command is checked to exist and be executable in the image,
+    a bare command name is looked up on the image's PATH, and user/group names are turned
+    into the image's numeric ids (systemd would look names up on the host, not the image)."""
+    config = config or {}
+    notes: list[str] = []
+    # Environment: the image's Env, then the manifest's on top.
+    env: dict[str, str] = {}
+    for item in config.get("Env") or []:
+        key, sep, value = str(item).partition("=")
+        if not sep:
+            continue
+        if not _ENV_NAME.match(key):
+            raise _fail(manifest, f"container '{c.name}': the image's environment variable {key!r} is not a "
+                                  "valid name for systemd")
+        env[key] = value
+    env.update(c.environment)
+    # Command: the manifest's, else the image's Entrypoint + Cmd.
+    if c.command is not None:
+        argv = list(c.command)
+    else:
+        argv = [str(a) for a in (config.get("Entrypoint") or [])] + [str(a) for a in (config.get("Cmd") or [])]
+        if not argv:
+            raise _fail(manifest, f"container '{c.name}': no command: the manifest sets none and its image "
+                                  "configures no Entrypoint or Cmd")
+        notes.append("# bootimg: command from the image's OCI config (Entrypoint + Cmd)")
+    if image is not None:
+        argv[0] = _find_command(manifest, c, argv[0], env.get("PATH", DEFAULT_PATH), image)
+    exec_line(argv, container=c.name)  # refuses what systemd cannot run
+    # User: the manifest's, else the image's.
+    spec = c.user if c.user is not None else (config.get("User") or None)
+    user = group = None
+    if spec:
+        if c.user is None:
+            notes.append(f"# bootimg: user {spec} from the image's OCI config")
+        user, group = _user_group(manifest, c, spec, image, notes)
+    workdir = config.get("WorkingDir") or None
+    return Resolved(argv=tuple(argv), environment=tuple(sorted(env.items())), user=user, group=group,
+                    workdir=workdir, notes=tuple(notes))
+
+
+def _find_command(manifest: Manifest, c: Container, cmd: str, path_env: str, image: ContainerImage) -> str:
+    if "/" in cmd:
+        if not cmd.startswith("/"):
+            raise _fail(manifest, f"container '{c.name}': command {cmd!r} is a relative path")
+        if not image.is_executable(cmd):
+            node = image.resolve(cmd)
+            what = "is not in its image" if node is None else "is not an executable file in its image"
+            raise _fail(manifest, f"container '{c.name}': command {cmd} {what}")
+        return cmd
+    for d in path_env.split(":"):
+        if d.startswith("/") and image.is_executable(f"{d.rstrip('/')}/{cmd}"):
+            return f"{d.rstrip('/')}/{cmd}"
+    raise _fail(manifest, f"container '{c.name}': command {cmd!r} is not on the image's PATH ({path_env})")
+
+
+def _user_group(manifest: Manifest, c: Container, spec: str, image: ContainerImage | None,
+                notes: list[str]) -> tuple[str, str | None]:
+    user, _, group = spec.partition(":")
+    out_group: str | None = group or None
+    if not user.isdigit() and image is not None:
+        found = image.lookup_id("passwd", user)
+        if found is None:
+            raise _fail(manifest, f"container '{c.name}': user '{user}' is not in its image's /etc/passwd")
+        notes.append(f"# bootimg: user {user} is {found[0]} in the image's /etc/passwd")
+        user = str(found[0])
+        if out_group is None and found[1] is not None:
+            out_group = str(found[1])
+    elif user.isdigit() and out_group is None and image is not None:
+        for line in (image.read("/etc/passwd") or b"").decode("utf-8", "replace").splitlines():
+            fields = line.split(":")
+            if len(fields) > 3 and fields[2] == user and fields[3].isdigit():
+                out_group = fields[3]
+                break
+    if out_group is not None and not out_group.isdigit() and image is not None:
+        found = image.lookup_id("group", out_group)
+        if found is None:
+            raise _fail(manifest, f"container '{c.name}': group '{out_group}' is not in its image's /etc/group")
+        out_group = str(found[0])
+    for value in (user, out_group):
+        if value is not None and not re.fullmatch(r"[0-9]+|[a-z_][a-z0-9_-]{0,31}", value):
+            raise _fail(manifest, f"container '{c.name}': invalid user or group {value!r}")
+    return user, out_group
+
+
+# -- the units -----------------------------------------------------------------------------------------
+
+def _release(manifest: Manifest) -> str:
+    return f"{manifest.identity.name} {manifest.identity.version}"
+
+
+def _failure_lines(c: Container) -> list[str]:
+    if c.essential == "reboot":
+        return ["FailureAction=reboot"]
+    if c.essential == "emergency":
+        return ["OnFailure=emergency.target", "OnFailureJobMode=isolate"]
+    return []
+
+
+def _unit_lines(manifest: Manifest, c: Container, r: Resolved) -> list[str]:
+    """[Unit] dependencies of a container (the native service and the quadlet alike)."""
+    lines: list[str] = []
+    if r.user is not None and r.user != "0":
+        lines.append("After=systemd-sysusers.service")
+    if c.phase == "early":
+        lines += ["DefaultDependencies=no", "After=local-fs.target", "Before=sysinit.target"]
+    elif c.phase == "basic":
+        lines += ["DefaultDependencies=no", "After=sysinit.target", "Before=basic.target"]
+    if c.phase != "default":
+        lines += ["Conflicts=shutdown.target", "Before=shutdown.target"]
+    o = c.ordering
+    for key, refs in (("After", o.after), ("Before", o.before), ("Requires", o.requires), ("Wants", o.wants)):
+        if refs:
+            lines.append(f"{key}=" + " ".join(manifest.unit_name(ref) for ref in refs))
+    return lines + _failure_lines(c)
+
+
+def _comments(c: Container, r: Resolved) -> list[str]:
+    lines = []
+    if c.deadline_ms is not None:
+        lines.append(f"# bootimg: deadline_ms={c.deadline_ms} (a per-boot KPI from kernel start; "
+                     f"TimeoutStartSec=max(2 x deadline, 5s))")
+    return lines + list(r.notes)
+
+
+def _start_timeout(c: Container) -> list[str]:
+    return [f"TimeoutStartSec={timespan_ms(start_timeout_ms(c.deadline_ms))}"] if c.deadline_ms is not None else []
+
+
+def _resources(c: Container) -> list[str]:
+    lines = []
+    if c.resources.cpu_weight is not None:
+        lines.append(f"CPUWeight={c.resources.cpu_weight}")
+    if c.resources.memory_max_mib is not None:
+        lines.append(f"MemoryMax={c.resources.memory_max_mib}M")
+    return lines
+
+
+def image_service(manifest: Manifest, c: Container, digest: str) -> str:
+    """bootimg-image-NAME.service. The helper also gets each bind (--bind=SRC:TARGET) so that
+    the read-only container root has a mount point for it (see the helper's header)."""
+    args = ["--fsverity=optional"] if manifest.integrity.fsverity == "optional" else []
+    args += [f"--bind={check_path(b.source, container=c.name, what='bind source')}:"
+             f"{check_path(b.target, container=c.name, what='bind target')}" for b in c.binds]
+    args += [c.name, digest]
+    return render("bootimg-image.service.in", {
+        "RELEASE": _release(manifest), "NAME": c.name, "DIGEST": digest,
+        "MOUNT_ARGS": " ".join(exec_word(a) for a in args), "FAILURE": _failure_lines(c),
+    })
+
+
+def container_service(manifest: Manifest, c: Container, r: Resolved) -> str:
+    """NAME.service. The manifest maps to it like this:
+
+    ============================  ==========================================================
+    (always)                      Requires=/After=bootimg-image-NAME.service,
+                                  RootDirectory=/run/bootimg/containers/NAME, MountAPIVFS=yes,
+                                  ProtectSystem=strict, ProtectHome=yes, PrivateTmp=yes,
+                                  NoNewPrivileges=yes
+    phase early                   DefaultDependencies=no, After=local-fs.target,
+                                  Before=sysinit.target, Conflicts=/Before=shutdown.target
+                                  (+ wanted by sysinit.target)
+    phase basic                   DefaultDependencies=no, After=sysinit.target,
+                                  Before=basic.target, Conflicts=/Before=shutdown.target
+                                  (+ wanted by basic.target)
+    phase default                 default dependencies (wanted by bootimg-containers.target)
+    readiness notify / started    Type=notify + NotifyAccess=all / Type=exec
+    essential reboot / emergency  FailureAction=reboot / OnFailure=emergency.target +
+                                  OnFailureJobMode=isolate (on the image unit too)
+    restart never/on-failure/...  Restart=no / on-failure / always
+    deadline_ms N                 # bootimg: deadline_ms=N, TimeoutStartSec=max(2N ms, 5s)
+    ordering after/before/...     After=/Before=/Requires=/Wants= (bare name -> NAME.service)
+    network none                  PrivateNetwork=yes
+    resources                     CPUWeight=, MemoryMax=<MiB>M
+    binds                         BindReadOnlyPaths=SRC:TARGET (+ a mount point for TARGET
+                                  in the image unit's skeleton layer: --bind=SRC:TARGET)
+    user U[:G] / name             User=U (Group=G); names -> the image's numeric ids;
+                                  After=systemd-sysusers.service, ids in sysusers.d
+    command / OCI config          ExecStart= (quoted); else Entrypoint + Cmd; Env under
+                                  the manifest's environment; WorkingDir -> WorkingDirectory=
+    ============================  ==========================================================
+    """
+    service = ["Type=notify", "NotifyAccess=all"] if c.readiness == "notify" else ["Type=exec"]
+    service.append("Restart=" + {"never": "no"}.get(c.restart, c.restart))
+    service += _start_timeout(c)
+    if r.user is not None:
+        service.append(f"User={r.user}")
+    if r.group is not None:
+        service.append(f"Group={r.group}")
+    if r.workdir:
+        service.append(f"WorkingDirectory={unit_path(r.workdir, container=c.name, what='working directory')}")
+    service += [f"Environment={env_assignment(k, v)}" for k, v in r.environment]
+    service.append("MountAPIVFS=yes")
+    if c.network == "none":
+        service.append("PrivateNetwork=yes")
+    service += _resources(c)
+    if c.binds:
+        service.append("BindReadOnlyPaths=" + " ".join(
+            f"{unit_path(b.source, container=c.name, what='bind source')}:"
+            f"{unit_path(b.target, container=c.name, what='bind target')}" for b in c.binds))
+    return render("container.service.in", {
+        "RELEASE": _release(manifest), "NAME": c.name, "COMMENTS": _comments(c, r),
+        "UNIT": _unit_lines(manifest, c, r), "SERVICE": service,
+        "EXEC": [f"ExecStart={exec_line(r.argv, container=c.name)}"],
+    })
+
+
+def container_quadlet(manifest: Manifest, c: Container, r: Resolved) -> str:
+    """NAME.container: the same container for podman's quadlet generator."""
+    container = [f"Exec={' '.join(exec_word(a) for a in r.argv)}"]
+    container += [f"Environment={exec_word(f'{k}={v}')}" for k, v in r.environment]
+    if r.user is not None:
+        container.append(f"User={r.user}")
+    if r.group is not None:
+        container.append(f"Group={r.group}")
+    if r.workdir:
+        container.append(f"WorkingDir={unit_path(r.workdir, container=c.name, what='working directory')}")
+    container.append("Network=none" if c.network == "none" else "Network=host")
+    if c.readiness == "notify":
+        container.append("Notify=true")
+    for b in c.binds:
+        container.append(f"Volume={unit_path(b.source, container=c.name, what='bind source')}:"
+                         f"{unit_path(b.target, container=c.name, what='bind target')}:ro")
+    # Recent quadlet (podman-systemd.unit(5) of the 5.3 line) orders its units after
+    # network-online.target unless [Quadlet] DefaultDependencies=false: an ordering cycle for
+    # early/basic containers and a pointless wait for network-less ones. Older podman copies
+    # the unknown [Quadlet] section into the service, where systemd ignores it with a warning.
+    extra = ["[Quadlet]", "DefaultDependencies=false", ""] if (c.phase != "default" or c.network == "none") else []
+    service = ["Restart=" + {"never": "no"}.get(c.restart, c.restart)] + _start_timeout(c) + _resources(c)
+    used = {"Container": ["Rootfs", "ReadOnly", "NoNewPrivileges"] + [line.split("=", 1)[0] for line in container]}
+    return render("container.container.in", {
+        "RELEASE": _release(manifest), "NAME": c.name, "COMMENTS": _comments(c, r),
+        "PODMAN": "%d.%d" % quadlet.min_podman(used),
+        "UNIT": _unit_lines(manifest, c, r), "CONTAINER": container, "QUADLET": extra, "SERVICE": service,
+    })
+
+
+def containers_target(manifest: Manifest) -> str:
+    services = " ".join(service_unit(c.name) for c in manifest.containers)
+    return render("bootimg-containers.target.in", {
+        "RELEASE": _release(manifest), "UNIT": [f"Wants={services}", f"After={services}"],
+    })
+
+
+def wants_dropin(manifest: Manifest, wants: list[str], why: str) -> str:
+    return render("wants.conf.in", {"RELEASE": _release(manifest), "WHY": why, "WANTS": " ".join(wants)})
+
+
+def sysusers(manifest: Manifest, resolved: Mapping[str, Resolved]) -> str | None:
+    """sysusers.d lines for every non-root numeric user and group the containers run as
+    (None when they all run as root or as their image's default)."""
+    groups: dict[int, list[str]] = {}
+    users: dict[int, tuple[int | None, list[str]]] = {}
+    for c in manifest.containers:
+        r = resolved[c.name]
+        if r.user is None or not r.user.isdigit() or r.user == "0":
+            continue
+        gid = int(r.group) if r.group is not None and r.group.isdigit() else None
+        if gid is not None and gid != 0:
+            groups.setdefault(gid, []).append(c.name)
+        _, names = users.setdefault(int(r.user), (gid, []))
+        names.append(c.name)
+    if not users:
+        return None
+    lines = [f"g bootimg-{gid} {gid}" for gid in sorted(groups)]
+    for uid, (gid, names) in sorted(users.items()):
+        ident = f"{uid}:{gid}" if gid is not None else str(uid)
+        lines.append(f'u bootimg-{uid} {ident} "bootimg containers {", ".join(names)}" - -')
+    return render("sysusers.conf.in", {"RELEASE": _release(manifest), "LINES": lines})
+
+
+def mount_helper() -> bytes:
+    return template_text("bootimg-mount-image").encode()
+
+
+def unit_files(manifest: Manifest, digests: Mapping[str, str], configs: Mapping[str, Mapping | None] | None = None,
+               images: Mapping[str, ContainerImage] | None = None) -> dict[str, tuple[bytes, int]]:
+    """Every file the boot-time containers need in the root: {absolute path: (content, mode)}."""
+    if not manifest.containers:
+        return {}
+    configs = configs or {}
+    images = images or {}
+    files: dict[str, tuple[bytes, int]] = {}
+
+    def add(path: str, text: str | bytes, mode: int = 0o644) -> None:
+        data = text.encode() if isinstance(text, str) else text
+        if not data.endswith(b"\n"):
+            data += b"\n"
+        files[path] = (data, mode)
+
+    resolved: dict[str, Resolved] = {}
+    for c in manifest.containers:
+        digest = digests.get(c.name)
+        if digest is None or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise _fail(manifest, f"container '{c.name}': no image digest (64 hex digits) to pin its units to")
+        r = resolved[c.name] = resolve(manifest, c, configs.get(c.name), images.get(c.name))
+        add(f"{UNIT_DIR}/{image_unit(c.name)}", image_service(manifest, c, digest))
+        add(f"{UNIT_DIR}/{service_unit(c.name)}", container_service(manifest, c, r))
+        text = container_quadlet(manifest, c, r)
+        problems = quadlet.check_container(text, f"{QUADLET_DIR}/{c.name}.container")
+        if problems:  # a bug here, not in the manifest
+            raise AssertionError("\n".join(problems))
+        add(f"{QUADLET_DIR}/{c.name}.container", text)
+    add(f"{UNIT_DIR}/{CONTAINERS_TARGET}", containers_target(manifest))
+    add(f"{UNIT_DIR}/multi-user.target.d/{DROPIN_NAME}",
+        wants_dropin(manifest, [CONTAINERS_TARGET], "Start the boot-time containers."))
+    for phase, target in PHASE_TARGETS.items():
+        members = [service_unit(c.name) for c in manifest.containers if c.phase == phase]
+        if members:
+            add(f"{UNIT_DIR}/{target}.d/{DROPIN_NAME}",
+                wants_dropin(manifest, members, f"Containers of phase {phase} start before {target}."))
+    users = sysusers(manifest, resolved)
+    if users is not None:
+        add(SYSUSERS_FILE, users)
+    add(HELPER, mount_helper(), 0o755)
+    return dict(sorted(files.items()))
+
+
+# -- build integration ---------------------------------------------------------------------------------
+
+def _built_images(ctx: BuildContext) -> dict[str, ContainerImage]:
+    """The container images the build has written so far, read back: they sit in the release
+    directory being built, next to the object store (layout: OUT/images, OUT/objects)."""
+    objects = Path(ctx.store.root)
+    images = {}
+    for name, rec in ctx.containers.items():
+        images[name] = ContainerImage(load_image(objects.parent / rec.path).root, objects)
+    return images
+
+
+@root_contributor
+def container_units(ctx: BuildContext) -> list[InjectedFile]:
+    """Root contributor: the units, quadlets and mount helper of the manifest's containers."""
+    files = unit_files(ctx.manifest, {n: r.digest for n, r in ctx.containers.items()},
+                       ctx.container_configs, _built_images(ctx))
+    return [InjectedFile(path, data, mode) for path, (data, mode) in files.items()]
+
+
+@root_tree_hook
+def add_sysroot(ctx: BuildContext, root: Node) -> None:
+    """Make the root's /sysroot an empty directory: the initramfs hook moves the physical root
+    onto it (boot-design.md, step 7). A tree hook, not a contributor: InjectedFile only makes
+    regular files. Anything already in /sysroot is an error (it would be hidden at boot)."""
+    name = SYSROOT.lstrip("/").encode()
+    existing = root.children.get(name)
+    if existing is not None and (not existing.is_dir() or existing.link_to is not None):
+        raise BootimgError(f"the root's {SYSROOT} is not a directory; the physical root is mounted there at boot")
+    if existing is not None and existing.children:
+        inside = ", ".join(sorted(n.decode("utf-8", "backslashreplace") for n in existing.children))
+        raise BootimgError(f"the root's {SYSROOT} must be empty (the physical root is mounted over it at boot); "
+                           f"it holds: {inside}")
+    treeops.make_dirs(root, [name], mtime=ctx.manifest.identity.source_date_epoch)
+
+
+# -- checking with systemd ---------------------------------------------------------------------------
+
+def systemd_verify(files: Mapping[str, bytes | tuple[bytes, int]], *, executables: Iterable[str] = (),
+                   units: Iterable[str] | None = None, system_units: str | os.PathLike = "/usr/lib/systemd/system",
+                   systemd_analyze: str = "systemd-analyze") -> subprocess.CompletedProcess:
+    """Run ``systemd-analyze verify --root=TMP`` on generated units.
+
+    TMP is a scratch root holding a copy of ``system_units`` (the stock targets and services
+    the units order against), ``files`` ({absolute path: content or (content, mode)}) and,
+    as empty scripts, ``executables``. systemd 252 checks each ExecStart= path inside --root
+    and ignores RootDirectory=, so a container's command must be given here at its path in
+    the image. ``units`` defaults to every unit file among ``files`` plus the targets they
+    have drop-ins for. Returns the finished process (text stdout/stderr)."""
+    with tempfile.TemporaryDirectory(prefix="bootimg-verify-") as tmp:
+        root = Path(tmp)
+        unit_dir = root / UNIT_DIR.lstrip("/")
+        shutil.copytree(system_units, unit_dir, symlinks=True)
+        names: list[str] = []
+        for path, item in files.items():
+            data, mode = item if isinstance(item, tuple) else (item, 0o644)
+            dest = root / path.lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.is_symlink():
+                dest.unlink()
+            dest.write_bytes(data)
+            os.chmod(dest, mode)
+            parent = os.path.dirname(path)
+            if parent == UNIT_DIR:
+                names.append(os.path.basename(path))
+            elif os.path.dirname(parent) == UNIT_DIR and parent.endswith(".d"):
+                names.append(os.path.basename(parent)[:-2])
+        for exe in executables:
+            dest = root / exe.lstrip("/")
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_text("#!/bin/sh\n")
+                os.chmod(dest, 0o755)
+        wanted = sorted(set(units if units is not None else names))
+        return subprocess.run([systemd_analyze, "verify", f"--root={root}", *wanted],
+                              capture_output=True, text=True, timeout=120)

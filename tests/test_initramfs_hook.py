@@ -1,0 +1,769 @@
+"""The initramfs side of a release (dracut module 90bootimg), run for real on this host.
+
+Releases are built with `bootimg build` from the example manifests; the module's files are taken
+out of the built root image (what the root digest covers), assembled into an "initramfs"
+directory by running module-setup.sh's own install() with copying stubs, and the hook then runs
+against a temporary physical root: a tmpfs mounted inside a private mount namespace
+(`unshare -m`), so every mount and loop device goes away with the namespace, even on failure.
+
+This host's kernel has EROFS, overlayfs and loop but no fs-verity, so `fsverity` is replaced by a
+shim (BOOTIMG_FSVERITY_BIN) that "measures" with the real `fsverity digest` (user space, same
+digest the kernel would report). The overlay is really mounted with verity=require, which shows:
+reading a file stored in the object store gives EIO, because the objects have no fs-verity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from bootimg.boot import initramfs
+from bootimg.composefs import fsverity
+from bootimg.composefs.reader import load_image
+from bootimg.manifest import load_manifest
+from bootimg.signing import PublicKey, SecretKey, generate_keypair, make_trusted_comment, sign
+
+from conftest import REPO, have, is_root, run_cli
+
+sys.path.insert(0, str(REPO / "tools"))
+import example_inputs  # noqa: E402
+
+SCRIPTS = ["bootimg-root.sh", "bootimg-provision.sh", "module-setup.sh"]
+MODULE_DIR = initramfs.MODULE_DIR
+UNIT_DIR = "/usr/lib/systemd/system"
+
+
+
+def kernel_test(fn):
+    """Runs the hook with real mounts: root, unshare(1) and fsverity-utils (for the shim)."""
+    for mark in (pytest.mark.kernel,
+                 pytest.mark.skipif(not is_root(), reason="needs root for kernel mounts"),
+                 pytest.mark.skipif(not (have("unshare") and have("fsverity")), reason="needs unshare and fsverity")):
+        fn = mark(fn)
+    return fn
+
+SHIM = r"""#!/bin/sh
+# fsverity stand-in for a kernel without fs-verity. SHIM_MODE:
+#   enabled  every file has fs-verity (measure = the file's fs-verity digest)
+#   track    only files "enabled" by this shim have it (state under SHIM_STATE)
+#   none     the kernel has no fs-verity (measure and enable fail; digest works)
+#   term     measure sends SIGTERM to the hook (its outermost process) and then succeeds
+echo "$*" >>"$SHIM_LOG"
+cmd=$1
+shift
+for f; do :; done
+mark=$SHIM_STATE$f
+case $cmd in
+measure)
+    case $SHIM_MODE in
+        enabled) ;;
+        term)
+            pid=$PPID
+            while ppid=$(sed 's/.*) . \([0-9]*\) .*/\1/' "/proc/$pid/stat") &&
+                    grep -q bootimg-root "/proc/$ppid/cmdline" 2>/dev/null; do pid=$ppid; done
+            kill -TERM "$pid" ;;
+        track) [ -e "$mark" ] || { echo "ERROR: FS_IOC_MEASURE_VERITY failed on '$f': No data available" >&2; exit 1; } ;;
+        *) echo "ERROR: FS_IOC_MEASURE_VERITY failed on '$f': Operation not supported" >&2; exit 1 ;;
+    esac
+    exec fsverity digest --hash-alg=sha256 --block-size=4096 "$f" ;;
+enable)
+    case $SHIM_MODE in
+        track)
+            if [ -e "$mark" ]; then echo "ERROR: FS_IOC_ENABLE_VERITY failed on '$f': File exists" >&2; exit 1; fi
+            mkdir -p "${mark%/*}" && : >"$mark" ;;
+        enabled) echo "ERROR: FS_IOC_ENABLE_VERITY failed on '$f': File exists" >&2; exit 1 ;;
+        *) echo "ERROR: FS_IOC_ENABLE_VERITY failed on '$f': Operation not supported" >&2; exit 1 ;;
+    esac ;;
+digest) exec fsverity digest "$@" ;;
+*) echo "shim: unknown command $cmd" >&2; exit 2 ;;
+esac
+"""
+
+# Stubs of the dracut functions module-setup.sh calls: log every call; inst_simple and ln_r
+# really install into $initdir (from $dracutsysrootdir), so the harness runs what install() put.
+DRACUT_STUBS = r"""
+inst_simple() {
+    echo "inst_simple $*" >>"$LOG"
+    src=$1                                   # $moddir/... is a full path; the rest is in the root
+    [ -e "$src" ] || src=${dracutsysrootdir-}$1
+    [ -e "$src" ] || return 1
+    mkdir -p "$initdir$(dirname "$2")" && cp -p "$src" "$initdir$2"
+}
+inst_multiple() { echo "inst_multiple $*" >>"$LOG"; }
+instmods() { echo "instmods $*" >>"$LOG"; }
+dfatal() { echo "dfatal $*" >>"$LOG"; }
+ln_r() { echo "ln_r $*" >>"$LOG"; mkdir -p "$initdir$(dirname "$2")" && ln -sfn "$1" "$initdir$2"; }
+"""
+
+HARNESS = r"""#!/bin/sh
+# Runs inside `unshare -m --propagation private`: mount the physical root, run the hook, probe.
+T=$1
+shift
+mount -t tmpfs -o mode=0755 phys "$T/sysroot" || exit 90
+cp -a "$T/phys/." "$T/sysroot/" || exit 91
+if [ -n "${PHYS_RO:-}" ]; then mount -o remount,ro "$T/sysroot" || exit 92; fi
+"$@" "$T/initrd/usr/libexec/bootimg/bootimg-root" >"$T/out/stdout" 2>"$T/out/stderr"
+echo $? >"$T/out/rc"
+cat /proc/self/mountinfo >"$T/out/mountinfo"
+if [ "$(cat "$T/out/rc")" = 0 ]; then
+    S=$T/sysroot
+    cat "$S/etc/os-release" >"$T/out/inline" 2>&1; echo $? >"$T/out/inline.rc"
+    cat "$S/usr/bin/sh" >"$T/out/external" 2>"$T/out/external.err"; echo $? >"$T/out/external.rc"
+    echo probe 2>/dev/null >"$S/etc/bootimg-probe"; echo $? >"$T/out/etc-write.rc"
+    echo probe 2>/dev/null >"$S/var/bootimg-probe"; echo $? >"$T/out/var-write.rc"
+    ls -a "$S/sysroot/bootimg" >"$T/out/physical" 2>&1
+    cp -a "$S/sysroot/bootimg/state" "$T/out/state-after" 2>/dev/null
+fi
+exit 0
+"""
+
+
+# -- building releases ---------------------------------------------------------------------------
+
+DEV_BOOT = """  fsverity: optional
+boot:
+  etc: readonly
+  var: transient
+  on_verification_failure: emergency
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    top = tmp_path_factory.mktemp("initrd-ws")
+    shutil.copytree(REPO / "manifests", top / "manifests")
+    example_inputs.main(top / "build")
+    minimal = (top / "manifests" / "minimal.yaml").read_text()
+    assert minimal.endswith("  trust: sealed\n")
+    (top / "manifests" / "dev.yaml").write_text(minimal.replace("name: minimal", "name: dev") + DEV_BOOT)
+    return top
+
+
+@pytest.fixture(scope="module")
+def keyids(workspace) -> dict[str, str]:
+    """The example keys' ids (random per workspace): {"release-2026": ID, "release-2027": ID}."""
+    return {name: PublicKey.from_file(workspace / "build" / "keys" / f"{name}.pub").keyid
+            for name in ("release-2026", "release-2027")}
+
+
+@pytest.fixture(scope="module")
+def releases(workspace, tmp_path_factory) -> dict[str, Path]:
+    """signed: ivi-demo (signed, required, /etc transient, /var persistent, reboot);
+    sealed: minimal (sealed, required, defaults); dev: minimal with fsverity optional,
+    /etc readonly, /var transient, emergency."""
+    out = tmp_path_factory.mktemp("initrd-rel")
+    built = {}
+    for name, manifest, key in [("signed", "ivi-demo.yaml", "release-2026"), ("sealed", "minimal.yaml", None),
+                                ("dev", "dev.yaml", None)]:
+        args = ["build", str(workspace / "manifests" / manifest), "-o", str(out / name)]
+        if key:
+            args += ["--key", str(workspace / "build" / "keys" / f"{key}.key")]
+        res = run_cli(*args)
+        assert res.returncode == 0, res.stderr.decode()
+        built[name] = out / name
+    return built
+
+
+def root_digest(release: Path) -> str:
+    return json.loads((release / "release.json").read_bytes())["root"]["digest"]
+
+
+def root_file(release: Path, path: str) -> tuple[bytes, int]:
+    """A file of the release's root image: its bytes (inline or from the object store), mode."""
+    node = load_image(release / "images" / "root.cfs").root.lookup(path.encode())
+    assert node is not None, f"{path} is not in the root image"
+    data = node.content if node.content is not None else (release / "objects" / node.payload.decode()).read_bytes()
+    return (data or b""), node.mode & 0o7777
+
+
+def extract_module_root(release: Path, dest: Path) -> Path:
+    """The parts of the root image that dracut's module install reads, under dest."""
+    root = load_image(release / "images" / "root.cfs").root
+    wanted = [f"{MODULE_DIR}/{n}" for n in initramfs.TEMPLATES] + [initramfs.BOOT_CONF]
+    keys = root.lookup(b"/usr/lib/bootimg/keys")
+    if keys is not None:
+        wanted += [f"/usr/lib/bootimg/keys/{k.decode()}" for k in keys.children]
+    for path in wanted:
+        data, mode = root_file(release, path)
+        target = dest / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        os.chmod(target, mode)
+    return dest
+
+
+def run_module_setup(sysroot: Path, initdir: Path, log: Path, calls: str) -> subprocess.CompletedProcess:
+    """Source module-setup.sh (from sysroot) in bash, as dracut does, with stub dracut functions."""
+    script = (DRACUT_STUBS + f'moddir="{sysroot}{MODULE_DIR}"\n'
+              f'. "$moddir/module-setup.sh"\n{calls}\n')
+    env = {"PATH": os.environ["PATH"], "LOG": str(log), "initdir": str(initdir),
+           "systemdsystemunitdir": UNIT_DIR, "dracutsysrootdir": str(sysroot)}
+    return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+
+
+# -- one run of the hook ---------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    rc: int
+    stderr: str
+    kmsg: str
+    mounts: list[dict]            # mounts under the scenario directory, in mountinfo order
+    booted: dict | None
+    out: Path
+    shim_calls: list[str] = field(default_factory=list)
+
+    def fatal_lines(self) -> list[str]:
+        return [ln for ln in self.stderr.splitlines() if ln.startswith("bootimg: FATAL:")]
+
+    def read(self, name: str) -> str:
+        p = self.out / name
+        return p.read_text(errors="replace") if p.exists() else ""
+
+
+class Scenario:
+    """A physical root holding a release, an initramfs made by module-setup.sh, and a kernel
+    command line; run() runs the hook on it in a private mount namespace."""
+
+    def __init__(self, top: Path, release: Path, *, provisioned: bool = True, keyids: dict[str, str] | None = None):
+        self.top = top
+        self.keyids = keyids or {}
+        self.release_src = release
+        for d in ("sysroot", "run", "out", "shim-state"):
+            (top / d).mkdir(parents=True)
+        self.phys = top / "phys"
+        self.rel = self.phys / "bootimg" / "release"
+        shutil.copytree(release, self.rel)
+        (self.phys / "bootimg" / "state" / "var").mkdir(parents=True)
+        if provisioned:
+            (self.phys / "bootimg" / "state" / ".provisioned").touch()
+        self.initrd = top / "initrd"
+        res = run_module_setup(extract_module_root(release, top / "root"), self.initrd, top / "module-setup.log",
+                               "install || exit $?")
+        assert res.returncode == 0, res.stdout + res.stderr
+        (top / "shim").write_text(SHIM)
+        (top / "harness.sh").write_text(HARNESS)
+        os.chmod(top / "shim", 0o755)
+        self.cmdline = "quiet rw"
+        self.digest = root_digest(release)
+
+    @property
+    def keys(self) -> Path:
+        return self.initrd / "etc" / "bootimg" / "keys"
+
+    @property
+    def conf(self) -> Path:
+        return self.initrd / "etc" / "bootimg" / "boot.conf"
+
+    def seal(self, digest: str | None = None) -> None:
+        self.cmdline = f"composefs.digest=v1-sha256-12:{digest or self.digest} rw quiet"
+
+    def run(self, *, shell: tuple[str, ...] = ("sh",), shim_mode: str = "enabled", phys_ro: bool = False,
+            env: dict[str, str] | None = None) -> Outcome:
+        t = self.top
+        (t / "cmdline").write_text(self.cmdline + "\n")
+        (t / "out" / "kmsg").write_text("")
+        run_env = {
+            "PATH": os.environ["PATH"],
+            "BOOTIMG_CONF": str(self.conf), "BOOTIMG_SYSROOT": str(t / "sysroot"), "BOOTIMG_RUN": str(t / "run"),
+            "BOOTIMG_CMDLINE": str(t / "cmdline"), "BOOTIMG_KEYS_DIR": str(self.keys),
+            "BOOTIMG_KMSG": str(t / "out" / "kmsg"), "BOOTIMG_FSVERITY_BIN": str(t / "shim"),
+            "BOOTIMG_PROVISION_BIN": str(self.initrd / "usr/libexec/bootimg/bootimg-provision"),
+            "SHIM_MODE": shim_mode, "SHIM_STATE": str(t / "shim-state"), "SHIM_LOG": str(t / "out" / "shim.log"),
+        }
+        if phys_ro:
+            run_env["PHYS_RO"] = "1"
+        run_env.update(env or {})
+        res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", str(t / "harness.sh"), str(t),
+                              *shell], env=run_env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, f"harness failed ({res.returncode}): {res.stdout}{res.stderr}"
+        leftover = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+        assert str(t) not in leftover, f"loop device left behind: {leftover}"
+        out = t / "out"
+        booted = t / "run" / "booted.json"
+        return Outcome(rc=int((out / "rc").read_text()), stderr=(out / "stderr").read_text(),
+                       kmsg=(out / "kmsg").read_text(), mounts=self._mounts(out / "mountinfo"),
+                       booted=json.loads(booted.read_text()) if booted.exists() else None, out=out,
+                       shim_calls=(out / "shim.log").read_text().splitlines() if (out / "shim.log").exists() else [])
+
+    def _mounts(self, mountinfo: Path) -> list[dict]:
+        mounts = []
+        for line in mountinfo.read_text().splitlines():
+            left, right = line.split(" - ", 1)
+            f, r = left.split(), right.split()
+            if f[4] == str(self.top) or f[4].startswith(str(self.top) + "/"):
+                mounts.append({"root": f[3], "at": f[4][len(str(self.top)):], "mount_opts": f[5],
+                               "fstype": r[0], "source": r[1], "super_opts": r[2] if len(r) > 2 else ""})
+        return mounts
+
+
+@pytest.fixture
+def scenario(releases, keyids, tmp_path):
+    def make(kind: str = "signed", **kw) -> Scenario:
+        return Scenario(tmp_path / "s", releases[kind], keyids=keyids, **kw)
+    return make
+
+
+def assert_failed_closed(o: Outcome, reason: str) -> None:
+    """Exit 1, exactly one FATAL line (stderr and kmsg agree), nothing but the physical root
+    mounted where the hook works, no booted.json."""
+    assert o.rc == 1, o.stderr
+    fatal = o.fatal_lines()
+    assert len(fatal) == 1, o.stderr
+    assert reason in fatal[0], fatal[0]
+    kmsg = [ln for ln in o.kmsg.splitlines() if "FATAL" in ln]
+    assert kmsg == [f"<2>{fatal[0]}"], o.kmsg
+    assert [(m["at"], m["fstype"], m["source"], m["root"]) for m in o.mounts] == \
+        [("/sysroot", "tmpfs", "phys", "/")], o.mounts
+    assert o.booted is None
+
+
+def assert_verified_root(o: Outcome, digest: str) -> dict[str, dict]:
+    assert o.rc == 0, o.stderr
+    assert o.fatal_lines() == [] and "FATAL" not in o.kmsg
+    at = {m["at"]: m for m in o.mounts}          # the topmost mount at each place
+    root = at["/sysroot"]
+    assert root["fstype"] == "overlay" and root["source"] == "composefs"
+    opts = root["super_opts"].split(",")
+    assert "ro" in opts and "metacopy=on" in opts and "redirect_dir=on" in opts
+    assert "verity=require" in opts
+    assert "lowerdir=" + str(o.out.parent / "run/meta") + "::" + \
+        str(o.out.parent / "run/phys") + o.booted["release"] + "/objects" in opts
+    assert at["/run/meta"]["fstype"] == "erofs" and at["/run/meta"]["source"].startswith("/dev/loop")
+    assert "ro" in at["/run/meta"]["mount_opts"].split(",")
+    phys = at["/sysroot/sysroot"]
+    assert (phys["fstype"], phys["source"], phys["root"]) == ("tmpfs", "phys", "/")
+    assert "/run/phys" not in at
+    # Inline file content comes from the image itself; external files come through the
+    # verity=require overlay and the objects have no fs-verity here: EIO proves it is enforced.
+    assert o.read("inline.rc").strip() == "0" and "ID=bootimg-demo" in o.read("inline")
+    assert o.read("external.rc").strip() != "0"
+    assert "Input/output error" in o.read("external.err")
+    # The physical root (release and state) is reachable at /sysroot/sysroot.
+    listing = o.read("physical").split()
+    assert "state" in listing and o.booted["release"].rsplit("/", 1)[1] in listing
+    assert o.booted["digest"] == digest and o.booted["verity"] == "require"
+    return at
+
+
+# -- static checks -------------------------------------------------------------------------------
+
+def rendered(name: str, manifest_file: str) -> str:
+    return initramfs.render(name, load_manifest(REPO / "manifests" / manifest_file))
+
+
+@pytest.mark.skipif(not have("shellcheck"), reason="needs shellcheck (tools/setup-host.sh)")
+@pytest.mark.parametrize("manifest", ["ivi-demo.yaml", "minimal.yaml"])
+def test_scripts_are_posix_and_shellcheck_clean(manifest, tmp_path):
+    paths = []
+    for name in SCRIPTS:
+        p = tmp_path / name
+        p.write_text(rendered(name, manifest))
+        paths.append(str(p))
+    shells = [["sh", "-n"], ["bash", "-n"], ["bash", "--posix", "-n"]]
+    if have("busybox"):
+        shells.append(["busybox", "sh", "-n"])
+    for p in paths:
+        for sh in shells:
+            res = subprocess.run([*sh, p], capture_output=True, text=True)
+            assert res.returncode == 0, f"{' '.join(sh)} {p}: {res.stderr}"
+    res = subprocess.run(["shellcheck", "-s", "sh", *paths], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
+    # module-setup.sh is sourced by dracut's bash: clean for bash too.
+    res = subprocess.run(["shellcheck", "-s", "bash", paths[-1]], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
+
+
+def test_templates_render_without_placeholders():
+    for manifest in ("ivi-demo.yaml", "minimal.yaml"):
+        for name in initramfs.TEMPLATES:
+            text = rendered(name, manifest)
+            assert not re.search(r"@[A-Z_]+@", text), (name, manifest)
+            assert text == rendered(name, manifest)     # deterministic
+    assert "BOOTIMG_TRUST=signed" in rendered("module-setup.sh", "ivi-demo.yaml")
+    assert "BOOTIMG_TRUST=sealed" in rendered("module-setup.sh", "minimal.yaml")
+
+
+def unit_keys(text: str) -> dict[str, list[str]]:
+    keys: dict[str, list[str]] = {}
+    section = ""
+    for line in text.splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif "=" in line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            keys.setdefault(f"{section}.{k}", []).append(v)
+    return keys
+
+
+def test_unit_reboot_policy():
+    u = unit_keys(rendered("bootimg-root.service", "ivi-demo.yaml"))
+    expected = {
+        "Unit.DefaultDependencies": ["no"], "Unit.ConditionPathExists": ["/etc/initrd-release"],
+        "Unit.Requires": ["sysroot.mount"], "Unit.After": ["sysroot.mount"],
+        "Unit.Before": ["initrd-root-fs.target"], "Unit.FailureAction": ["reboot"],
+        "Service.Type": ["oneshot"], "Service.RemainAfterExit": ["yes"],
+        "Service.ExecStart": ["/usr/libexec/bootimg/bootimg-root"],
+        "Service.StandardOutput": ["journal+console"], "Service.StandardError": ["journal+console"],
+        "Install.RequiredBy": ["initrd-root-fs.target"],
+    }
+    for k, v in expected.items():
+        assert u.get(k) == v, k
+    assert "Unit.OnFailure" not in u
+    # Only the initrd condition: a skipped unit would let an unverified root boot.
+    assert [k for k in u if k.startswith("Unit.Condition")] == ["Unit.ConditionPathExists"]
+    # Every harness parameter of the hook is unset, so systemd.setenv= cannot redirect it.
+    unset = u["Service.UnsetEnvironment"][0].split()
+    assert set(initramfs.hook_parameters()) <= set(unset)
+    assert {"BOOTIMG_FSVERITY_BIN", "BOOTIMG_KEYS_DIR", "BOOTIMG_CMDLINE", "LD_PRELOAD"} <= set(unset)
+
+
+def test_unit_emergency_policy(workspace):
+    m = load_manifest(workspace / "manifests" / "dev.yaml")
+    u = unit_keys(initramfs.render("bootimg-root.service", m))
+    assert u["Unit.OnFailure"] == ["emergency.target"]
+    assert u["Unit.OnFailureJobMode"] == ["replace-irreversibly"]
+    assert "Unit.FailureAction" not in u
+
+
+def test_root_image_carries_the_module(releases, keyids):
+    rel = releases["signed"]
+    for name, mode in initramfs.TEMPLATES.items():
+        data, got = root_file(rel, f"{MODULE_DIR}/{name}")
+        assert got == mode, name
+        assert data.decode() == rendered(name, "ivi-demo.yaml")
+    conf, _ = root_file(rel, "/usr/lib/bootimg/boot.conf")
+    lines = [ln for ln in conf.decode().splitlines() if not ln.startswith("#")]
+    assert lines == ["BOOTIMG_TRUST=signed", "BOOTIMG_FSVERITY=required", "BOOTIMG_ETC=transient",
+                     "BOOTIMG_VAR=persistent", "BOOTIMG_ON_FAILURE=reboot", "BOOTIMG_RELEASE=/bootimg/release",
+                     "BOOTIMG_STATE=/bootimg/state"]
+    # shell-sourceable
+    res = subprocess.run(["sh", "-c", '. "$1" && echo "$BOOTIMG_TRUST $BOOTIMG_VAR"', "sh", "/dev/stdin"],
+                         input=conf.decode(), capture_output=True, text=True)
+    assert res.stdout.strip() == "signed persistent"
+    dracut, _ = root_file(rel, "/etc/dracut.conf.d/90-bootimg.conf")
+    assert 'add_dracutmodules+=" bootimg "' in dracut.decode()
+    provision, mode = root_file(rel, "/usr/libexec/bootimg/bootimg-provision")
+    assert mode == 0o755 and provision.decode() == rendered("bootimg-provision.sh", "ivi-demo.yaml")
+    root = load_image(rel / "images" / "root.cfs").root
+    assert root.lookup(b"/sysroot").is_dir()
+    assert sorted(root.lookup(b"/usr/lib/bootimg/keys").children) == sorted(f"{k}.pub".encode() for k in keyids.values())
+    sealed_conf, _ = root_file(releases["dev"], "/usr/lib/bootimg/boot.conf")
+    assert "BOOTIMG_TRUST=sealed\nBOOTIMG_FSVERITY=optional\nBOOTIMG_ETC=readonly\nBOOTIMG_VAR=transient\n" \
+           "BOOTIMG_ON_FAILURE=emergency\n" in sealed_conf.decode()
+
+
+def test_fsverity_tool_agrees_with_release_digest(releases):
+    """The shim measures with fsverity-utils; release.json has our Python digest: same value."""
+    for rel in releases.values():
+        image = rel / "images" / "root.cfs"
+        out = subprocess.run(["fsverity", "digest", "--hash-alg=sha256", "--block-size=4096", str(image)],
+                             capture_output=True, text=True, check=True).stdout
+        assert out == f"sha256:{root_digest(rel)} {image}\n"
+        assert fsverity.digest(image.read_bytes()).hex() == root_digest(rel)
+
+
+# -- module-setup.sh -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["signed", "sealed"])
+def test_module_setup(releases, keyids, tmp_path, kind):
+    sysroot = extract_module_root(releases[kind], tmp_path / "root")
+    log = tmp_path / "calls"
+    res = run_module_setup(sysroot, tmp_path / "initdir", log,
+                           'check; echo "check=$?"; depends; installkernel; install; echo "install=$?"')
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines == ["check=255", "systemd", "install=0"]
+    calls = log.read_text().splitlines()
+    mod = f"{sysroot}{MODULE_DIR}"
+    expected = [
+        "instmods erofs overlay loop",
+        f"inst_simple {mod}/bootimg-root.sh /usr/libexec/bootimg/bootimg-root",
+        f"inst_simple {mod}/bootimg-provision.sh /usr/libexec/bootimg/bootimg-provision",
+        f"inst_simple {mod}/bootimg-root.service {UNIT_DIR}/bootimg-root.service",
+        "inst_simple /usr/lib/bootimg/boot.conf /etc/bootimg/boot.conf",
+        "inst_multiple cat grep sed mkdir mount umount losetup fsverity",
+    ]
+    if kind == "signed":
+        expected += ["inst_multiple minisign"]
+        expected += [f"inst_simple /usr/lib/bootimg/keys/{k}.pub /etc/bootimg/keys/{k}.pub" for k in sorted(keyids.values())]
+    expected.append(f"ln_r {UNIT_DIR}/bootimg-root.service {UNIT_DIR}/initrd-root-fs.target.requires/bootimg-root.service")
+    assert calls == expected
+    initdir = tmp_path / "initdir"
+    link = initdir / UNIT_DIR.lstrip("/") / "initrd-root-fs.target.requires" / "bootimg-root.service"
+    assert os.readlink(link) == f"{UNIT_DIR}/bootimg-root.service"
+    assert os.access(initdir / "usr/libexec/bootimg/bootimg-root", os.X_OK)
+    assert (initdir / "etc/bootimg/boot.conf").read_bytes() == (sysroot / "usr/lib/bootimg/boot.conf").read_bytes()
+    # Every external tool the hook and the provisioning script run is installed.
+    installed = set()
+    for c in calls:
+        if c.startswith("inst_multiple "):
+            installed.update(c.split()[1:])
+    hook = (sysroot / MODULE_DIR.lstrip("/") / "bootimg-root.sh").read_text()
+    for tool in ("mount", "umount", "cat", "mkdir", "grep", "sed"):
+        assert re.search(rf"(^|[\s(!|]){tool} ", hook, re.M), tool
+        assert tool in installed
+    assert ("minisign" in installed) == (kind == "signed")
+
+
+def test_module_setup_refuses_signed_without_keys(releases, tmp_path):
+    sysroot = extract_module_root(releases["signed"], tmp_path / "root")
+    shutil.rmtree(sysroot / "usr/lib/bootimg/keys")
+    log = tmp_path / "calls"
+    res = run_module_setup(sysroot, tmp_path / "initdir", log, 'install; echo "install=$?"')
+    assert res.stdout.strip() == "install=1"
+    assert any(c.startswith("dfatal bootimg: trust profile 'signed' but no keys") for c in log.read_text().splitlines())
+
+
+# -- the hook, for real -----------------------------------------------------------------------------
+
+SHELLS = [pytest.param(("sh",), id="dash"), pytest.param(("bash",), id="bash"),
+          pytest.param(("busybox", "sh"), id="busybox",
+                       marks=pytest.mark.skipif(not have("busybox"), reason="needs busybox"))]
+
+
+@kernel_test
+@pytest.mark.parametrize("shell", SHELLS)
+def test_signed_root_mounts_with_verity_required(scenario, shell):
+    s = scenario("signed")
+    o = s.run(shell=shell)
+    at = assert_verified_root(o, s.digest)
+    # /etc transient: an overlay with a tmpfs upper; /var persistent: the partition's state/var.
+    assert at["/sysroot/etc"]["fstype"] == "overlay" and at["/run/etc"]["fstype"] == "tmpfs"
+    assert "upperdir=" + str(s.top / "run/etc/upper") in at["/sysroot/etc"]["super_opts"].split(",")
+    assert (at["/sysroot/var"]["fstype"], at["/sysroot/var"]["root"]) == ("tmpfs", "/bootimg/state/var")
+    assert o.read("etc-write.rc").strip() == "0" and o.read("var-write.rc").strip() == "0"
+    assert (o.out / "state-after" / "var" / "bootimg-probe").read_text() == "probe\n"   # persisted
+    assert o.booted == {
+        "digest": s.digest, "trust": "signed", "key": s.keyids["release-2026"], "verity": "require",
+        "fsverity": "required", "release": "/bootimg/release", "image": "/bootimg/release/images/root.cfs",
+        "provisioned_now": False, "on_failure": "reboot",
+        "mounts": {"/": "composefs", "/etc": "transient", "/var": "persistent", "/sysroot": "physical"}}
+    # The verified copies the digest was read from.
+    assert (s.top / "run/release.json").read_bytes() == (s.rel / "release.json").read_bytes()
+    assert any(c.startswith("measure ") for c in o.shim_calls)
+
+
+@kernel_test
+def test_signed_with_matching_cmdline_digest_and_second_key(scenario, workspace):
+    s = scenario("signed")
+    s.seal()                                            # the argument may be present too if it agrees
+    (s.keys / f"{s.keyids['release-2026']}.pub").unlink()   # only the next key is trusted ...
+    secret = SecretKey.from_file(workspace / "build" / "keys" / "release-2027.key")  # ... and signed it
+    data = (s.rel / "release.json").read_bytes()
+    (s.rel / "release.json.minisig").write_bytes(
+        sign(secret, data, make_trusted_comment(file="release.json", keyid=secret.keyid, timestamp=1)))
+    o = s.run()
+    assert_verified_root(o, s.digest)
+    assert o.booted["key"] == s.keyids["release-2027"]
+
+
+@kernel_test
+def test_sealed_root_from_cmdline(scenario):
+    s = scenario("sealed")
+    s.seal()
+    o = s.run()
+    assert_verified_root(o, s.digest)
+    assert o.booted["trust"] == "sealed" and o.booted["key"] is None
+    assert not (s.top / "run/release.json").exists()     # sealed: release.json is not consulted
+
+
+@kernel_test
+def test_release_path_from_cmdline(scenario):
+    s = scenario("sealed")
+    s.rel.rename(s.phys / "bootimg" / "r2")
+    s.seal()
+    s.cmdline += " bootimg.release=/bootimg/r2"
+    o = s.run()
+    assert_verified_root(o, s.digest)
+    assert o.booted["release"] == "/bootimg/r2"
+
+
+@kernel_test
+def test_first_boot_provisions_a_readonly_root(scenario):
+    """No marker: every image and object gets fs-verity (the physical root is remounted rw for
+    it and ro again), the marker is created, then the root mounts with verity=require."""
+    s = scenario("dev", provisioned=False)
+    s.seal()
+    files = sorted(str(p.relative_to(s.phys)) for sub in ("images", "objects") for p in (s.rel / sub).rglob("*")
+                   if p.is_file())
+    o = s.run(shim_mode="track", phys_ro=True)
+    assert_verified_root(o, s.digest)
+    enabled = sorted(str(p.relative_to(s.top / "shim-state" / str(s.top / "sysroot").lstrip("/")))
+                     for p in (s.top / "shim-state").rglob("*") if p.is_file())
+    assert enabled == files and len(files) > 3
+    assert (o.out / "state-after" / ".provisioned").exists()
+    assert o.booted["provisioned_now"] is True
+    at = {m["at"]: m for m in o.mounts}
+    assert "ro" in at["/sysroot/sysroot"]["mount_opts"].split(",")        # back to read-only
+    # dev profile: /etc read-only (the image's), /var a tmpfs
+    assert "/sysroot/etc" not in at and "/run/etc" not in at
+    assert (at["/sysroot/var"]["fstype"], at["/sysroot/var"]["source"]) == ("tmpfs", "bootimg-var")
+    assert o.read("etc-write.rc").strip() != "0" and o.read("var-write.rc").strip() == "0"
+
+
+@kernel_test
+def test_provisioning_treats_already_enabled_files_as_done(scenario):
+    s = scenario("sealed", provisioned=False)
+    s.seal()
+    o = s.run(shim_mode="enabled")      # every file already has fs-verity
+    assert_verified_root(o, s.digest)
+    assert not [c for c in o.shim_calls if c.startswith("enable")]
+    assert (o.out / "state-after" / ".provisioned").exists()
+
+
+@kernel_test
+def test_optional_without_fsverity_mounts_loudly_without_verity(scenario):
+    s = scenario("dev", provisioned=False)
+    s.seal()
+    o = s.run(shim_mode="none")
+    assert o.rc == 0, o.stderr
+    assert o.fatal_lines() == []
+    warnings = [ln for ln in o.stderr.splitlines() if ln.startswith("bootimg: WARNING:")]
+    assert len(warnings) >= 3 and any("WITHOUT verity=require" in w for w in warnings)
+    assert sum("<3>bootimg: WARNING:" in ln for ln in o.kmsg.splitlines()) == len(warnings)
+    at = {m["at"]: m for m in o.mounts}
+    assert "verity=require" not in at["/sysroot"]["super_opts"].split(",")
+    assert o.read("external.rc").strip() == "0"
+    assert (o.out / "external").read_bytes() == Path("/bin/dash").read_bytes()
+    assert o.booted["verity"] == "none" and o.booted["fsverity"] == "optional"
+    assert not (o.out / "state-after" / ".provisioned").exists()     # retried next boot
+
+
+@kernel_test
+def test_readonly_physical_root_becomes_writable_for_persistent_var(scenario):
+    s = scenario("signed")
+    o = s.run(phys_ro=True)
+    at = assert_verified_root(o, s.digest)
+    assert "remounting the physical root read-write for the persistent /var" in o.stderr
+    assert "rw" in at["/sysroot/sysroot"]["mount_opts"].split(",")
+    assert o.read("var-write.rc").strip() == "0"
+
+
+@kernel_test
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_signal_fails_closed_too(scenario, shell):
+    """An exit nobody planned for (here SIGTERM) still prints one FATAL line and undoes."""
+    s = scenario("signed")
+    o = s.run(shell=shell, shim_mode="term")
+    assert_failed_closed(o, "unexpected error (exit status 143) in step 4 (measure the root image)")
+
+
+@kernel_test
+def test_optional_still_refuses_a_wrong_image(scenario, releases):
+    s = scenario("dev")
+    s.seal()
+    shutil.copyfile(releases["sealed"] / "images" / "root.cfs", s.rel / "images" / "root.cfs")
+    assert_failed_closed(s.run(shim_mode="none"), "has digest 'sha256:")
+
+
+# -- failing closed -----------------------------------------------------------------------------------
+
+def _modify_release(s: Scenario) -> None:
+    p = s.rel / "release.json"
+    p.write_bytes(p.read_bytes().replace(b'"version": "1.4.0"', b'"version": "1.4.1"'))
+
+
+def _untrusted_signature(s: Scenario) -> None:
+    secret, _ = generate_keypair("rogue")
+    data = (s.rel / "release.json").read_bytes()
+    (s.rel / "release.json.minisig").write_bytes(
+        sign(secret, data, make_trusted_comment(file="release.json", keyid=secret.keyid, timestamp=1)))
+
+
+def _replace_root_image(s: Scenario, releases) -> None:
+    shutil.copyfile(releases["sealed"] / "images" / "root.cfs", s.rel / "images" / "root.cfs")
+
+
+def _var_is_a_file(s: Scenario) -> None:
+    shutil.rmtree(s.phys / "bootimg" / "state" / "var")
+    (s.phys / "bootimg" / "state" / "var").write_text("not a directory\n")
+
+
+def _bad_conf(s: Scenario) -> None:
+    s.conf.write_text(s.conf.read_text().replace("BOOTIMG_TRUST=signed", "BOOTIMG_TRUST=maybe"))
+
+
+SIGNED_FAILURES = {
+    "release-json-modified": (_modify_release, "enabled", "is not signed by a trusted key"),
+    "untrusted-key": (_untrusted_signature, "enabled", "is not signed by a trusted key"),
+    "signing-key-not-in-initramfs": (lambda s: (s.keys / f"{s.keyids['release-2026']}.pub").unlink(), "enabled",
+                                     "is not signed by a trusted key (1 tried)"),
+    "missing-signature": (lambda s: (s.rel / "release.json.minisig").unlink(), "enabled", "is not signed (no release.json.minisig)"),
+    "no-keys": (lambda s: shutil.rmtree(s.keys), "enabled", "no trusted keys"),
+    "cmdline-disagrees": (lambda s: s.seal("ab" * 32), "enabled", "disagrees with the signed release.json"),
+    "root-image-replaced": (None, "enabled", "has fs-verity digest 'sha256:"),
+    "image-without-fsverity": (lambda s: None, "none", "has no fs-verity"),
+    "no-release": (lambda s: shutil.rmtree(s.rel), "enabled", "no release directory /bootimg/release"),
+    "no-root-image": (lambda s: (s.rel / "images" / "root.cfs").unlink(), "enabled", "has no root image"),
+    "bad-config": (_bad_conf, "enabled", "BOOTIMG_TRUST is 'maybe'"),
+    "unsafe-release-path": (lambda s: setattr(s, "cmdline", "rw bootimg.release=/bootimg/../etc"), "enabled",
+                            "unsafe release path"),
+    "failure-after-mounting": (_var_is_a_file, "enabled", "cannot create /bootimg/state/var"),
+    "minisign-missing": (lambda s: setattr(s, "env", {"BOOTIMG_MINISIGN_BIN": "/nonexistent/minisign"}), "enabled",
+                         "minisign is not in the initramfs"),
+    "fsverity-missing": (lambda s: setattr(s, "env", {"BOOTIMG_FSVERITY_BIN": "/nonexistent/fsverity"}), "enabled",
+                         "fsverity is not in the initramfs"),
+}
+
+
+@kernel_test
+@pytest.mark.parametrize("case", list(SIGNED_FAILURES))
+def test_signed_fails_closed(scenario, releases, case):
+    s = scenario("signed")
+    change, mode, reason = SIGNED_FAILURES[case]
+    if change is None:
+        _replace_root_image(s, releases)
+    else:
+        change(s)
+    o = s.run(shim_mode=mode, env=getattr(s, "env", None))
+    assert_failed_closed(o, reason)
+
+
+SEALED_FAILURES = {
+    "no-digest-argument": ("rw quiet", "no composefs.digest= on the kernel command line"),
+    "wrong-prefix": ("composefs.digest=sha256:{d} rw", "malformed kernel argument"),
+    "short-digest": ("composefs.digest=v1-sha256-12:{s} rw", "malformed kernel argument"),
+    "upper-case-digest": ("composefs.digest=v1-sha256-12:{u} rw", "malformed kernel argument"),
+    "empty-digest": ("composefs.digest= rw", "malformed kernel argument"),
+    "two-digests": ("composefs.digest=v1-sha256-12:{d} composefs.digest=v1-sha256-12:{d}", "given 2 times"),
+    "other-digest": ("composefs.digest=v1-sha256-12:{o} rw", "has fs-verity digest 'sha256:{d} "),
+}
+
+
+@kernel_test
+@pytest.mark.parametrize("case", list(SEALED_FAILURES))
+def test_sealed_fails_closed(scenario, case):
+    s = scenario("sealed")
+    cmdline, reason = SEALED_FAILURES[case]
+    other = "0123456789abcdef" * 4
+    fmt = {"d": s.digest, "s": s.digest[:63], "u": s.digest.upper(), "o": other}
+    s.cmdline = cmdline.format(**fmt)
+    assert_failed_closed(s.run(), reason.format(**fmt))
+
+
+@kernel_test
+def test_sealed_fails_closed_on_replaced_image(scenario, releases):
+    s = scenario("sealed")
+    s.seal()
+    shutil.copyfile(releases["dev"] / "images" / "root.cfs", s.rel / "images" / "root.cfs")
+    assert_failed_closed(s.run(), "expected sha256:" + s.digest)
+
+
+@kernel_test
+def test_required_provisioning_failure_is_fatal(scenario):
+    s = scenario("sealed", provisioned=False)
+    s.seal()
+    o = s.run(shim_mode="none")
+    assert_failed_closed(o, "cannot enable fs-verity on release /bootimg/release")
+    assert "bootimg-provision: cannot enable fs-verity on" in o.stderr
+    assert not (s.phys / "bootimg" / "state" / ".provisioned").exists()
+

@@ -1,0 +1,812 @@
+"""Boot-time container units (bootimg.boot.units, bootimg.boot.quadlet).
+
+The manifest maps to unit settings as documented in units.container_service; every generated
+unit passes `systemd-analyze verify` (systemd 252, as on the target), which is shown to catch
+broken units; the quadlet files pass a static check of podman 5.3's key lists, which is shown
+to reject unknown keys; the mount helper passes `sh -n` and shellcheck and, as root, mounts a
+real image (and refuses an unverified one in one line); a build of the example manifest
+carries all of it in images/root.cfs, byte-identical across builds; and, where
+systemd-nspawn is available, the units boot for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bootimg.boot import quadlet, units
+from bootimg.boot.units import ContainerImage
+from bootimg.composefs.reader import load_image
+from bootimg.composefs.store import ObjectStore
+from bootimg.composefs.tree import Node
+from bootimg.errors import BootimgError
+from bootimg.manifest import load_manifest
+from bootimg.sources import treeops
+
+from conftest import REPO, composefs_mount, example_workspace, have, requires_root, run_cli
+
+DIGEST = "ab" * 32
+EPOCH = 1767225600
+HELPER = REPO / "bootimg" / "boot" / "templates" / "bootimg-mount-image"
+UNIT = units.UNIT_DIR
+
+needs_analyze = pytest.mark.skipif(not have("systemd-analyze"), reason="needs systemd-analyze")
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+def make_manifest(tmp_path: Path, containers: list[dict], *, fsverity: str = "required", name: str = "m.yaml"):
+    """A valid manifest with these containers (JSON is YAML); image paths need not exist."""
+    doc = {
+        "apiVersion": "bootimg/v1",
+        "identity": {"name": "unit-test", "version": "1.0", "source_date_epoch": EPOCH},
+        "rootfs": {"source": {"type": "directory", "path": "rootfs"}},
+        "containers": containers,
+        "integrity": {"trust": "sealed", "fsverity": fsverity},
+    }
+    path = tmp_path / name
+    path.write_text(json.dumps(doc, indent=1))
+    return load_manifest(path, on_warning=None)
+
+
+def box(name: str = "app", command: list[str] | None = None, image_type: str = "directory", **extra) -> dict:
+    c = {"name": name, "image": {"type": image_type, "path": f"images/{name}"}}
+    if image_type == "oci":
+        c["image"]["ref"] = "latest"
+    if command is not None:
+        c["command"] = command
+    elif image_type != "oci":
+        c["command"] = [f"/usr/bin/{name}"]
+    c.update(extra)
+    return c
+
+
+def generate(manifest, configs=None, images=None) -> dict[str, str]:
+    files = units.unit_files(manifest, {c.name: DIGEST for c in manifest.containers}, configs, images)
+    return {path: data.decode() for path, (data, _mode) in files.items()}
+
+
+def section(text: str, name: str) -> list[str]:
+    """The non-comment lines of one [section] of a unit file."""
+    out, current = [], None
+    for line in text.splitlines():
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == name and line and not line.startswith("#"):
+            out.append(line)
+    return out
+
+
+def commands_of(manifest, files: dict[str, str]) -> list[str]:
+    """The container commands the units run (systemd-analyze checks them inside --root)."""
+    exes = []
+    for c in manifest.containers:
+        line = next(x for x in files[f"{UNIT}/{c.name}.service"].splitlines() if x.startswith("ExecStart="))
+        exes.append(shlex.split(line[len("ExecStart="):])[0])
+    return exes
+
+
+def image(files: dict[str, tuple[bytes, int]], symlinks: dict[str, str] | None = None) -> ContainerImage:
+    root = Node(stat.S_IFDIR | 0o755)
+    store = ObjectStore("/nonexistent-bootimg-store")  # only inline (<= 64 byte) files here
+    for path, (data, mode) in files.items():
+        treeops.add_file(root, path, data, mode, store=store)
+    for path, target in (symlinks or {}).items():
+        parts = [p.encode() for p in path.strip("/").split("/")]
+        parent = treeops.make_dirs(root, parts[:-1])
+        link = Node(stat.S_IFLNK | 0o777, size=len(target))
+        link.payload = target.encode()
+        parent.add_child(parts[-1], link)
+    return ContainerImage(root)
+
+
+def verify(files: dict[str, str], executables) -> subprocess.CompletedProcess:
+    return units.systemd_verify({p: (d.encode(), 0o755 if p == units.HELPER else 0o644) for p, d in files.items()},
+                                executables=executables)
+
+
+# -- the mapping ------------------------------------------------------------------------------------------
+
+def test_phases(tmp_path):
+    m = make_manifest(tmp_path, [box("e", phase="early"), box("b", phase="basic"), box("d")])
+    f = generate(m)
+    early, basic, default = (section(f[f"{UNIT}/{n}.service"], "Unit") for n in "ebd")
+    for lines in (early, basic):
+        assert "DefaultDependencies=no" in lines
+        assert "Conflicts=shutdown.target" in lines and "Before=shutdown.target" in lines
+    assert "After=local-fs.target" in early and "Before=sysinit.target" in early
+    assert "After=sysinit.target" in basic and "Before=basic.target" in basic
+    assert not any(x.startswith("DefaultDependencies") or "sysinit" in x or "basic.target" in x for x in default)
+    assert section(f[f"{UNIT}/sysinit.target.d/50-bootimg.conf"], "Unit") == ["Wants=e.service"]
+    assert section(f[f"{UNIT}/basic.target.d/50-bootimg.conf"], "Unit") == ["Wants=b.service"]
+    assert section(f[f"{UNIT}/multi-user.target.d/50-bootimg.conf"], "Unit") == ["Wants=bootimg-containers.target"]
+    target = section(f[f"{UNIT}/bootimg-containers.target"], "Unit")
+    assert "Wants=e.service b.service d.service" in target and "After=e.service b.service d.service" in target
+    # Every container waits for its verified image; the image units have no default dependencies.
+    for n in "ebd":
+        assert {f"Requires=bootimg-image-{n}.service", f"After=bootimg-image-{n}.service"} <= \
+            set(section(f[f"{UNIT}/{n}.service"], "Unit"))
+        img = section(f[f"{UNIT}/bootimg-image-{n}.service"], "Unit")
+        assert "DefaultDependencies=no" in img and "After=local-fs.target" in img
+    # No early or basic containers: no drop-ins for their targets.
+    f2 = generate(make_manifest(tmp_path, [box("d")], name="d.yaml"))
+    assert f"{UNIT}/sysinit.target.d/50-bootimg.conf" not in f2 and f"{UNIT}/basic.target.d/50-bootimg.conf" not in f2
+
+
+def test_readiness_restart_network_resources(tmp_path):
+    m = make_manifest(tmp_path, [
+        box("n", readiness="notify", restart="always", network="none",
+            resources={"cpu_weight": 1000, "memory_max_mib": 64}),
+        box("s", readiness="started", restart="never", network="host"),
+        box("o", restart="on-failure", resources={"memory_max_mib": 1}),
+    ])
+    f = generate(m)
+    n, s, o = (section(f[f"{UNIT}/{x}.service"], "Service") for x in "nso")
+    assert n[:3] == ["Type=notify", "NotifyAccess=all", "Restart=always"]
+    assert "PrivateNetwork=yes" in n and "CPUWeight=1000" in n and "MemoryMax=64M" in n
+    assert s[:2] == ["Type=exec", "Restart=no"] and "PrivateNetwork=yes" not in s
+    assert not any(x.startswith(("CPUWeight", "MemoryMax")) for x in s)
+    assert "Restart=on-failure" in o and "MemoryMax=1M" in o and not any(x.startswith("CPUWeight") for x in o)
+    for x, lines in zip("nso", (n, s, o)):
+        assert {f"RootDirectory=/run/bootimg/containers/{x}", "MountAPIVFS=yes", "ProtectSystem=strict",
+                "ProtectHome=yes", "PrivateTmp=yes", "NoNewPrivileges=yes"} <= set(lines)
+    q = {x: f[f"{units.QUADLET_DIR}/{x}.container"] for x in "nso"}
+    assert "Notify=true" in section(q["n"], "Container") and "Network=none" in section(q["n"], "Container")
+    assert "Notify=true" not in section(q["s"], "Container") and "Network=host" in section(q["s"], "Container")
+    assert section(q["n"], "Service") == ["Restart=always", "CPUWeight=1000", "MemoryMax=64M"]
+    # Podman's implicit network-online dependency is dropped where no network is wanted.
+    assert section(q["n"], "Quadlet") == ["DefaultDependencies=false"] and section(q["s"], "Quadlet") == []
+
+
+def test_essential(tmp_path):
+    m = make_manifest(tmp_path, [box("r", essential="reboot"), box("e", essential="emergency"), box("n")])
+    f = generate(m)
+    for name, expected in (("r", ["FailureAction=reboot"]),
+                           ("e", ["OnFailure=emergency.target", "OnFailureJobMode=isolate"]), ("n", [])):
+        # On the image unit too: a failed mount only fails the container's job ("dependency"),
+        # which does not put the container unit into the failed state.
+        for unit in (f"{name}.service", f"bootimg-image-{name}.service"):
+            lines = section(f[f"{UNIT}/{unit}"], "Unit")
+            assert [x for x in lines if x.startswith(("FailureAction", "OnFailure"))] == expected, unit
+
+
+def test_ordering_and_deadline(tmp_path):
+    m = make_manifest(tmp_path, [
+        box("first", deadline_ms=800),
+        box("second", deadline_ms=2600, ordering={"after": ["first", "other.service"], "before": ["x.target"],
+                                                 "requires": ["first"], "wants": ["w.service"]}),
+        box("third", deadline_ms=3500),
+    ])
+    f = generate(m)
+    text = f[f"{UNIT}/second.service"]
+    unit = section(text, "Unit")
+    assert "After=first.service other.service" in unit and "Before=x.target" in unit
+    assert "Requires=first.service" in unit and "Wants=w.service" in unit
+    assert "# bootimg: deadline_ms=2600 " in text
+    assert "TimeoutStartSec=5200ms" in section(text, "Service")
+    assert "TimeoutStartSec=5s" in section(f[f"{UNIT}/first.service"], "Service")       # floor: 5 s
+    assert "TimeoutStartSec=7s" in section(f[f"{UNIT}/third.service"], "Service")
+    assert "deadline_ms" not in generate(make_manifest(tmp_path, [box("x")], name="x.yaml"))[f"{UNIT}/x.service"]
+    assert units.start_timeout_ms(1) == 5000 and units.timespan_ms(5200) == "5200ms"
+
+
+def test_binds(tmp_path):
+    m = make_manifest(tmp_path, [box("b", binds=[{"source": "/run/vsomeip", "target": "/run/vsomeip"},
+                                                 {"source": "/etc/ca%1.pem", "target": "/data/ca.pem"}])])
+    f = generate(m)
+    assert "BindReadOnlyPaths=/run/vsomeip:/run/vsomeip /etc/ca%%1.pem:/data/ca.pem" in \
+        section(f[f"{UNIT}/b.service"], "Service")
+    start = next(x for x in section(f[f"{UNIT}/bootimg-image-b.service"], "Service") if x.startswith("ExecStart="))
+    assert start == (f"ExecStart={units.HELPER} --bind=/run/vsomeip:/run/vsomeip --bind=/etc/ca%%1.pem:/data/ca.pem "
+                     f"b {DIGEST}")
+    vols = [x for x in section(f[f"{units.QUADLET_DIR}/b.container"], "Container") if x.startswith("Volume=")]
+    assert vols == ["Volume=/run/vsomeip:/run/vsomeip:ro", "Volume=/etc/ca%%1.pem:/data/ca.pem:ro"]
+    bad = make_manifest(tmp_path, [box("b", binds=[{"source": "/a b", "target": "/x"}])], name="bad.yaml")
+    with pytest.raises(BootimgError, match="container 'b': bind source '/a b'"):
+        generate(bad)
+
+
+def test_fsverity_optional_is_passed_to_the_helper(tmp_path):
+    f = generate(make_manifest(tmp_path, [box("a")], fsverity="optional"))
+    assert f"ExecStart={units.HELPER} --fsverity=optional a {DIGEST}" in f[f"{UNIT}/bootimg-image-a.service"]
+    f = generate(make_manifest(tmp_path, [box("a")], name="req.yaml"))
+    assert f"ExecStart={units.HELPER} a {DIGEST}" in f[f"{UNIT}/bootimg-image-a.service"]
+
+
+def test_user_forms(tmp_path):
+    passwd = b"root:x:0:0::/:/bin/sh\nsvc:x:1200:1300::/:/bin/sh\n"   # 45 bytes: inline
+    group = b"root:x:0:\nsvcgrp:x:1400:\n"
+    img = image({"/etc/passwd": (passwd, 0o644), "/etc/group": (group, 0o644), "/usr/bin/a": (b"#!/bin/sh\n", 0o755)})
+    a = ["/usr/bin/a"]
+    m = make_manifest(tmp_path, [box("a", user="1100:1100"), box("b", user="1100"), box("c", a, user="svc"),
+                                 box("d", a, user="1200"), box("e"), box("f", a, user="svc")])
+    f = generate(m, images={"c": img, "d": img, "f": img})
+    def ids(n):
+        return [x for x in section(f[f"{UNIT}/{n}.service"], "Service") if x.startswith(("User=", "Group="))]
+    assert ids("a") == ["User=1100", "Group=1100"]
+    assert ids("b") == ["User=1100"]                      # no group known: systemd's choice
+    assert ids("c") == ["User=1200", "Group=1300"]        # a name means the image's passwd, not the host's
+    assert ids("d") == ["User=1200", "Group=1300"]        # primary group from the image's passwd
+    assert ids("e") == []                                  # the image's default (root)
+    assert "# bootimg: user svc is 1200 in the image's /etc/passwd" in f[f"{UNIT}/c.service"]
+    assert {"User=1100", "Group=1100"} <= set(section(f[f"{units.QUADLET_DIR}/a.container"], "Container"))
+    # The numeric ids exist at boot (systemd refuses User= ids missing from the system's database).
+    assert "After=systemd-sysusers.service" in section(f[f"{UNIT}/a.service"], "Unit")
+    assert "After=systemd-sysusers.service" not in section(f[f"{UNIT}/e.service"], "Unit")
+    assert [x for x in f[units.SYSUSERS_FILE].splitlines() if not x.startswith("#")] == [
+        "g bootimg-1100 1100", "g bootimg-1300 1300",
+        'u bootimg-1100 1100:1100 "bootimg containers a, b" - -',
+        'u bootimg-1200 1200:1300 "bootimg containers c, d, f" - -',
+    ]
+    # Without the image a name is left for systemd; with it, an unknown name is an error.
+    assert "User=svc" in generate(make_manifest(tmp_path, [box("c", user="svc")], name="n.yaml"))[f"{UNIT}/c.service"]
+    with pytest.raises(BootimgError, match="container 'c': user 'nobody2' is not in its image's /etc/passwd"):
+        generate(make_manifest(tmp_path, [box("c", a, user="nobody2")], name="u.yaml"), images={"c": img})
+    # Nobody but root: no sysusers file.
+    assert units.SYSUSERS_FILE not in generate(make_manifest(tmp_path, [box("r", user="0")], name="r.yaml"))
+
+
+def test_oci_config_fallbacks_and_env_merge(tmp_path):
+    m = make_manifest(tmp_path, [
+        box("o", image_type="oci", environment={"MODE": "manifest", "EXTRA": "1"}),
+        box("p", image_type="oci", command=["/bin/own", "x"]),
+    ])
+    configs = {
+        "o": {"Entrypoint": ["/usr/bin/entry", "--flag"], "Cmd": ["arg one"], "User": "1100:1200",
+              "Env": ["PATH=/usr/bin:/bin", "MODE=image", "NOEQUALS"], "WorkingDir": "/srv"},
+        "p": {"Entrypoint": ["/usr/bin/entry"], "Cmd": ["ignored"], "Env": ["A=1"]},
+    }
+    f = generate(m, configs)
+    o = section(f[f"{UNIT}/o.service"], "Service")
+    assert 'ExecStart=/usr/bin/entry --flag "arg one"' in o
+    assert [x for x in o if x.startswith("Environment=")] == [
+        "Environment=EXTRA=1", "Environment=MODE=manifest", "Environment=PATH=/usr/bin:/bin"]
+    assert "User=1100" in o and "Group=1200" in o and "WorkingDirectory=/srv" in o
+    assert "# bootimg: command from the image's OCI config (Entrypoint + Cmd)" in f[f"{UNIT}/o.service"]
+    assert "# bootimg: user 1100:1200 from the image's OCI config" in f[f"{UNIT}/o.service"]
+    # The manifest's command replaces entrypoint and cmd alike.
+    assert "ExecStart=/bin/own x" in section(f[f"{UNIT}/p.service"], "Service")
+    q = section(f[f"{units.QUADLET_DIR}/o.container"], "Container")
+    assert 'Exec=/usr/bin/entry --flag "arg one"' in q and "WorkingDir=/srv" in q
+    # Neither the manifest nor the image says what to run: an error naming the container.
+    with pytest.raises(BootimgError, match="container 'o': no command: the manifest sets none and its image"):
+        generate(m, {"o": {"Env": ["A=1"]}, "p": {}})
+    with pytest.raises(BootimgError, match="container 'o': no command"):
+        generate(m, {})
+
+
+def test_command_is_checked_in_the_image(tmp_path):
+    img = image({"/usr/bin/real": (b"#!/bin/sh\n", 0o755), "/usr/bin/data": (b"x", 0o644)},
+                {"/bin": "usr/bin", "/usr/local/bin/tool": "../../bin/real"})
+    ok = make_manifest(tmp_path, [box("a", command=["/bin/real"]), box("b", command=["tool", "-v"]),
+                                  box("c", command=["/usr/local/bin/tool"])])
+    f = generate(ok, images={"a": img, "b": img, "c": img})
+    assert "ExecStart=/bin/real" in f[f"{UNIT}/a.service"]                 # through the /bin symlink
+    assert "ExecStart=/usr/local/bin/tool -v" in f[f"{UNIT}/b.service"]    # a bare name, found on PATH
+    for command, message in ((["/usr/bin/missing"], "command /usr/bin/missing is not in its image"),
+                             (["/usr/bin/data"], "command /usr/bin/data is not an executable file in its image"),
+                             (["nothere"], "command 'nothere' is not on the image's PATH"),
+                             (["rel/x"], "command 'rel/x' is a relative path")):
+        bad = make_manifest(tmp_path, [box("a", command=command)], name="bad.yaml")
+        with pytest.raises(BootimgError, match=f"container 'a': {re.escape(message)}"):
+            generate(bad, images={"a": img})
+
+
+TRICKY = ["plain", "two words", "", 'dq"uote', "sq'uote", "back\\slash", "100%", "%n", "$HOME", "${X}", "$$",
+          ";", "a;b", "tab\there", "new\nline", "ünï", "-dash", "=eq"]
+
+
+def test_quoting_of_tricky_arguments():
+    assert units.exec_word("plain") == "plain"
+    assert units.exec_word("two words") == '"two words"'
+    assert units.exec_word("") == '""'
+    assert units.exec_word('dq"uote') == '"dq\\"uote"'
+    assert units.exec_word("back\\slash") == '"back\\\\slash"'
+    assert units.exec_word("100%") == "100%%"
+    assert units.exec_word("$HOME") == "$$HOME"
+    assert units.exec_word(";") == '";"'            # a lone unquoted ; separates commands
+    assert units.exec_word("new\nline") == '"new\\nline"'
+    assert units.env_assignment("K", "a $b %c") == '"K=a $b %%c"'   # no $ expansion in Environment=
+    assert units.env_assignment("K", "v") == "K=v"
+    for first in ("-x", "@x", "/a b/$x", "/bin/", "+x", "", "rel/x", "/a\"b"):
+        with pytest.raises(BootimgError, match="cannot be an executable for systemd"):
+            units.exec_line([first, "arg"], container="c")
+
+
+@needs_analyze
+def test_tricky_arguments_pass_systemd_analyze(tmp_path):
+    m = make_manifest(tmp_path, [box("t", command=["/usr/bin/t", *TRICKY],
+                                     environment={"A": "x y", "B": 'q"', "C": "100%", "D": "$NOT", "E": "b\\s"})])
+    f = generate(m)
+    res = verify(f, ["/usr/bin/t"])
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+
+
+# -- systemd-analyze verify ---------------------------------------------------------------------------
+
+def example_manifest(tmp_path):
+    ws = example_workspace(tmp_path / "ws")
+    return ws, load_manifest(ws / "manifests" / "ivi-demo.yaml", on_warning=None)
+
+
+EXAMPLE_CONFIGS = {  # what tools/example_inputs.py puts in the two OCI images' configs
+    "vehicle-bus": {"Entrypoint": ["/usr/bin/vbusd"], "Env": ["PATH=/usr/bin"], "User": "1100:1100"},
+    "cluster": {"Cmd": ["/usr/bin/clusterd"], "Env": ["PATH=/usr/bin"]},
+}
+
+
+@needs_analyze
+def test_every_generated_unit_passes_systemd_analyze_verify(tmp_path):
+    _, m = example_manifest(tmp_path)
+    f = generate(m, EXAMPLE_CONFIGS)
+    res = verify(f, commands_of(m, f))
+    assert sorted(res.args[3:]) == sorted([
+        "basic.target", "bootimg-containers.target", "multi-user.target", "sysinit.target",
+        *[f"bootimg-image-{c.name}.service" for c in m.containers], *[f"{c.name}.service" for c in m.containers]])
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+    # Every mapping variant too.
+    variants = make_manifest(tmp_path, [
+        box("e", phase="early", readiness="notify", essential="reboot", restart="always", user="1100:1100",
+            binds=[{"source": "/run/x", "target": "/run/x"}], resources={"cpu_weight": 5, "memory_max_mib": 8},
+            deadline_ms=100),
+        box("b", phase="basic", essential="emergency", restart="never", network="host", user="1200",
+            ordering={"after": ["e"], "requires": ["e"], "wants": ["nonexistent-but-wanted.service"]}),
+        box("d", ordering={"after": ["b", "network-online.target"], "before": ["multi-user.target"]},
+            environment={"X": "1"}),
+    ], fsverity="optional", name="variants.yaml")
+    f = generate(variants)
+    res = verify(f, ["/usr/bin/e", "/usr/bin/b", "/usr/bin/d"])
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+
+
+@needs_analyze
+@pytest.mark.parametrize("breakage, expected", [
+    (("telemetry.service", "Type=exec", "Type=exec\nRestartSecs=1"), "Unknown key 'RestartSecs'"),
+    (("telemetry.service", "Restart=on-failure", "Restart=sometimes"), "Failed to parse service restart"),
+    (("vehicle-bus.service", "FailureAction=reboot", "FailureAction=reboot\nAfter=multi-user.target"),
+     "Found ordering cycle"),
+    (("telemetry.service", "ExecStart=/usr/bin/telemetryd", 'ExecStart=/usr/bin/telemetryd "open'),
+     "Unbalanced quoting"),
+    (("multi-user.target.d/50-bootimg.conf", "Wants=", "Wantz="), "Unknown key 'Wantz'"),
+    (("cluster.service", "Requires=bootimg-image-cluster.service", "Requires=bootimg-image-clustr.service"),
+     "Unit bootimg-image-clustr.service not found"),
+    (None, "Command /usr/bin/telemetryd is not executable"),
+])
+def test_systemd_analyze_catches_broken_units(tmp_path, breakage, expected):
+    _, m = example_manifest(tmp_path)
+    f = generate(m, EXAMPLE_CONFIGS)
+    exes = commands_of(m, f)
+    if breakage is None:
+        exes.remove("/usr/bin/telemetryd")
+    else:
+        name, old, new = breakage
+        assert old in f[f"{UNIT}/{name}"]
+        f[f"{UNIT}/{name}"] = f[f"{UNIT}/{name}"].replace(old, new, 1)
+    res = verify(f, exes)
+    assert res.stdout + res.stderr != ""
+    assert expected in res.stderr
+
+
+# -- quadlet -----------------------------------------------------------------------------------------------
+
+@needs_analyze
+def test_quadlets_pass_the_static_check_and_systemd(tmp_path):
+    _, m = example_manifest(tmp_path)
+    f = generate(m, EXAMPLE_CONFIGS)
+    quadlets = {p: t for p, t in f.items() if p.startswith(units.QUADLET_DIR)}
+    assert len(quadlets) == 4
+    for path, text in quadlets.items():
+        assert quadlet.check_container(text, path) == []
+        assert "# Podman quadlet (needs podman >= 4.5)" in text
+        for group in ("Container", "Quadlet"):
+            for line in section(text, group):
+                assert (group, line.split("=", 1)[0]) in quadlet.EMITTED_KEYS_SINCE, line
+    # The [Unit]/[Service]/[Install] parts, as the service quadlet would make: systemd accepts them.
+    shadow = dict(f)
+    for path, text in quadlets.items():
+        name = Path(path).stem
+        shadow[f"{UNIT}/{name}.service"] = quadlet.approximate_service(text)
+    res = verify(shadow, ["/usr/bin/podman"])
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+
+
+def test_quadlet_check_rejects_bad_files():
+    good = "[Unit]\nDescription=x\n[Container]\nRootfs=/r\nExec=/bin/x\n[Install]\nWantedBy=a.target\n"
+    assert quadlet.check_container(good, "q.container") == []
+    problems = quadlet.check_container(good.replace("Exec=/bin/x", "Exec=/bin/x\nRootFS=/typo"), "q.container")
+    assert problems == ["q.container:6: unsupported key 'RootFS' in group 'Container' "
+                        f"(not in {quadlet.PODMAN_REFERENCE})"]
+    cases = {
+        good.replace("Rootfs=/r", "Image=quay.io/x\nRootfs=/r"): "the Image and Rootfs keys conflict",
+        good.replace("Rootfs=/r\n", ""): "no Image or Rootfs key specified",
+        good.replace("Exec=/bin/x", "Exec=/bin/x\nGroup=5"): "invalid Group set without User",
+        good + "[Service]\nType=exec\n": "invalid service Type 'exec'",
+        good + "[Service]\nKillMode=none\n": "invalid KillMode 'none'",
+        good + "[Quadlet]\nDefaultDependencies=maybe\n": "DefaultDependencies=maybe: not a boolean",
+        good + "[Quadlet]\nPull=never\n": "unsupported key 'Pull' in group 'Quadlet'",
+        good.replace("WantedBy=", "Also="): "unsupported key 'Also' in group 'Install'",
+        good + "[Bogus]\nA=b\n": "unknown group [Bogus]",
+        good.replace("ReadOnly", "x") + "[Container]\nReadOnly=perhaps\n": "ReadOnly=perhaps: not a boolean",
+        "Rootfs=/x\n" + good: "assignment outside of any group",
+    }
+    for text, message in cases.items():
+        assert any(message in p for p in quadlet.check_container(text, "q")), (message, text)
+    assert quadlet.check_container(good + "[X-Custom]\nAnything=1\n", "q") == []
+    # Continuation lines are joined the way systemd joins them.
+    parsed = quadlet.parse_unit("[Container]\nExec=/bin/x \\\n  --flag\n")
+    assert parsed.values("Container", "Exec") == ["/bin/x  --flag"]
+
+
+def test_quadlet_needs_newer_podman_for_workdir(tmp_path):
+    m = make_manifest(tmp_path, [box("w", image_type="oci")])
+    f = generate(m, {"w": {"Cmd": ["/bin/w"], "WorkingDir": "/srv"}})
+    assert "# Podman quadlet (needs podman >= 4.6)" in f[f"{units.QUADLET_DIR}/w.container"]
+
+
+# -- templates and packaging -------------------------------------------------------------------------------
+
+def test_templates_ship_and_render_strictly():
+    names = {p.name for p in (REPO / "bootimg" / "boot" / "templates").iterdir()}
+    assert {"bootimg-image.service.in", "container.service.in", "container.container.in",
+            "bootimg-containers.target.in", "wants.conf.in", "sysusers.conf.in", "bootimg-mount-image"} <= names
+    assert (REPO / "units").resolve() == (REPO / "bootimg" / "boot" / "templates").resolve()
+    assert 'templates/*' in (REPO / "pyproject.toml").read_text()
+    with pytest.raises(KeyError, match="no value for @WANTS@"):
+        units.render("wants.conf.in", {"RELEASE": "r", "WHY": "w"})
+    with pytest.raises(KeyError, match="unused values"):
+        units.render("wants.conf.in", {"RELEASE": "r", "WHY": "w", "WANTS": "x", "EXTRA": "y"})
+    assert not re.search(r"@[A-Z_]+@", units.render("wants.conf.in", {"RELEASE": "r", "WHY": "w", "WANTS": "x"}))
+
+
+def test_no_containers_no_files(tmp_path):
+    assert units.unit_files(make_manifest(tmp_path, []), {}) == {}
+
+
+def test_generation_is_deterministic(tmp_path):
+    _, m = example_manifest(tmp_path)
+    digests = {c.name: DIGEST for c in m.containers}
+    assert units.unit_files(m, digests, EXAMPLE_CONFIGS) == units.unit_files(m, dict(reversed(digests.items())),
+                                                                              EXAMPLE_CONFIGS)
+
+
+def test_add_sysroot_makes_an_empty_directory(tmp_path):
+    m = make_manifest(tmp_path, [])
+
+    class Ctx:
+        manifest = m
+
+    root = Node(stat.S_IFDIR | 0o755)
+    units.add_sysroot(Ctx, root)
+    node = root.lookup(b"/sysroot")
+    assert node.is_dir() and node.children == {} and node.mtime_sec == EPOCH
+    units.add_sysroot(Ctx, root)  # already there and empty: fine
+    treeops.add_file(root, "/sysroot/stray", b"x", store=ObjectStore(tmp_path / "s"))
+    with pytest.raises(BootimgError, match="/sysroot must be empty .*it holds: stray"):
+        units.add_sysroot(Ctx, root)
+
+
+# -- the mount helper -------------------------------------------------------------------------------------
+
+def test_helper_passes_sh_n_and_shellcheck():
+    assert subprocess.run(["sh", "-n", str(HELPER)], capture_output=True).returncode == 0
+    if have("busybox"):
+        assert subprocess.run(["busybox", "sh", "-n", str(HELPER)], capture_output=True).returncode == 0
+    if not have("shellcheck"):
+        pytest.fail("shellcheck is not installed (tools/setup-host.sh installs it)")
+    res = subprocess.run(["shellcheck", "-s", "sh", str(HELPER)], capture_output=True, text=True)
+    assert (res.returncode, res.stdout) == (0, "")
+    assert units.mount_helper() == HELPER.read_bytes() and os.access(HELPER, os.X_OK)
+
+
+def run_helper(*args, env=None):
+    full = {"PATH": os.environ["PATH"], **(env or {})}
+    return subprocess.run(["sh", str(HELPER), *args], capture_output=True, text=True, env=full, timeout=60)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "usage:"),
+    (["--fsverity=sometimes", "a", DIGEST], "usage:"),
+    (["Bad_Name", DIGEST], "invalid container name"),
+    (["a", "xyz"], "invalid digest 'xyz'"),
+    (["--bind=relative:/x", "a", DIGEST], "usage:"),
+    (["--bind=/a/../b:/x", "a", DIGEST], "invalid --bind"),
+    (["a", DIGEST], "/nonexistent/objects: no such directory"),
+])
+def test_helper_refuses_bad_arguments_in_one_line(args, message):
+    res = run_helper(*args, env={"BOOTIMG_RELEASE": "/nonexistent", "BOOTIMG_RUN": "/nonexistent-run"})
+    assert res.returncode == 1 and res.stdout == ""
+    assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith("bootimg: FATAL: container ")
+    assert message in res.stderr
+
+
+def test_helper_release_dir_from_the_kernel_command_line(tmp_path):
+    # Without BOOTIMG_RELEASE the release is /sysroot + bootimg.release= (or /bootimg/release).
+    res = run_helper("a", DIGEST, env={"BOOTIMG_RUN": str(tmp_path)})
+    cmdline = Path("/proc/cmdline").read_text()
+    m = re.search(r"(?:^|\s)bootimg\.release=(/\S*)", cmdline)
+    expected = "/sysroot" + (m.group(1) if m else "/bootimg/release")
+    assert f"{expected}/objects: no such directory" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The example manifest built twice (fs-verity optional for a variant that mounts here)."""
+    top = tmp_path_factory.mktemp("units-build")
+    ws = example_workspace(top / "ws")
+    outs = []
+    for i in (1, 2):
+        out = top / f"out{i}"
+        res = run_cli("build", str(ws / "manifests" / "ivi-demo.yaml"), "-o", str(out),
+                      "--key", str(ws / "build" / "keys" / "release-2026.key"))
+        assert res.returncode == 0, res.stderr.decode()
+        outs.append(out)
+    return ws, outs
+
+
+def root_files(out: Path) -> dict[str, tuple[bytes, int]]:
+    """The boot-unit files inside OUT/images/root.cfs, read back with the object store."""
+    root = load_image(out / "images" / "root.cfs").root
+    found = {}
+    for node in root.walk():
+        path = node.path().decode()
+        if not node.is_reg() or not path.startswith((UNIT, units.QUADLET_DIR, "/usr/libexec/bootimg/bootimg-mount",
+                                                      units.SYSUSERS_FILE)):
+            continue
+        data = node.content if node.content is not None else (out / "objects" / node.payload.decode()).read_bytes()
+        found[path] = (bytes(data), stat.S_IMODE(node.mode))
+    return found
+
+
+def test_build_puts_the_units_in_the_root_image(built):
+    ws, (out1, out2) = built
+    release = json.loads((out1 / "release.json").read_bytes())
+    files = root_files(out1)
+    m = load_manifest(ws / "manifests" / "ivi-demo.yaml", on_warning=None)
+    names = [c.name for c in m.containers]
+    expected = {f"{UNIT}/{n}" for n in ("bootimg-containers.target", "multi-user.target.d/50-bootimg.conf",
+                                         "sysinit.target.d/50-bootimg.conf", "basic.target.d/50-bootimg.conf")}
+    for n in names:
+        expected |= {f"{UNIT}/{n}.service", f"{UNIT}/bootimg-image-{n}.service", f"{units.QUADLET_DIR}/{n}.container"}
+    expected |= {units.HELPER, units.SYSUSERS_FILE}
+    assert expected <= set(files)
+    assert files[units.HELPER] == (HELPER.read_bytes(), 0o755)
+    # Each image unit pins its container to the digest the release records for it.
+    for n in names:
+        text = files[f"{UNIT}/bootimg-image-{n}.service"][0].decode()
+        assert f" {n} {release['images'][n]['digest']}\n" in text
+    # The same files as generated straight from the manifest and the images' configs.
+    direct = units.unit_files(m, {n: release["images"][n]["digest"] for n in names}, EXAMPLE_CONFIGS)
+    assert {p: v for p, v in files.items() if p in direct} == direct
+    # Two builds: the same root image, byte for byte.
+    assert (out1 / "images" / "root.cfs").read_bytes() == (out2 / "images" / "root.cfs").read_bytes()
+    assert root_files(out2) == files
+
+
+@needs_analyze
+def test_units_from_the_root_image_pass_systemd_analyze(built):
+    ws, (out, _) = built
+    files = root_files(out)
+    m = load_manifest(ws / "manifests" / "ivi-demo.yaml", on_warning=None)
+    decoded = {p: d.decode() for p, (d, _) in files.items()}
+    res = units.systemd_verify(files, executables=commands_of(m, decoded))
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+
+
+def test_built_root_has_a_sysroot_directory(built):
+    _, (out, _) = built
+    node = load_image(out / "images" / "root.cfs").root.lookup(b"/sysroot")
+    assert node is not None and node.is_dir()
+    assert node.children == {}
+
+
+@requires_root
+@pytest.mark.kernel
+def test_helper_mounts_a_real_image_and_fails_closed(built, tmp_path):
+    _, (out, _) = built
+    release = json.loads((out / "release.json").read_bytes())
+    digest = release["images"]["rear-camera"]["digest"]
+    run = tmp_path / "run"
+    env = {"BOOTIMG_RELEASE": str(out), "BOOTIMG_RUN": str(run)}
+    (tmp_path / "srcdir").mkdir()
+    (tmp_path / "srcfile").write_text("x")
+    binds = [f"--bind={tmp_path}/srcdir:/data/dir", f"--bind={tmp_path}/srcfile:/etc/conf.json"]
+    target = run / "containers" / "rear-camera"
+    # fs-verity "required" (this host's kernel has no fs-verity): refused, one line, nothing mounted.
+    res = run_helper(*binds, "rear-camera", digest, env=env)
+    assert res.returncode == 1 and len(res.stderr.splitlines()) == 1
+    assert res.stderr.startswith("bootimg: FATAL: container rear-camera: ") and "no fs-verity digest" in res.stderr
+    assert subprocess.run(["mountpoint", "-q", str(target)]).returncode != 0
+    # "optional": warns and mounts, read-only, with the skeleton of mount points.
+    res = run_helper("--fsverity=optional", *binds, "rear-camera", digest, env=env)
+    try:
+        assert res.returncode == 0, res.stderr
+        assert "WARNING" in res.stderr and "UNVERIFIED" in res.stderr
+        assert (target / "usr/bin/rvc").read_bytes().startswith(b"#!/usr/bin/sh")
+        for d in ("dev", "proc", "sys", "run", "tmp", "var/tmp", "data/dir"):
+            assert (target / d).is_dir(), d
+        assert (target / "etc/conf.json").is_file() and (target / "etc/conf.json").stat().st_size == 0
+        with pytest.raises(OSError):
+            (target / "new").write_text("x")
+        opts = subprocess.run(["findmnt", "-n", "-o", "OPTIONS", str(target)], capture_output=True,
+                              text=True).stdout.strip()
+        assert "ro" in opts.split(",")
+    finally:
+        res = run_helper("--umount", "rear-camera", env=env)
+    assert res.returncode == 0, res.stderr
+    for m in ("containers", "skel", "images"):
+        assert subprocess.run(["mountpoint", "-q", str(run / m / "rear-camera")]).returncode != 0
+    assert str(out) not in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    # A different digest is named (a stand-in fsverity prints one: this kernel has no fs-verity).
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "fsverity").write_text("#!/bin/sh\necho \"sha256:" + "1" * 64 + " $2\"\n")
+    (fake / "fsverity").chmod(0o755)
+    res = run_helper("rear-camera", digest, env={**env, "PATH": f"{fake}:{os.environ['PATH']}"})
+    assert res.returncode == 1 and len(res.stderr.splitlines()) == 1
+    assert f"has fs-verity digest sha256:{'1' * 64}, expected sha256:{digest}" in res.stderr
+
+
+# -- booting the units for real (systemd-nspawn) ------------------------------------------------------------
+
+NSPAWN_ARGS = TRICKY + ["--opt=a b", "100%% literal"]
+NSPAWN_ENV = {"A": "x y", "B": 'q"uote', "C": "100%", "D": "$NOT_EXPANDED", "E": "back\\slash"}
+
+
+def _runtime(top: Path, extra_bins: list[str] = ()) -> None:
+    """A container tree that can run POSIX sh scripts: dash as /usr/bin/sh, sleep, the
+    libraries they (and extra_bins) need, and the usual /bin, /lib64 links."""
+    for d in ("usr/bin", "usr/lib64"):
+        (top / d).mkdir(parents=True, exist_ok=True)
+    for link, target in (("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
+        (top / link).symlink_to(target)
+    bins = {"/bin/dash": "usr/bin/sh", shutil.which("sleep"): "usr/bin/sleep"}
+    bins.update({shutil.which(b): f"usr/bin/{Path(b).name}" for b in extra_bins})
+    libs = set()
+    for host, inside in bins.items():
+        shutil.copy2(host, top / inside)
+        out = subprocess.run(["ldd", host], capture_output=True, text=True, check=True).stdout
+        libs |= {m.group(1) for m in re.finditer(r"(?:=>\s*)?(/\S+)\s+\(0x", out)}
+    for lib in libs:
+        real = Path(lib).resolve()
+        dest = top / ("usr/lib64/" + Path(lib).name if "ld-linux" in lib else str(real).lstrip("/"))
+        if str(real).startswith(("/lib/", "/lib64/")):
+            dest = top / "usr" / str(real).lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(real, dest)
+        if dest.name != Path(lib).name:
+            (dest.parent / Path(lib).name).symlink_to(dest.name)
+
+
+def _script(top: Path, name: str, body: str) -> None:
+    path = top / "usr/bin" / name
+    path.write_text("#!/usr/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def nspawn_release(tmp_path):
+    """A release with three boot-time containers exercising the mapping, for nspawn."""
+    imgs = tmp_path / "images"
+    argv, notify, plain = imgs / "argv", imgs / "notify", imgs / "plain"
+    _runtime(argv)
+    _script(argv, "show", 'for a in "$@"; do printf "ARG[%s]\\n" "$a"; done\n'
+                          'for v in A B C D E; do eval "printf \\"ENV[%s=%s]\\\\n\\" $v \\"\\$$v\\""; done\n'
+                          'while read -r k v rest; do [ "$k" = Uid: ] && echo "UID[$v]"; done </proc/self/status\n'
+                          'echo READY-ARGV\nexec sleep 600\n')
+    _runtime(notify, ["systemd-notify"])
+    _script(notify, "notifier", "systemd-notify --ready\necho READY-NOTIFY\nexec sleep 600\n")
+    _runtime(plain)
+    _script(plain, "plain", '[ -f /etc/host-os-release ] && echo BIND-FILE-OK\n'
+                            '[ -d /data/systemd/system ] && echo BIND-DIR-OK\n'
+                            '[ -d /tmp ] && [ -d /proc/self ] && echo API-OK\nexec sleep 600\n')
+    (tmp_path / "rootfs" / "etc").mkdir(parents=True)
+    (tmp_path / "rootfs" / "etc" / "hostname").write_text("nspawn-test\n")
+    doc = {
+        "apiVersion": "bootimg/v1",
+        "identity": {"name": "nspawn-test", "version": "1", "source_date_epoch": EPOCH},
+        "rootfs": {"source": {"type": "directory", "path": "rootfs"}},
+        "containers": [
+            {"name": "argv", "image": {"type": "directory", "path": "images/argv"}, "phase": "early",
+             "command": ["/usr/bin/show", *NSPAWN_ARGS], "environment": NSPAWN_ENV, "user": "1100:1100",
+             "restart": "never", "deadline_ms": 3000},
+            {"name": "notify", "image": {"type": "directory", "path": "images/notify"}, "phase": "basic",
+             "readiness": "notify", "command": ["notifier"], "restart": "never", "deadline_ms": 3000,
+             "ordering": {"after": ["argv"]}},
+            {"name": "plain", "image": {"type": "directory", "path": "images/plain"}, "command": ["/bin/plain"],
+             "network": "host", "restart": "never", "resources": {"cpu_weight": 50, "memory_max_mib": 32},
+             "binds": [{"source": "/usr/lib/os-release", "target": "/etc/host-os-release"},
+                       {"source": "/usr/lib/systemd", "target": "/data/systemd"}]},
+        ],
+        "integrity": {"trust": "sealed", "fsverity": "optional"},   # this kernel has no fs-verity
+    }
+    (tmp_path / "m.yaml").write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    res = run_cli("build", str(tmp_path / "m.yaml"), "-o", str(out))
+    assert res.returncode == 0, res.stderr.decode()
+    return out
+
+
+REPORT = """[Unit]
+Description=test report
+After=multi-user.target bootimg-containers.target
+[Service]
+Type=oneshot
+StandardOutput=tty
+TTYPath=/dev/console
+ExecStart=/bin/sh -c 'sleep 1; echo ==REPORT==; for u in argv notify plain; do \
+echo "STATE $u $(systemctl show -p ActiveState --value $u.service) $(systemctl show -p SubState --value $u.service)"; \
+journalctl -q --no-pager -o cat _SYSTEMD_UNIT=$u.service | sed "s/^/LOG $u /"; done; echo ==END==; systemctl poweroff'
+"""
+
+
+@requires_root
+@pytest.mark.kernel
+@pytest.mark.skipif(not (have("systemd-nspawn") and Path("/usr/lib/systemd/systemd").exists()),
+                    reason="needs systemd-nspawn and systemd (Debian: systemd-container)")
+def test_units_boot_in_nspawn(nspawn_release, tmp_path):
+    """Boot systemd 252 in a container whose /usr carries the root image's files (the release's
+    root.cfs, mounted, over the host's /usr) and check that the containers run as generated.
+    nspawn cannot set up loop devices, so the helper mounts the images on the host first, with
+    the arguments its units give it, and the image units are overridden to succeed."""
+    out = nspawn_release
+    run = tmp_path / "run"
+    env = {"BOOTIMG_RELEASE": str(out), "BOOTIMG_RUN": str(run)}
+    ns = tmp_path / "ns"
+    mounted: list[Path] = []
+    names = ("argv", "notify", "plain")
+    with composefs_mount(out / "images" / "root.cfs", out / "objects", tmp_path / "rootimg") as rootimg:
+        try:
+            for name in names:
+                unit = (rootimg / UNIT.lstrip("/") / f"bootimg-image-{name}.service").read_text()
+                start = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
+                args = shlex.split(start[len("ExecStart="):])[1:]
+                res = run_helper(*args, env=env)
+                assert res.returncode == 0, res.stderr
+                mounted.append(run / "containers" / name)
+                dropin = ns / "etc/systemd/system" / f"bootimg-image-{name}.service.d"
+                dropin.mkdir(parents=True)
+                (dropin / "nspawn.conf").write_text("[Service]\nExecStart=\nExecStart=/bin/true\nExecStop=\n")
+            for d in ("usr", "var", "sysroot", "etc/systemd/system/multi-user.target.wants"):
+                (ns / d).mkdir(parents=True, exist_ok=True)
+            for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
+                (ns / link).symlink_to(target)
+            (ns / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+            (ns / "etc/group").write_text("root:x:0:\n")
+            (ns / "etc/machine-id").write_text("")
+            (ns / "etc/systemd/system/report.service").write_text(REPORT)
+            (ns / "etc/systemd/system/multi-user.target.wants/report.service").symlink_to("../report.service")
+            subprocess.run(["mount", "-t", "overlay", "nsusr", "-o", f"ro,lowerdir={rootimg}/usr:/usr",
+                            str(ns / "usr")], check=True)
+            try:
+                res = subprocess.run(["systemd-nspawn", "--register=no", "--keep-unit", "-q", "-b", "-D", str(ns),
+                                      f"--bind-ro={run}/containers:/run/bootimg/containers"],
+                                     capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+            finally:
+                subprocess.run(["umount", str(ns / "usr")], check=True)
+        finally:
+            for name in names:
+                run_helper("--umount", name, env=env)
+    console = res.stdout + res.stderr
+    assert "==END==" in console, console[-4000:]
+    report = console[console.index("==REPORT=="):console.index("==END==")]
+    lines = [x.rstrip("\r") for x in report.splitlines()]
+    for name in names:
+        assert f"STATE {name} active running" in lines, report
+    log = {n: [x[len(f"LOG {n} "):] for x in lines if x.startswith(f"LOG {n} ")] for n in names}
+    # Every argument arrived exactly as the manifest wrote it (quoting, %, $, ;, newlines...).
+    out = log["argv"]
+    first = next(i for i, x in enumerate(out) if x.startswith("ARG["))
+    last = next(i for i, x in enumerate(out) if x.startswith("ENV["))
+    shown = "\n".join(out[first:last])
+    assert shown == "\n".join(f"ARG[{a}]" for a in NSPAWN_ARGS)
+    assert [x for x in log["argv"] if x.startswith("ENV[")] == [f"ENV[{k}={v}]" for k, v in NSPAWN_ENV.items()]
+    assert "UID[1100]" in log["argv"]                   # the id exists: sysusers made it at boot
+    assert "READY-NOTIFY" in log["notify"]              # and sd_notify reached systemd from the chroot
+    assert {"BIND-FILE-OK", "BIND-DIR-OK", "API-OK"} <= set(log["plain"])
