@@ -11,6 +11,8 @@ APT_PACKAGES="erofs-utils fsverity attr util-linux e2fsprogs minisign signify-op
 APT_PACKAGES="$APT_PACKAGES shellcheck busybox systemd-container"
 # debootstrap, e2fsprogs (mkfs.ext4 -d) and zstd build the QEMU board's Debian root (bootimg.board).
 APT_PACKAGES="$APT_PACKAGES debootstrap zstd"
+# pystemd (KPI collection) builds from source against libsystemd; chromium renders the HTML KPI report.
+APT_PACKAGES="$APT_PACKAGES libsystemd-dev pkg-config chromium openssh-client"
 PY=${PYTHON:-python3}
 # Python.h: a pyenv or self-built interpreter has its own; Debian's python3 needs python3-dev.
 inc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
