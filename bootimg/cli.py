@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "bootimg.signing.commands",
     "bootimg.release.commands",
     "bootimg.board.commands",
+    "bootimg.kpi.commands",
 )
 
 
