@@ -179,6 +179,7 @@ class SshPlace(_Place):
         self.host, self.config, self.port = host, config, port
         self.options = list(options)
         self.connect_timeout = connect_timeout
+        self.stderr_log: Path | None = None  # ssh's stderr while pystemd's bridge runs
 
     def ssh_argv(self) -> list[str]:
         argv = ["ssh"]
@@ -254,7 +255,9 @@ def _ssh_on_path(place: SshPlace):
     with tempfile.TemporaryDirectory(prefix="bootimg-kpi-ssh-") as d:
         wrapper = Path(d) / "ssh"
         extra = " ".join(shlex.quote(a) for a in place.ssh_argv()[1:])
-        wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(real)} {extra} "$@"\n')
+        # ssh's own complaints go to a file that the error message quotes (one line, not two).
+        place.stderr_log = Path(d) / "stderr"
+        wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(real)} {extra} "$@" 2>>{shlex.quote(str(place.stderr_log))}\n')
         wrapper.chmod(stat.S_IRWXU)
         old = os.environ.get("PATH", "")
         os.environ["PATH"] = f"{d}:{old}"
@@ -300,7 +303,11 @@ class PystemdTransport(Transport):
                 body = self.bus.call_method(DEST.encode(), p.encode(), b"org.freedesktop.DBus.Properties",
                                             b"GetAll", args).body
             except Exception as e:
-                raise TransportError(f"{self.target}: GetAll {p}: {_dbus_msg(e)}") from None
+                why = _dbus_msg(e)
+                log = getattr(self.place, "stderr_log", None)
+                if log is not None and log.exists() and log.read_text().strip():
+                    why = f"cannot connect: {_last_line(log.read_text())} ({why})"
+                raise TransportError(f"{self.target}: GetAll {p}: {why}") from None
             out.append(plain(body[0] if isinstance(body, tuple) else body))
         return out
 
@@ -324,8 +331,13 @@ class PystemdTransport(Transport):
 
 
 def _dbus_msg(e: Exception) -> str:
+    """pystemd's DBusError as one readable line: "ENOTCONN: Transport endpoint is not connected"."""
+    import re
+
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text.replace("[err ", "[errno -").strip()
+    text = re.sub(r"b'([^']*)'", r"\1", text)
+    m = re.match(r"(?:System\.Error\.)?(\w+)\[err -?\d+\]: (.*)", text)
+    return f"{m.group(1)}: {m.group(2)}" if m else text.strip()
 
 
 # -- busctl (no pystemd) ----------------------------------------------------------------------
@@ -360,6 +372,7 @@ class BusctlTransport(Transport):
                   f'  echo "{tag} F $p"',
                   f'  busctl --json=short call {DEST} "$p" org.freedesktop.DBus.Properties GetAll s "" 2>&1'
                   f' || echo "{tag} E $p"',
+                  "  echo",  # busctl --json=short ends without a newline
                   "done"]
         assert isinstance(self.place, SshPlace)
         parts = _split_files(self.place.script("\n".join(script) + "\n"), tag, paths)
