@@ -265,3 +265,26 @@ def test_recorded_transport_rejects_garbage(tmp_path):
 
     with pytest.raises(BootimgError, match=r"x\.json: not a recorded property set"):
         RecordedTransport(bad)
+
+
+# -- a real system boot: the QEMU board, dracut systemd initrd --------------------------------
+
+def test_board_initrd_boot_reconciles_with_systemd_analyze():
+    rec = replay("board-initrd.json", units=("ssh.service", "board-ready.service", "systemd-journald.service",
+                                             "missing.service"))
+    assert rec.analyze_time.rstrip() == load("board-initrd.json")["systemd_analyze_time"].rstrip()
+    assert rec.clock == "target" and rec.system["systemd_initrd"] and rec.system["virtualization"] == "qemu"
+    assert rec.phases["firmware"].state == rec.phases["loader"].state == "not_measurable"  # SeaBIOS: no EFI
+    m = load("board-initrd.json")["objects"][MANAGER_PATH]
+    assert rec.phases["kernel"].usec == m["InitRDTimestampMonotonic"]
+    assert rec.phases["initrd"].usec == m["UserspaceTimestampMonotonic"] - m["InitRDTimestampMonotonic"]
+    ms = rec.milestones
+    assert ms["initrd_start"].usec < ms["root_mounted"].usec < ms["switch_root"].usec < ms["default_target"].usec \
+        < ms["boot_finished"].usec
+    # After switch-root systemd has garbage-collected sysroot.mount (not-found here): the root's
+    # mount time comes from initrd-root-fs.target, said to be an upper bound.
+    assert rec.units["sysroot.mount"].load_state == "not-found"
+    assert ms["root_mounted"].source == "dbus:initrd-root-fs.target.ActiveEnterTimestampMonotonic"
+    assert "upper bound" in ms["root_mounted"].note
+    assert rec.units["ssh.service"].type == "notify" and rec.units["ssh.service"].active_state == "active"
+    assert rec.system["kernel_cmdline"].startswith("root=LABEL=board-root")

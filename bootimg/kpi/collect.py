@@ -18,6 +18,7 @@ is the pure part (tests feed it recorded property sets).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any, Iterable, Sequence
@@ -264,6 +265,12 @@ def milestones(m: dict[str, Any], units: dict[str, UnitRecord], clock: str) -> d
                     chosen = v
                 if v.state == "ok":
                     break
+        if chosen is not None and chosen.ok and chosen.source.startswith("dbus:initrd-root-fs.target"):
+            # systemd garbage-collects the initrd's sysroot.mount and bootimg-root.service after
+            # switch-root; the target ordered after them is what the manager still knows.
+            chosen = dataclasses.replace(chosen, note="upper bound: initrd-root-fs.target is reached once the root "
+                                                      "is mounted (the mount units are gone after switch-root; "
+                                                      "the journal has them: kpi collect --history)")
         out["root_mounted"] = chosen or not_reached(
             clock, f"dbus:{ROOT_UNIT}|sysroot.mount|initrd-root-fs.target",
             "none of bootimg-root.service, sysroot.mount, initrd-root-fs.target became active in the initrd")
