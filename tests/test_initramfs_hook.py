@@ -62,18 +62,21 @@ shift
 for f; do :; done
 mark=$SHIM_STATE$f
 case $cmd in
-measure)
-    case $SHIM_MODE in
-        enabled) ;;
-        term)
-            pid=$PPID
-            while ppid=$(sed 's/.*) . \([0-9]*\) .*/\1/' "/proc/$pid/stat") &&
-                    grep -q bootimg-root "/proc/$ppid/cmdline" 2>/dev/null; do pid=$ppid; done
-            kill -TERM "$pid" ;;
-        track) [ -e "$mark" ] || { echo "ERROR: FS_IOC_MEASURE_VERITY failed on '$f': No data available" >&2; exit 1; } ;;
-        *) echo "ERROR: FS_IOC_MEASURE_VERITY failed on '$f': Operation not supported" >&2; exit 1 ;;
-    esac
-    exec fsverity digest --hash-alg=sha256 --block-size=4096 "$f" ;;
+measure)    # like fsverity-utils: a line per file, stops at the first file without fs-verity
+    for f; do
+        case $SHIM_MODE in
+            enabled) ;;
+            term)
+                pid=$PPID
+                while ppid=$(sed 's/.*) . \([0-9]*\) .*/\1/' "/proc/$pid/stat") &&
+                        grep -q bootimg-root "/proc/$ppid/cmdline" 2>/dev/null; do pid=$ppid; done
+                kill -TERM "$pid" ;;
+            track) [ -e "$SHIM_STATE$f" ] || { echo "ERROR: FS_IOC_MEASURE_VERITY failed on '$f': No data available" >&2; exit 1; } ;;
+            *) echo "ERROR: FS_IOC_MEASURE_VERITY failed on '$f': Operation not supported" >&2; exit 1 ;;
+        esac
+        fsverity digest --hash-alg=sha256 --block-size=4096 "$f" || exit 1
+    done
+    exit 0 ;;
 enable)
     case $SHIM_MODE in
         track)
@@ -490,7 +493,7 @@ def test_module_setup(releases, keyids, tmp_path, kind):
         f"inst_simple {mod}/bootimg-provision.sh /usr/libexec/bootimg/bootimg-provision",
         f"inst_simple {mod}/bootimg-root.service {UNIT_DIR}/bootimg-root.service",
         "inst_simple /usr/lib/bootimg/boot.conf /etc/bootimg/boot.conf",
-        "inst_multiple cat grep sed mkdir mount umount losetup fsverity",
+        "inst_multiple cat grep sed mkdir mktemp rm mount umount losetup fsverity",
     ]
     if kind == "signed":
         expected += ["inst_multiple minisign"]
@@ -617,7 +620,33 @@ def test_provisioning_treats_already_enabled_files_as_done(scenario):
     o = s.run(shim_mode="enabled")      # every file already has fs-verity
     assert_verified_root(o, s.digest)
     assert not [c for c in o.shim_calls if c.startswith("enable")]
+    # one bulk measure per worker, not a process per file
+    bulk = [c for c in o.shim_calls if c.startswith("measure ") and len(c.split()) > 2]
+    assert 1 <= len(bulk) <= 2, o.shim_calls
+    assert "fs-verity enabled on 0 files; all" in o.stderr
     assert (o.out / "state-after" / ".provisioned").exists()
+
+
+@kernel_test
+def test_reprovisioning_enables_only_the_files_that_lack_fsverity(scenario):
+    """A provisioned release with one new file (an update, or an attacker's): bulk measures find
+    it, one enable, not a process per file."""
+    s = scenario("sealed", provisioned=False)
+    s.seal()
+    files = sorted(p for sub in ("images", "objects") for p in (s.rel / sub).rglob("*") if p.is_file())
+    new = files[len(files) // 2]
+    for p in files:
+        if p != new:
+            mark = s.top / "shim-state" / str(s.top / "sysroot" / p.relative_to(s.phys)).lstrip("/")
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.touch()
+    o = s.run(shim_mode="track")
+    assert_verified_root(o, s.digest)
+    enables = [Path(c.split()[-1]).name for c in o.shim_calls if c.startswith("enable")]
+    # the new file, then at most the next one (EEXIST: back to bulk measuring)
+    assert enables[0] == new.name and len(enables) <= 2, o.shim_calls
+    assert len(o.shim_calls) < 10, o.shim_calls
+    assert "fs-verity enabled on 1 files; all" in o.stderr
 
 
 @kernel_test

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -35,16 +36,35 @@ HOST_FILES = [  # (host path, path in image): the shared runtime
 ]
 
 
+# usr-merged layout: the programs' interpreter is /lib64/ld-linux-x86-64.so.2.
+USR_LINKS = {"bin": "usr/bin", "lib": "usr/lib", "lib64": "usr/lib64"}
+DEMO_WAIT_C = Path(__file__).resolve().parent / "demo-wait" / "demo-wait.c"
+
+
+def demo_wait(build: Path) -> bytes:
+    """tools/demo-wait/demo-wait.c built static (sd_notify READY=1, then wait): rebuilt only when
+    the source changes; gcc's output is deterministic for the same compiler and source."""
+    src = DEMO_WAIT_C.read_bytes()
+    out = build / "demo-wait" / f"demo-wait-{hashlib.sha256(src).hexdigest()[:16]}"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        subprocess.run(["gcc", "-static", "-O2", "-s", "-o", str(tmp), str(DEMO_WAIT_C)], check=True)
+        os.replace(tmp, out)
+    return out.read_bytes()
+
+
 def service_script(name: str, notify: bool) -> bytes:
-    ready = 'systemd-notify --ready 2>/dev/null || true\n' if notify else ""
-    return (f"#!/usr/bin/sh\n# {name}: demo boot-time service\necho \"{name}: started\"\n{ready}"
-            "while :; do sleep 3600; done\n").encode()
+    flag = " --notify" if notify else ""
+    return (f"#!/usr/bin/sh\n# {name}: demo boot-time service\necho \"{name}: started\"\n"
+            f"exec /usr/bin/demo-wait{flag} {name}\n").encode()
 
 
-def runtime_files() -> dict[str, tuple[bytes, int]]:
+def runtime_files(build: Path) -> dict[str, tuple[bytes, int]]:
     files = {}
     for host, inside in HOST_FILES:
         files[inside] = (Path(host).read_bytes(), 0o755)
+    files["usr/bin/demo-wait"] = (demo_wait(build), 0o755)
     files["etc/os-release"] = (b'NAME="bootimg demo"\nID=bootimg-demo\nVERSION_ID=1.4.0\n', 0o644)
     return files
 
@@ -150,16 +170,16 @@ def main(build: Path) -> None:
     for path in (build / "ivi-rootfs", images):
         shutil.rmtree(path, ignore_errors=True)
     images.mkdir(parents=True)
-    runtime = runtime_files()
+    runtime = runtime_files(build)
     # Root filesystem: the runtime plus the system's own files.
     root_files = dict(runtime)
     root_files["etc/motd"] = (b"bootimg demo: verified composefs root\n", 0o644)
     root_files["usr/lib/bootimg-demo/banner.txt"] = (b"IVI demo\n" * 40, 0o644)
     root_files["var/cache/demo/stale.bin"] = (b"x" * 1000, 0o644)        # excluded by the manifest
-    write_dir(build / "ivi-rootfs", root_files, {"bin": "usr/bin", "lib64": "usr/lib64"})
+    write_dir(build / "ivi-rootfs", root_files, USR_LINKS)
     # vehicle-bus: OCI, base runtime layer (gzip) + app layer (plain).
     app = {"usr/bin/vbusd": (service_script("vehicle-bus", True), 0o755)}
-    write_oci(images / "vehicle-bus", [(tar_bytes(runtime, {"bin": "usr/bin"}), "gzip"), (tar_bytes(app), "tar")],
+    write_oci(images / "vehicle-bus", [(tar_bytes(runtime, USR_LINKS), "gzip"), (tar_bytes(app), "tar")],
               "1.4.0", {"Entrypoint": ["/usr/bin/vbusd"], "Env": ["PATH=/usr/bin"], "User": "1100:1100"})
     # cluster: OCI with a whiteout of a base file and an opaque directory (zstd layers).
     base = dict(runtime)
@@ -168,20 +188,20 @@ def main(build: Path) -> None:
     upper = {"usr/bin/clusterd": (service_script("cluster", True), 0o755),
              "usr/share/cluster/theme/.wh..wh..opq": (b"", 0o644),
              "usr/share/cluster/theme/new.css": (b"body{color:#fff}\n" * 20, 0o644)}
-    write_oci(images / "cluster", [(tar_bytes(base), "zstd"),
+    write_oci(images / "cluster", [(tar_bytes(base, USR_LINKS), "zstd"),
                                    (tar_bytes(upper, whiteouts=["usr/share/cluster/.wh.legacy.txt"]), "zstd")],
               "latest", {"Cmd": ["/usr/bin/clusterd"], "Env": ["PATH=/usr/bin"]})
     # rear-camera: a zstd tar.
     cam = dict(runtime)
     cam["usr/bin/rvc"] = (service_script("rear-camera", True), 0o755)
-    (images / "rear-camera.tar.zst").write_bytes(zstd(tar_bytes(cam)))
+    (images / "rear-camera.tar.zst").write_bytes(zstd(tar_bytes(cam, USR_LINKS)))
     # telemetry: a directory.
     tel = dict(runtime)
     tel["usr/bin/telemetryd"] = (service_script("telemetry", False), 0o755)
     tel["etc/telemetry.toml"] = (b'endpoint = "https://telemetry.example.com/v1"\nbatch = 64\n', 0o644)
-    write_dir(images / "telemetry", tel)
+    write_dir(images / "telemetry", tel, USR_LINKS)
     # minimal.yaml: the root as a plain tar.
-    (build / "minimal-rootfs.tar").write_bytes(tar_bytes(root_files, {"bin": "usr/bin", "lib64": "usr/lib64"}))
+    (build / "minimal-rootfs.tar").write_bytes(tar_bytes(root_files, USR_LINKS))
     make_keys(build / "keys")
 
 

@@ -138,9 +138,9 @@ class BootResult:
 class _Reader(threading.Thread):
     """Reads QEMU's stdout (the serial console), splits lines and timestamps them."""
 
-    def __init__(self, fd: int, t0: float):
+    def __init__(self, fd: int, t0: float, tee=None):
         super().__init__(daemon=True)
-        self.fd, self.t0 = fd, t0
+        self.fd, self.t0, self.tee = fd, t0, tee
         self.lines: list[tuple[float, str]] = []
         self.partial = ""
         self.raw = bytearray()
@@ -157,6 +157,9 @@ class _Reader(threading.Thread):
                 if not chunk:
                     break
                 now = time.monotonic() - self.t0
+                if self.tee is not None:  # the console as it happens (follow it with tail -f)
+                    self.tee.write(chunk)
+                    self.tee.flush()
                 with self.cond:
                     self.raw += chunk
                     text = self.partial + chunk.decode("utf-8", errors="replace")
@@ -164,6 +167,8 @@ class _Reader(threading.Thread):
                     self.lines.extend((now, _ANSI.sub("", line)) for line in done)
                     self.cond.notify_all()
         finally:
+            if self.tee is not None:
+                self.tee.close()
             with self.cond:
                 if self.partial:
                     self.lines.append((time.monotonic() - self.t0, _ANSI.sub("", self.partial)))
@@ -203,100 +208,160 @@ def boot(kernel: str | os.PathLike[str], initrd: str | os.PathLike[str] | None,
     writes go to a throw-away overlay, so every boot sees the same disk. ``serial_log`` gets the
     raw console output. The watchdog kills QEMU after ``timeout`` seconds.
     """
-    check_qemu(binary)
-    kernel = Path(kernel)
-    for label, path in (("kernel", kernel), ("initrd", initrd), ("disk", disk)):
-        if path is not None and not Path(path).is_file():
-            raise BoardError(f"{label} not found", file=str(path))
-    append = baseline_cmdline() if append is None else append
-    argv = qemu_argv(kernel, Path(initrd) if initrd else None, Path(disk) if disk else None, append,
-                     memory=memory, smp=smp, snapshot=snapshot, cpu=cpu, extra_args=extra_args,
-                     binary=binary)
-    stderr_file = tempfile.TemporaryFile()
-    env = dict(os.environ)
-    env.setdefault("TMPDIR", "/var/tmp")  # -snapshot's overlay
-    t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=stderr_file, start_new_session=True, env=env)
-    reader = _Reader(proc.stdout.fileno(), t0)
-    reader.start()
-    reason, found, t_found, stage = "", None, None, "firmware"
-    checked = 0
-    exited = False
+    run = Run(kernel, initrd, disk, append, memory=memory, smp=smp, cpu=cpu, snapshot=snapshot,
+              extra_args=extra_args, binary=binary, marker=marker, serial_log=serial_log)
     try:
-        deadline = t0 + timeout
+        run.watch(timeout=timeout, poweroff_grace=poweroff_grace, emergency_grace=emergency_grace)
+    finally:
+        run.stop()
+    return run.result()
+
+
+class Run:
+    """One QEMU run: started by the constructor, watched by ``watch()``, ended by ``stop()``.
+
+    ``boot()`` is watch-then-stop; ``session.running()`` keeps the machine up after the marker
+    (``watch(stay_up=True)``) and stops it when the caller is done with it."""
+
+    def __init__(self, kernel: str | os.PathLike[str], initrd: str | os.PathLike[str] | None,
+                 disk: str | os.PathLike[str] | None, append: str | None = None, *,
+                 memory: int = 2048, smp: int = 2, cpu: str = "max", snapshot: bool = True,
+                 extra_args: Sequence[str] = (), binary: str = QEMU,
+                 marker: re.Pattern[str] = MARKER_RE,
+                 serial_log: str | os.PathLike[str] | None = None):
+        check_qemu(binary)
+        kernel = Path(kernel)
+        for label, path in (("kernel", kernel), ("initrd", initrd), ("disk", disk)):
+            if path is not None and not Path(path).is_file():
+                raise BoardError(f"{label} not found", file=str(path))
+        self.append = baseline_cmdline() if append is None else append
+        self.marker = marker
+        self.argv = qemu_argv(kernel, Path(initrd) if initrd else None, Path(disk) if disk else None,
+                              self.append, memory=memory, smp=smp, snapshot=snapshot, cpu=cpu,
+                              extra_args=extra_args, binary=binary)
+        self.reason, self.found, self.t_found, self.stage = "", None, None, "firmware"
+        self.wall = 0.0
+        self._error = ""
+        self._checked = 0
+        self._exited = False
+        self._stderr = tempfile.TemporaryFile()
+        env = dict(os.environ)
+        env.setdefault("TMPDIR", "/var/tmp")  # -snapshot's overlay
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=self._stderr, start_new_session=True, env=env)
+        self.serial_log = Path(serial_log) if serial_log is not None else None
+        tee = None
+        if self.serial_log is not None:
+            self.serial_log.parent.mkdir(parents=True, exist_ok=True)
+            tee = open(self.serial_log, "wb")
+        self.reader = _Reader(self.proc.stdout.fileno(), self.t0, tee)
+        self.reader.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def watch(self, *, timeout: float = DEFAULT_TIMEOUT, poweroff_grace: float = 30.0,
+              emergency_grace: float = 3.0, stay_up: bool = False) -> str:
+        """Follow the console until the run is conclusive; return the reason (see the module
+        doc). With ``stay_up`` it returns at the marker and leaves the machine running."""
+        reader, proc = self.reader, self.proc
+        deadline = self.t0 + timeout
         stop_at: float | None = None
         while True:
             with reader.cond:
-                if checked >= len(reader.lines) and not reader.eof and not exited:
+                if self._checked >= len(reader.lines) and not reader.eof and not self._exited:
                     reader.cond.wait(timeout=0.2)
-                new = reader.lines[checked:]
-                checked = len(reader.lines)
+                new = reader.lines[self._checked:]
+                self._checked = len(reader.lines)
                 eof = reader.eof
                 pending = reader.tail_text()
             for t, line in new:
-                if stage == "firmware" and ("Linux version" in line or "Booting Linux" in line):
-                    stage = "kernel"
-                if stage in ("firmware", "kernel") and INITRD_RE.search(line):
-                    stage = "initramfs"
-                if SWITCH_ROOT_RE.search(line) and stage != "root":
-                    stage = "switch-root"
-                if stage == "switch-root" and ("Welcome to" in line or "systemd[1]" in line):
-                    stage = "root"
-                if reason:
+                self._follow_stage(line)
+                if self.reason:
                     continue
-                m = marker.search(line)
+                m = self.marker.search(line)
                 if m:
-                    reason, found, t_found = "ready", m.group(0).strip(), t
-                    stage = "root"
-                    stop_at = (time.monotonic() + poweroff_grace) if POWEROFF_ARG in append.split() \
+                    self.reason, self.found, self.t_found = "ready", m.group(0).strip(), t
+                    self.stage = "root"
+                    if stay_up:
+                        return self.reason
+                    stop_at = (time.monotonic() + poweroff_grace) if POWEROFF_ARG in self.append.split() \
                         else time.monotonic()
                 elif PANIC_RE.search(line):
-                    reason, t_found = "panic", t
+                    self.reason, self.t_found = "panic", t
                     stop_at = time.monotonic() + 5.0  # the rest of the panic report; panic=-1 exits
                 elif EMERGENCY_RE.search(line):
-                    reason, t_found = "emergency", t
+                    self.reason, self.t_found = "emergency", t
                     stop_at = time.monotonic() + emergency_grace
             # A prompt without a newline ("Press Enter for maintenance", ":/#") only shows here.
-            if not reason and pending and EMERGENCY_RE.search(pending):
-                reason, t_found = "emergency", time.monotonic() - t0
+            if not self.reason and pending and EMERGENCY_RE.search(pending):
+                self.reason, self.t_found = "emergency", time.monotonic() - self.t0
                 stop_at = time.monotonic() + emergency_grace
-            if exited:  # the last lines after QEMU's exit are processed: done
-                if not reason:
-                    reason = "exited" if reader.lines or proc.returncode == 0 else "qemu-error"
-                break
+            if self._exited:  # the last lines after QEMU's exit are processed: done
+                if not self.reason:
+                    self.reason = "exited" if reader.lines or proc.returncode == 0 else "qemu-error"
+                return self.reason
             now = time.monotonic()
             if eof or proc.poll() is not None:
                 proc.wait()
                 reader.join(timeout=5)
-                exited = True
+                self._exited = True
                 continue
             if stop_at is not None and now >= stop_at:
-                break
-            if not reason and now >= deadline:
-                reason = "timeout"
-                break
-    finally:
-        _kill(proc)
-        reader.join(timeout=5)
-        wall = time.monotonic() - t0
-        stderr_file.seek(0)
-        error = stderr_file.read().decode(errors="replace").strip()
-        stderr_file.close()
-        if proc.stdout:
-            proc.stdout.close()
-    if reason == "exited" and proc.returncode not in (0, None) and error:
-        reason = "qemu-error"
-    console = "\n".join(line for _, line in reader.lines)
-    if serial_log is not None:
-        serial_log = Path(serial_log)
-        serial_log.parent.mkdir(parents=True, exist_ok=True)
-        serial_log.write_bytes(bytes(reader.raw))
-    return BootResult(exit_reason=reason, console=console, marker=found,
-                      duration=t_found if t_found is not None else wall, wall=wall, stage=stage,
-                      lines=list(reader.lines), returncode=proc.returncode,
-                      error=error.splitlines()[-1] if error else "", cmdline=append, argv=argv,
-                      serial_log=serial_log)
+                return self.reason
+            if not self.reason and now >= deadline:
+                self.reason = "timeout"
+                return self.reason
+
+    def _follow_stage(self, line: str) -> None:
+        stage = self.stage
+        if stage == "firmware" and ("Linux version" in line or "Booting Linux" in line):
+            stage = "kernel"
+        if stage in ("firmware", "kernel") and INITRD_RE.search(line):
+            stage = "initramfs"
+        if SWITCH_ROOT_RE.search(line) and stage != "root":
+            stage = "switch-root"
+        if stage == "switch-root" and ("Welcome to" in line or "systemd[1]" in line):
+            stage = "root"
+        self.stage = stage
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for QEMU to end by itself (a guest poweroff)."""
+        try:
+            self.proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def stop(self) -> None:
+        """Kill QEMU (if still running) and collect its stderr. Idempotent."""
+        _kill(self.proc)
+        self.reader.join(timeout=5)
+        self.wall = time.monotonic() - self.t0
+        if not self._stderr.closed:
+            self._stderr.seek(0)
+            error = self._stderr.read().decode(errors="replace").strip()
+            self._stderr.close()
+            self._error = error.splitlines()[-1] if error else ""
+        if self.proc.stdout and not self.proc.stdout.closed:
+            self.proc.stdout.close()
+
+    def result(self) -> BootResult:
+        """What the run showed so far (call after ``stop()`` for the whole console)."""
+        reason = self.reason
+        if reason == "exited" and self.proc.returncode not in (0, None) and self._error:
+            reason = "qemu-error"
+        with self.reader.cond:
+            lines = list(self.reader.lines)
+        wall = self.wall or (time.monotonic() - self.t0)
+        return BootResult(exit_reason=reason, console="\n".join(line for _, line in lines),
+                          marker=self.found,
+                          duration=self.t_found if self.t_found is not None else wall, wall=wall,
+                          stage=self.stage, lines=lines, returncode=self.proc.returncode,
+                          error=self._error, cmdline=self.append, argv=self.argv,
+                          serial_log=self.serial_log)
 
 
 def _kill(proc: subprocess.Popen) -> None:

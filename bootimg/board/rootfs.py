@@ -23,6 +23,9 @@ FORMAT = 1
 DEFAULT_PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "dracut", "dracut-core", "kmod", "e2fsprogs",
     "util-linux", "mount", "fsverity", "minisign", "procps", "iproute2",
+    # sshd: the host reaches the running board over QEMU's user network (tests, KPI collection);
+    # systemd-stdio-bridge (in systemd) serves pystemd's and systemctl -H's remote bus over it.
+    "openssh-server",
 )
 
 MARKER = "BOOTIMG-BOARD: READY"
@@ -103,6 +106,13 @@ rm -f /etc/resolv.conf
 # No "/" line: systemd-remount-fs would trip over it once "/" is a composefs overlay.
 echo '# bootimg board: the root comes from root= on the kernel command line' > /etc/fstab
 passwd -d root
+# sshd: keys only (the board's authorized_keys is added where a disk is made), no DNS lookups.
+printf 'PermitRootLogin prohibit-password\nPasswordAuthentication no\nUseDNS no\n' > /etc/ssh/sshd_config.d/board.conf
+systemctl enable ssh.service
+# QEMU's user network, static (no DHCP wait): the host forwards a local port to 10.0.2.15:22.
+mkdir -p /etc/systemd/network
+printf '[Match]\nName=en* eth*\n\n[Network]\nAddress=10.0.2.15/24\nGateway=10.0.2.2\nLinkLocalAddressing=no\nIPv6AcceptRA=no\n' > /etc/systemd/network/80-board.network
+systemctl enable systemd-networkd.service
 
 mkdir -p /etc/systemd/system/serial-getty@ttyS0.service.d
 cat > /etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf <<'EOF'

@@ -29,21 +29,85 @@ if [ ! -d "$REL/images" ] || [ ! -d "$REL/objects" ]; then
     exit 1
 fi
 
+WORKERS=${BOOTIMG_PROVISION_WORKERS:-2}
+case $WORKERS in ''|*[!0-9]*|0) WORKERS=1 ;; esac
+OUT=$(mktemp -d "${TMPDIR:-/tmp}/bootimg-provision.XXXXXX") || exit 1
+trap 'rm -rf "$OUT"' EXIT
+
+# Each process costs (on a first boot there are thousands of files), so: one `fsverity measure`
+# over all the files still to check (it stops at the first file without fs-verity and prints a
+# line per file before it), then one `fsverity enable` per file from there ("File exists", EEXIST,
+# means it has fs-verity already: back to measuring in bulk). A fresh release costs one process
+# per file; a provisioned one with a few new files, a few. Files are dealt round-robin to WORKERS
+# background shells (the kernel hashes in each caller's context). Release file names are
+# [0-9a-f/] objects and NAME.cfs images: no blanks, so word lists are safe (globbing is off).
+worker() {  # K: the files whose position modulo WORKERS is K
+    k=$1
+    i=0
+    list=""
+    for f in "$REL"/images/* "$REL"/objects/*/*; do
+        i=$((i + 1))
+        [ $((i % WORKERS)) -eq "$k" ] || continue
+        if [ -f "$f" ] && [ ! -L "$f" ]; then
+            list="$list $f"
+        fi
+    done
+    set -f
+    # shellcheck disable=SC2086  # word splitting of the list is intended
+    set -- $list
+    set +f
+    total=$#
+    enabled=0
+    mode=measure
+    while [ "$#" -gt 0 ]; do
+        if [ "$mode" = measure ]; then
+            out=$("$FSVERITY" measure "$@" 2>/dev/null) && break    # all the rest have it
+            n=0
+            if [ -n "$out" ]; then
+                while IFS= read -r _line; do n=$((n + 1)); done <<EOF
+$out
+EOF
+            fi
+            shift "$n"                 # $1: the first file without fs-verity
+            mode=enable
+        fi
+        f=$1
+        shift
+        if err=$("$FSVERITY" enable --hash-alg=sha256 --block-size=4096 "$f" 2>&1); then
+            enabled=$((enabled + 1))
+            continue
+        fi
+        case $err in
+            *"File exists"*) mode=measure; continue ;;
+        esac
+        if ! "$FSVERITY" measure "$f" >/dev/null 2>&1; then
+            echo "bootimg-provision: cannot enable fs-verity on $f: $err" >&2
+            return 1
+        fi
+    done
+    echo "$total $enabled" >"$OUT/$k"
+}
+
+k=0
+pids=""
+while [ "$k" -lt "$WORKERS" ]; do
+    worker "$k" &
+    pids="$pids $!"
+    k=$((k + 1))
+done
+failed=0
+for pid in $pids; do
+    wait "$pid" || failed=1
+done
+[ "$failed" -eq 0 ] || exit 1
 total=0
 enabled=0
-for f in "$REL"/images/* "$REL"/objects/*/*; do
-    if [ ! -f "$f" ] || [ -L "$f" ]; then
-        continue
-    fi
-    total=$((total + 1))
-    if "$FSVERITY" measure "$f" >/dev/null 2>&1; then
-        continue
-    fi
-    if err=$("$FSVERITY" enable --hash-alg=sha256 --block-size=4096 "$f" 2>&1); then
-        enabled=$((enabled + 1))
-    elif ! "$FSVERITY" measure "$f" >/dev/null 2>&1; then   # "File exists": enabled meanwhile
-        echo "bootimg-provision: cannot enable fs-verity on $f: $err" >&2
-        exit 1
-    fi
+k=0
+while [ "$k" -lt "$WORKERS" ]; do
+    [ -f "$OUT/$k" ] || exit 1
+    read -r t e <"$OUT/$k"
+    total=$((total + t))
+    enabled=$((enabled + e))
+    k=$((k + 1))
 done
 echo "bootimg-provision: fs-verity enabled on $enabled files; all $total files of $REL have it" >&2

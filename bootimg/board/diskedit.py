@@ -1,0 +1,83 @@
+"""Offline edits of a board disk (ext4 image) with debugfs: nothing is mounted.
+
+The tests use them to play the attacker (replace an object, a root image, a signature) on a
+private copy of a provisioned disk. A file written here has no fs-verity; removing the
+provisioning marker (``unprovision``) makes the next boot's initramfs enable it on the new file,
+which is what an attacker with write access to the partition could do too: then only the digest
+recorded in the signed image stands between the file and the system.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Iterable
+
+from ._util import BoardError, need_tools
+
+PROVISIONED_MARKER = "/bootimg/state/.provisioned"
+
+
+def debugfs(disk: str | os.PathLike[str], commands: Iterable[str], *, write: bool = True) -> str:
+    """Run debugfs commands on ``disk``; any "error"/"not found" line is an error."""
+    need_tools("debugfs")
+    with tempfile.NamedTemporaryFile("w", suffix=".debugfs") as f:
+        f.write("\n".join(commands) + "\n")
+        f.flush()
+        proc = subprocess.run(["debugfs", *(["-w"] if write else []), "-f", f.name, str(disk)],
+                              capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    bad = [line for line in out.splitlines()
+           if line.strip() and not line.startswith("debugfs ") and
+           any(w in line for w in ("rror", "not found", "File exists", "No such", "Invalid"))]
+    if proc.returncode != 0 or bad:
+        raise BoardError(f"debugfs on {disk}: {(bad or out.splitlines() or ['failed'])[-1].strip()}")
+    return out
+
+
+def replace_file(disk: str | os.PathLike[str], path: str, data: bytes, *, mode: int = 0o644) -> None:
+    """Put ``data`` at ``path`` (absolute, in the image), replacing what is there."""
+    p = PurePosixPath(path)
+    with tempfile.NamedTemporaryFile(delete=False) as f:
+        f.write(data)
+        host = f.name
+    try:
+        cmds = [f"cd {p.parent}"]
+        if exists(disk, path):
+            cmds.append(f"rm {p.name}")
+        cmds += [f"write {host} {p.name}", f"sif {p.name} mode 0{0o100000 | mode:o}",
+                 f"sif {p.name} uid 0", f"sif {p.name} gid 0"]
+        debugfs(disk, cmds)
+    finally:
+        os.unlink(host)
+
+
+def remove(disk: str | os.PathLike[str], path: str) -> None:
+    debugfs(disk, [f"rm {path}"])
+
+
+def exists(disk: str | os.PathLike[str], path: str) -> bool:
+    need_tools("debugfs")
+    proc = subprocess.run(["debugfs", "-R", f"stat {path}", str(disk)], capture_output=True, text=True)
+    return proc.returncode == 0 and "Inode:" in proc.stdout
+
+
+def read_file(disk: str | os.PathLike[str], path: str) -> bytes:
+    need_tools("debugfs")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "f"
+        debugfs(disk, [f"dump {path} {out}"], write=False)
+        if not out.exists():
+            raise BoardError(f"debugfs on {disk}: cannot read {path}")
+        return out.read_bytes()
+
+
+def unprovision(disk: str | os.PathLike[str]) -> None:
+    """Remove the provisioning marker: the next boot enables fs-verity on files lacking it."""
+    if exists(disk, PROVISIONED_MARKER):
+        remove(disk, PROVISIONED_MARKER)
+
+
+__all__ = ["debugfs", "replace_file", "remove", "exists", "read_file", "unprovision", "PROVISIONED_MARKER"]

@@ -1,0 +1,158 @@
+"""A running board the host can talk to: QEMU with a forwarded ssh port, kept up after the marker.
+
+``boot()`` answers "did it boot, and how long did it take"; tests and the KPI collector also need
+to ask the booted system things (``/run/bootimg/booted.json``, mounts, unit states, the manager's
+timestamps). ``running()`` boots like ``boot()``, stops at the readiness marker with the machine
+still up, and gives an ssh endpoint to it:
+
+    with running(board.kernel, board.initrd, disk, cmdline) as vm:
+        if vm.result.ok:
+            print(vm.run("cat", "/run/bootimg/booted.json").stdout)
+
+The guest's sshd listens on 10.0.2.15:22 (QEMU user network, static address in the board root);
+the host forwards a free local port to it. The client key lives in the board cache; disks get
+its public half as root's ``authorized_keys`` (``authorized_keys()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from ._util import BoardError, cache_dir, file_lock, need_tools
+from .qemu import DEFAULT_TIMEOUT, BootResult, Run
+from .rootfs import POWEROFF_ARG
+
+HOST_ALIAS = "board"
+
+
+def client_key(cache: str | os.PathLike[str] | None = None) -> Path:
+    """The board's ssh client key (ed25519, made once per cache; the private half never leaves
+    the host). Returns the private key's path; the public half is next to it (``.pub``)."""
+    need_tools("ssh-keygen")
+    cdir = cache_dir(cache) / "ssh"
+    cdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = cdir / "id_ed25519"
+    with file_lock(cdir / ".lock"):
+        if not (key.is_file() and key.with_suffix(".pub").is_file()):
+            for p in (key, key.with_suffix(".pub")):
+                p.unlink(missing_ok=True)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bootimg-board",
+                            "-f", str(key)], check=True, capture_output=True)
+    return key
+
+
+def authorized_keys(cache: str | os.PathLike[str] | None = None) -> str:
+    """The line to install as the guest root's ``~/.ssh/authorized_keys``."""
+    return client_key(cache).with_suffix(".pub").read_text()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Session:
+    """A booted board: ``result`` (the boot up to the marker) and an ssh endpoint."""
+
+    def __init__(self, run: Run, result: BootResult, port: int, key: Path, config: Path):
+        self._run = run
+        self.result = result
+        self.ssh_port = port
+        self.ssh_key = key
+        self.ssh_config = config
+
+    @property
+    def qemu_running(self) -> bool:
+        return self._run.running
+
+    def ssh_argv(self, *command: str) -> list[str]:
+        return ["ssh", "-F", str(self.ssh_config), HOST_ALIAS, *command]
+
+    def run(self, *command: str, check: bool = True, timeout: float = 60.0,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a command on the board (through the guest's shell, like ssh does)."""
+        try:
+            proc = subprocess.run(self.ssh_argv(*command), capture_output=True, text=True,
+                                  timeout=timeout, input=input,
+                                  stdin=None if input is not None else subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise BoardError(f"board: {' '.join(command)!r} over ssh took more than {timeout:.0f} s") from None
+        if check and proc.returncode != 0:
+            raise BoardError(f"board: {' '.join(command)!r} failed with exit status {proc.returncode}: "
+                             f"{(proc.stderr or proc.stdout).strip()[-300:]}")
+        return proc
+
+    def wait_ssh(self, timeout: float = 60.0) -> None:
+        """Wait until sshd answers (it may start after the marker)."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if not self.qemu_running:
+                raise BoardError("board: QEMU exited while waiting for ssh")
+            proc = subprocess.run(self.ssh_argv("true"), capture_output=True, text=True,
+                                  stdin=subprocess.DEVNULL, timeout=30)
+            if proc.returncode == 0:
+                return
+            last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+            time.sleep(1.0)
+        raise BoardError(f"board: no ssh connection within {timeout:.0f} s: {last}")
+
+    def console_since(self, start: int = 0) -> list[tuple[float, str]]:
+        """Console lines (host seconds, text) from index ``start`` on, while it runs."""
+        with self._run.reader.cond:
+            return list(self._run.reader.lines[start:])
+
+
+def write_ssh_config(path: Path, port: int, key: Path) -> Path:
+    path.write_text(
+        f"Host {HOST_ALIAS}\n"
+        f"    HostName 127.0.0.1\n    Port {port}\n    User root\n    IdentityFile {key}\n"
+        f"    IdentitiesOnly yes\n    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n"
+        f"    LogLevel ERROR\n    ConnectTimeout 10\n    ServerAliveInterval 5\n    BatchMode yes\n")
+    return path
+
+
+@contextlib.contextmanager
+def running(kernel: str | os.PathLike[str], initrd: str | os.PathLike[str] | None,
+            disk: str | os.PathLike[str] | None, append: str, *, timeout: float = DEFAULT_TIMEOUT,
+            serial_log: str | os.PathLike[str] | None = None, snapshot: bool = True,
+            memory: int = 2048, smp: int = 2, cache: str | os.PathLike[str] | None = None,
+            wait_ssh: bool = True, extra_args: Sequence[str] = ()) -> Iterator[Session]:
+    """Boot and keep the board up until the ``with`` block ends, then power it off.
+
+    The block runs whether or not the boot reached the marker (``vm.result`` says which; ssh is
+    only waited for when it did). ``append`` must not ask for the marker's poweroff."""
+    if POWEROFF_ARG in append.split():
+        raise BoardError(f"running(): the command line asks for {POWEROFF_ARG}; drop it to keep the board up")
+    need_tools("ssh")
+    key = client_key(cache)
+    port = free_port()
+    nic = ["-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22"]
+    run = Run(kernel, initrd, disk, append, memory=memory, smp=smp, snapshot=snapshot,
+              extra_args=[*nic, *extra_args], serial_log=serial_log)
+    config = Path(cache_dir(cache) / "ssh" / f"config-{port}")
+    try:
+        write_ssh_config(config, port, key)
+        run.watch(timeout=timeout, stay_up=True)
+        session = Session(run, run.result(), port, key, config)
+        if session.result.ok and wait_ssh:
+            session.wait_ssh()
+        yield session
+        if run.running and session.result.ok:
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                subprocess.run(session.ssh_argv("systemctl", "--no-block", "poweroff"),
+                               capture_output=True, timeout=15, stdin=subprocess.DEVNULL)
+            run.wait_exit(30)
+    finally:
+        run.stop()
+        config.unlink(missing_ok=True)
+
+
+__all__ = ["Session", "running", "client_key", "authorized_keys", "HOST_ALIAS"]
