@@ -75,6 +75,47 @@ def _cmd_boot_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _container_states(vm, names: list[str]) -> list[dict]:
+    props = "Id,ActiveState,SubState,Result,Type,ActiveEnterTimestampMonotonic"
+    out = vm.run("systemctl", "show", "-p", props, *[f"{n}.service" for n in names]).stdout
+    units = [dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+             for block in out.strip().split("\n\n")]
+    return sorted(units, key=lambda u: int(u.get("ActiveEnterTimestampMonotonic") or 0) or 1 << 62)
+
+
+def _cmd_system(args: argparse.Namespace) -> int:
+    from .session import running
+    from .system import prepare_system
+
+    system = prepare_system(args.manifest, build_dir=args.build_dir, key=args.key)
+    names = sorted(n for n, e in system.release["images"].items() if e["role"] == "container")
+    print(f"release  {system.release_dir}: {system.release['name']} {system.release['version']}")
+    print(f"initrd   {system.initrd} ({system.boot_files.initrd_size / 1e6:.1f} MB, with the release's 90bootimg)")
+    print(f"disk     {system.disk} (provisioned: fs-verity on every image and object)")
+    print(f"cmdline  {system.cmdline(poweroff=False)}")
+    with running(system.kernel, system.initrd, system.disk, system.cmdline(poweroff=False),
+                 timeout=args.timeout, serial_log=args.serial_log) as vm:
+        if not vm.result.ok:
+            raise BootimgError(f"the board did not boot: {vm.result.summary()}")
+        booted = json.loads(vm.run("cat", "/run/bootimg/booted.json").stdout)
+        root = vm.run("findmnt", "-no", "FSTYPE,OPTIONS", "/").stdout.split()
+        user = int(vm.run("systemctl", "show", "-p", "UserspaceTimestampMonotonic", "--value").stdout.strip() or 0)
+        states = _container_states(vm, names)
+    ok = booted.get("digest") == system.digest and "verity=require" in root[1].split(",")
+    print(f"booted   {vm.result.marker}")
+    print(f"root     {root[0]} {'verity=require' if ok else 'NOT VERIFIED'}; digest {booted.get('digest')} "
+          f"({'matches' if booted.get('digest') == system.digest else 'DOES NOT MATCH'} the release); "
+          f"trust {booted.get('trust')}, key {booted.get('key')}")
+    print("boot-time containers (in the order they became active; ms after switch-root):")
+    all_active = True
+    for u in states:
+        t = int(u.get("ActiveEnterTimestampMonotonic") or 0)
+        since = f"{(t - user) / 1000:8.0f} ms" if t and user else "       -   "
+        all_active &= u.get("ActiveState") == "active"
+        print(f"  {u['Id']:<24} {u.get('ActiveState')}/{u.get('SubState'):<8} {since}  Type={u.get('Type')}")
+    return 0 if ok and all_active else 1
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     board = sub.add_parser("board", help="the QEMU test board: prepare it, boot the baseline",
                            description="A QEMU (TCG) board with a Debian bookworm root, a 6.12 "
@@ -108,3 +149,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work-dir", metavar="DIR", help="where the disk image is made (default: the cache)")
     p.add_argument("--keep", action="store_true", help="keep the extracted tree and disk image")
     p.set_defaults(func=_cmd_boot_baseline)
+
+    p = bsub.add_parser("system", help="build a manifest's signed release for the board and boot it",
+                        description="Build the release (bootimg build), the initramfs with its "
+                                    "90bootimg module, a provisioned data disk; boot it from the "
+                                    "verified composefs root and show the root digest and each "
+                                    "boot-time container's state.")
+    p.add_argument("manifest", metavar="MANIFEST", help="e.g. manifests/board.yaml")
+    p.add_argument("--key", metavar="SECRET.key", help="release signing key (trust profile 'signed')")
+    p.add_argument("--build-dir", default="build", metavar="DIR",
+                   help="where the root tree, release and disk go (DIR/board/; default build)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="watchdog, seconds (default 600)")
+    p.add_argument("--serial-log", metavar="FILE", help="write the console to FILE")
+    p.set_defaults(func=_cmd_system)

@@ -192,6 +192,10 @@ def qemu_argv(kernel: Path, initrd: Path | None, disk: Path | None, append: str,
         argv += ["-drive", f"file={disk},format=raw,if=virtio,cache=unsafe"]
     if snapshot:
         argv.append("-snapshot")
+    if "-nic" not in extra_args and "-netdev" not in extra_args:
+        # Always a network card (QEMU's user network): the root's network-online.target, which
+        # containers may want, is reached at once instead of after wait-online's timeout.
+        argv += ["-nic", "user,model=virtio-net-pci"]
     return argv + list(extra_args)
 
 
