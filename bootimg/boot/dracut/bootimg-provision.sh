@@ -34,45 +34,36 @@ case $WORKERS in ''|*[!0-9]*|0) WORKERS=1 ;; esac
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/bootimg-provision.XXXXXX") || exit 1
 trap 'rm -rf "$OUT"' EXIT
 
-# Each process costs (on a first boot there are thousands of files), so: one `fsverity measure`
-# over all the files still to check (it stops at the first file without fs-verity and prints a
-# line per file before it), then one `fsverity enable` per file from there ("File exists", EEXIST,
-# means it has fs-verity already: back to measuring in bulk). A fresh release costs one process
-# per file; a provisioned one with a few new files, a few. Files are dealt round-robin to WORKERS
-# background shells (the kernel hashes in each caller's context). Release file names are
-# [0-9a-f/] objects and NAME.cfs images: no blanks, so word lists are safe (globbing is off).
-worker() {  # K: the files whose position modulo WORKERS is K
-    k=$1
-    i=0
-    list=""
-    for f in "$REL"/images/* "$REL"/objects/*/*; do
-        i=$((i + 1))
-        [ $((i % WORKERS)) -eq "$k" ] || continue
-        if [ -f "$f" ] && [ ! -L "$f" ]; then
-            list="$list $f"
-        fi
-    done
-    set -f
-    # shellcheck disable=SC2086  # word splitting of the list is intended
-    set -- $list
-    set +f
-    total=$#
-    enabled=0
+# Each process costs (on a first boot there are thousands of files), so per directory: one
+# `fsverity measure` over the files still to check (it stops at the first file without
+# fs-verity, printing a line per file before it), then one `fsverity enable` per file from there
+# ("File exists", EEXIST, means it has fs-verity already: back to measuring in bulk). A fresh
+# release costs about one process per file; a provisioned one, one per directory. Directories
+# are dealt round-robin to WORKERS background shells (the kernel hashes in the caller's context).
+check_files() {  # FILE...: give every regular file fs-verity; counts into total/enabled
     mode=measure
     while [ "$#" -gt 0 ]; do
         if [ "$mode" = measure ]; then
-            out=$("$FSVERITY" measure "$@" 2>/dev/null) && break    # all the rest have it
+            if out=$("$FSVERITY" measure "$@" 2>/dev/null); then    # all the rest have it
+                total=$((total + $#))
+                return 0
+            fi
             n=0
             if [ -n "$out" ]; then
                 while IFS= read -r _line; do n=$((n + 1)); done <<EOF
 $out
 EOF
             fi
+            total=$((total + n))
             shift "$n"                 # $1: the first file without fs-verity
             mode=enable
         fi
         f=$1
         shift
+        if [ ! -f "$f" ] || [ -L "$f" ]; then
+            continue
+        fi
+        total=$((total + 1))
         if err=$("$FSVERITY" enable --hash-alg=sha256 --block-size=4096 "$f" 2>&1); then
             enabled=$((enabled + 1))
             continue
@@ -84,6 +75,19 @@ EOF
             echo "bootimg-provision: cannot enable fs-verity on $f: $err" >&2
             return 1
         fi
+    done
+}
+
+worker() {  # K: the directories whose position modulo WORKERS is K
+    k=$1
+    i=0
+    total=0
+    enabled=0
+    for d in "$REL/images" "$REL"/objects/*; do
+        i=$((i + 1))
+        [ $((i % WORKERS)) -eq "$k" ] || continue
+        [ -d "$d" ] || continue
+        check_files "$d"/* || return 1
     done
     echo "$total $enabled" >"$OUT/$k"
 }
