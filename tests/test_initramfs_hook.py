@@ -412,7 +412,7 @@ def test_unit_reboot_policy():
     expected = {
         "Unit.DefaultDependencies": ["no"], "Unit.ConditionPathExists": ["/etc/initrd-release"],
         "Unit.Requires": ["sysroot.mount"], "Unit.After": ["sysroot.mount"],
-        "Unit.Before": ["initrd-root-fs.target"], "Unit.FailureAction": ["reboot"],
+        "Unit.Before": ["initrd-root-fs.target"], "Unit.FailureAction": ["reboot-force"],
         "Service.Type": ["oneshot"], "Service.RemainAfterExit": ["yes"],
         "Service.ExecStart": ["/usr/libexec/bootimg/bootimg-root"],
         "Service.StandardOutput": ["journal+console"], "Service.StandardError": ["journal+console"],

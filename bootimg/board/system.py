@@ -248,11 +248,12 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
     disk_path = top / f"{out_name}.disk.img"
     system = System(board, boot_files, out, release, disk_path, Path(manifest), tree, timings=timings)
     # The provisioned disk is cached by what is on it (the release, named completely by
-    # release.json + its signature; the root's /var) and by the initramfs that provisioned it.
+    # release.json + its signature; the root's /var) and by the scripts that provisioned it.
     sig = out / "release.json.minisig"
+    hook = top / f"{out_name}.work" / "initramfs-inputs" / PurePosixPath(MODULE_DIR).name
     disk_key = digest({"format": DISK_FORMAT, "release": (out / "release.json").read_text(),
                        "sig": sig.read_text() if sig.exists() else None, "rootfs": board.rootfs.key,
-                       "initramfs": boot_files.key})
+                       "provisioning": [(hook / n).read_text() for n in ("bootimg-root.sh", "bootimg-provision.sh")]})
     cached = board.cache / f"disk-{disk_key}.img"
     t0 = time.monotonic()
     with file_lock(board.cache / f".disk-{disk_key}.lock"):

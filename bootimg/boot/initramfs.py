@@ -68,7 +68,10 @@ def failure_policy(manifest: Manifest) -> str:
     """The unit lines for boot.on_verification_failure."""
     policy = manifest.boot.on_verification_failure
     if policy == "reboot":
-        return "FailureAction=reboot"
+        # reboot-force, not reboot: a reboot *job* loses to the initrd's own
+        # OnFailure=emergency.target (initrd-root-fs.target fails with this unit), which would
+        # leave an emergency shell; reboot-force ends the manager's run directly.
+        return "FailureAction=reboot-force"
     if policy == "emergency":
         return "OnFailure=emergency.target\nOnFailureJobMode=replace-irreversibly"
     raise BootimgError(f"unknown on_verification_failure policy {policy!r}")
