@@ -31,7 +31,8 @@ fi
 
 WORKERS=${BOOTIMG_PROVISION_WORKERS:-2}
 case $WORKERS in ''|*[!0-9]*|0) WORKERS=1 ;; esac
-OUT=$(mktemp -d "${TMPDIR:-/tmp}/bootimg-provision.XXXXXX") || exit 1
+OUT=${TMPDIR:-/tmp}/bootimg-provision.$$
+mkdir -m 0700 "$OUT" || exit 1           # fails if it exists: nobody else's directory is used
 trap 'rm -rf "$OUT"' EXIT
 
 # Each process costs (on a first boot there are thousands of files), so per directory: one

@@ -28,7 +28,7 @@ install() {
     inst_simple "$moddir/bootimg-root.service" "$systemdsystemunitdir/bootimg-root.service" || return 1
     inst_simple /usr/lib/bootimg/boot.conf /etc/bootimg/boot.conf || return 1
     # Every tool the hook and bootimg-provision run (mount sets up the loop device itself).
-    inst_multiple cat grep sed mkdir mktemp rm mount umount losetup fsverity || return 1
+    inst_multiple cat sed mkdir rm mount umount losetup fsverity || return 1
     if [ "$BOOTIMG_TRUST" = signed ]; then
         inst_multiple minisign || return 1
         # The trusted release keys, named KEYID.pub in the root: the file name is the key id.
