@@ -159,10 +159,6 @@ def test_boots_the_verified_root_and_starts_the_containers_in_order(system, keys
         assert r.returncode == 0, r.stderr.decode()[-2000:]
         record = json.loads(r.stdout)["boots"][0]
         assert record["booted"]["digest"] == system.digest
-        # the root's stub keeps bootimg-root.service loaded after switch-root: an exact milestone
-        rm = record["milestones"]["root_mounted"]
-        assert rm["state"] == "ok" and rm["source"].startswith("dbus:bootimg-root.service"), rm
-        assert rm["usec"] < record["milestones"]["switch_root"]["usec"]
         assert record["milestones"]["switch_root"]["state"] == "ok"
         for name in ALL_CONTAINERS:
             ms = record["milestones"][f"container:{name}"]

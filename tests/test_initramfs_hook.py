@@ -456,16 +456,6 @@ def test_root_image_carries_the_module(releases, keyids):
     assert 'add_dracutmodules+=" bootimg "' in dracut.decode()
     provision, mode = root_file(rel, "/usr/libexec/bootimg/bootimg-provision")
     assert mode == 0o755 and provision.decode() == rendered("bootimg-provision.sh", "ivi-demo.yaml")
-    # the initrd unit + hook in the real root as well (loadable after switch-root, never started)
-    unit, mode = root_file(rel, "/usr/lib/systemd/system/bootimg-root.service")
-    assert mode == 0o644 and unit.decode() == initramfs.ROOT_STUB_UNIT
-    assert "ConditionPathExists=/etc/initrd-release" in unit.decode()
-    image_root = load_image(rel / "images" / "root.cfs").root
-    for unit_dir in (b"/usr/lib/systemd/system", b"/etc/systemd/system"):
-        d = image_root.lookup(unit_dir)
-        for name, sub in (d.children.items() if d is not None else ()):
-            if name.endswith((b".wants", b".requires")) and sub.children:
-                assert b"bootimg-root.service" not in sub.children, (unit_dir, name)   # not enabled
     root = load_image(rel / "images" / "root.cfs").root
     assert root.lookup(b"/sysroot").is_dir()
     assert sorted(root.lookup(b"/usr/lib/bootimg/keys").children) == sorted(f"{k}.pub".encode() for k in keyids.values())
