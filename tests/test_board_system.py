@@ -163,6 +163,16 @@ def test_boots_the_verified_root_and_starts_the_containers_in_order(system, keys
         for name in ALL_CONTAINERS:
             ms = record["milestones"][f"container:{name}"]
             assert ms["state"] == "ok" and ms["usec"] == t[name], (name, ms)
+        # over D-Bus "root mounted" is an upper bound (the initrd units are gone after
+        # switch-root); the journal (persistent /var, initrd entries flushed) has it exactly
+        r = run_cli("kpi", "collect", "--ssh", "board", "--ssh-config", str(vm.ssh_config),
+                    "--manifest", str(system.manifest_path), "--history", "--json")
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        past = {b["boot_id"]: b for b in json.loads(r.stdout)["boots"]}
+        this = past[record["boot_id"]]
+        rm = this["milestones"]["root_mounted"]
+        assert rm["state"] == "ok" and "bootimg-root.service" in rm["source"], rm
+        assert rm["usec"] <= record["milestones"]["root_mounted"]["usec"]
 
 
 # -- 2. a tampered object ------------------------------------------------------------------------
