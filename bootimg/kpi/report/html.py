@@ -91,6 +91,7 @@ def _timeline(doc: dict[str, Any], results: list, boot: dict[str, Any]) -> str:
     kpi_rows = [r for r in results]
     height = top + row_h * (2 + len(kpi_rows)) + 40
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 170}" height="{height}" '
+           f'viewBox="0 0 {left + width + 170} {height}" style="max-width:100%;height:auto" '
            f'font-family="system-ui,sans-serif" font-size="12" role="img" aria-label="boot timeline">']
     # grid
     step = next(s for s in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120) if end / s <= 14)
@@ -188,7 +189,9 @@ def _distribution(r: Any) -> str:
     left, width, h = 10, 300, 46
     sx = lambda v: left + width * (v - lo) / (hi - lo)  # noqa: E731
     color = COLORS.get(r.verdict, "#555")
+    # viewBox + max-width: the plot shrinks with its table column instead of widening the page
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 20}" height="{h + 14}" '
+           f'viewBox="0 0 {left + width + 20} {h + 14}" style="max-width:100%;height:auto" '
            f'font-family="system-ui,sans-serif" font-size="10">']
     out.append(f'<line x1="{left}" y1="{h - 10}" x2="{left + width}" y2="{h - 10}" stroke="#8c959f"/>')
     for k in range(0, 5):
