@@ -223,6 +223,9 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
 
     timings: dict[str, float] = {}
     build = Path(build_dir).absolute()
+    # A bad manifest fails here, before minutes of board work (its inputs are checked below,
+    # once the board root it names is extracted).
+    load_manifest(manifest, check_inputs=False, on_warning=None)
     t0 = time.monotonic()
     board = prepare(log=log)
     timings["board"] = time.monotonic() - t0
