@@ -70,21 +70,11 @@ def assert_refused(result, reason: str) -> None:
     assert "Switching root" not in result.console
 
 
-def object_of(system, path: str) -> str:
-    """The object (relative to objects/) holding the root file ``path``."""
-    from bootimg.board.system import _node
+def object_of(system, path: str, image: str = "root") -> str:
+    """The object (relative to objects/) holding ``path`` of one of the release's images."""
     from bootimg.composefs.reader import load_image
 
-    node = _node(load_image(system.release_dir / "images" / "root.cfs").root, path)
-    assert node is not None and node.payload, path
-    return node.payload.decode()
-
-
-def object_of_container(system, name: str, path: str) -> str:
-    from bootimg.board.system import _node
-    from bootimg.composefs.reader import load_image
-
-    node = _node(load_image(system.release_dir / "images" / f"{name}.cfs").root, path)
+    node = load_image(system.release_dir / "images" / f"{image}.cfs").root.lookup(path.encode())
     assert node is not None and node.payload, path
     return node.payload.decode()
 
@@ -209,7 +199,7 @@ def test_tampered_container_object_fails_the_container_as_essential_says(system,
     ``essential: emergency`` takes the board to emergency mode."""
     from bootimg.board import diskedit
 
-    obj = object_of_container(system, "rear-camera", "/usr/bin/rvc")
+    obj = object_of(system, "/usr/bin/rvc", image="rear-camera")
     disk = disk_copy(system, tmp_path)
     path = f"/bootimg/release/objects/{obj}"
     diskedit.replace_file(disk, path, diskedit.read_file(disk, path) + b"# tampered\n", mode=0o755)

@@ -29,8 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+from ..boot.initramfs import BOOT_CONF, MODULE_DIR, MODULE_NAME, RELEASE_PATH, STATE_PATH
 from ..composefs.reader import load_image
 from ..composefs.tree import Node
+from ..release.layout import ROOT_KEYS_DIR as KEYS_DIR
+from ..release.verify import file_bytes
 from ._util import (BoardError, Log, digest, file_lock, remove_tree, run, stderr_log,
                     write_json_atomically)
 from .board import Board, prepare
@@ -40,13 +43,9 @@ from .qemu import BootResult, baseline_cmdline, boot
 from .rootfs import extract_rootfs
 from .session import authorized_keys
 
-MODULE_NAME = "bootimg"
-MODULE_DIR = "/usr/lib/dracut/modules.d/90bootimg"
-BOOT_CONF = "/usr/lib/bootimg/boot.conf"
-KEYS_DIR = "/usr/lib/bootimg/keys"
 DISK_FORMAT = 1                  # bump when the data disk's layout or provisioning changes
-RELEASE_ON_DISK = "bootimg/release"
-STATE_ON_DISK = "bootimg/state"
+RELEASE_ON_DISK = RELEASE_PATH.lstrip("/")
+STATE_ON_DISK = STATE_PATH.lstrip("/")
 
 
 @dataclass
@@ -97,25 +96,11 @@ class System:
         return baseline_cmdline(" ".join(parts), poweroff=poweroff)
 
 
-def _node(root: Node, path: str) -> Node | None:
-    node = root
-    for part in PurePosixPath(path).parts[1:]:
-        if node.children is None or part.encode() not in node.children:
-            return None
-        node = node.children[part.encode()]
-        while node.link_to is not None:
-            node = node.link_to
-    return node
-
-
-def _file_bytes(node: Node, objects: Path, where: str) -> bytes:
-    if node.content is not None:
-        return bytes(node.content)
-    if node.payload:
-        return (objects / node.payload.decode()).read_bytes()
-    if node.size == 0:
-        return b""
-    raise BoardError(f"root image: {where} has no content and no object")
+def _read(release_dir: Path, node: Node | None, where: str) -> bytes:
+    data = file_bytes(release_dir, node) if node is not None and node.target().is_reg() else None
+    if data is None:
+        raise BoardError(f"the root image has no readable {where}", file=str(release_dir))
+    return data
 
 
 def extract_boot_inputs(release_dir: Path, dest: Path) -> dict[str, Path]:
@@ -124,31 +109,27 @@ def extract_boot_inputs(release_dir: Path, dest: Path) -> dict[str, Path]:
     Returns ``{"module_dir": ..., "boot_conf": ..., "keys": ...}`` under ``dest``. Reading them
     from the image (not from the build's templates) makes the initramfs run exactly the hook the
     signed root digest covers."""
-    image = load_image(release_dir / "images" / "root.cfs")
-    objects = release_dir / "objects"
+    root = load_image(release_dir / "images" / "root.cfs").root
     if dest.exists():
         remove_tree(dest)
     module = dest / PurePosixPath(MODULE_DIR).name
     keys = dest / "keys"
     module.mkdir(parents=True)
     keys.mkdir()
-    mod = _node(image.root, MODULE_DIR)
+    mod = root.lookup(MODULE_DIR.encode())
     if mod is None or mod.children is None:
         raise BoardError(f"the root image has no {MODULE_DIR}: not a bootimg release root",
                          file=str(release_dir))
     for name, node in sorted(mod.children.items()):
-        if node.is_reg():
+        if node.target().is_reg():
             path = module / name.decode()
-            path.write_bytes(_file_bytes(node, objects, f"{MODULE_DIR}/{name.decode()}"))
-            path.chmod(node.mode & 0o7777)
-    conf = _node(image.root, BOOT_CONF)
-    if conf is None or not conf.is_reg():
-        raise BoardError(f"the root image has no {BOOT_CONF}", file=str(release_dir))
-    (dest / "boot.conf").write_bytes(_file_bytes(conf, objects, BOOT_CONF))
-    kdir = _node(image.root, KEYS_DIR)
-    for name, node in sorted((kdir.children or {}).items()) if kdir else []:
-        if node.is_reg():
-            (keys / name.decode()).write_bytes(_file_bytes(node, objects, f"{KEYS_DIR}/{name.decode()}"))
+            path.write_bytes(_read(release_dir, node, f"{MODULE_DIR}/{name.decode()}"))
+            path.chmod(node.target().mode & 0o7777)
+    (dest / "boot.conf").write_bytes(_read(release_dir, root.lookup(BOOT_CONF.encode()), BOOT_CONF))
+    kdir = root.lookup(KEYS_DIR.encode())
+    for name, node in sorted((kdir.children or {}).items()) if kdir is not None else []:
+        if node.target().is_reg():
+            (keys / name.decode()).write_bytes(_read(release_dir, node, f"{KEYS_DIR}/{name.decode()}"))
     return {"module_dir": module, "boot_conf": dest / "boot.conf", "keys": keys}
 
 

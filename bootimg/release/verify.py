@@ -116,7 +116,7 @@ def _embedded_keys(out: Path, images: dict[str, Image], release: dict, report: V
     keys_dir = root.root.lookup(layout.ROOT_KEYS_DIR.encode())
     keys = []
     for name, node in (keys_dir.sorted_children() if keys_dir is not None else []):
-        data = _file_bytes(out, node)
+        data = file_bytes(out, node)
         if data is None:
             continue
         try:
@@ -126,7 +126,9 @@ def _embedded_keys(out: Path, images: dict[str, Image], release: dict, report: V
     return keys
 
 
-def _file_bytes(out: Path, node: Node) -> bytes | None:
+def file_bytes(out: Path, node: Node) -> bytes | None:
+    """The content of a regular file of one of the release's images (inline, or its object
+    under OUT/objects); None when the object is missing or unreadable."""
     node = node.target()
     if node.content is not None:
         return node.content
@@ -188,7 +190,7 @@ def _check_container_digests(out: Path, release: dict, images: dict[str, Image],
     if root is None:
         return
     node = root.root.lookup(layout.ROOT_CONTAINERS_JSON.encode())
-    data = _file_bytes(out, node) if node is not None else None
+    data = file_bytes(out, node) if node is not None else None
     if data is None:
         _problem(report, layout.ROOT_CONTAINERS_JSON, "missing from the root image")
         return
