@@ -125,11 +125,9 @@ def main() -> int:
         with running(system.kernel, system.initrd, system.disk, system.cmdline(poweroff=False), timeout=600) as vm:
             if not vm.result.ok:
                 sys.exit(f"system boot failed: {vm.result.summary()}")
-            user = int(vm.run("systemctl", "show", "-p", "UserspaceTimestampMonotonic", "--value").stdout)
-            out = vm.run("systemctl", "show", "-p", "Id,ActiveEnterTimestampMonotonic",
-                         *[f"{n}.service" for n in names]).stdout
-        units = [dict(line.split("=", 1) for line in b.splitlines() if "=" in line) for b in out.strip().split("\n\n")]
-        since = {u["Id"]: (int(u["ActiveEnterTimestampMonotonic"]) - user) / 1000 for u in units}
+            user = int(vm.manager_property("UserspaceTimestampMonotonic"))
+            units = vm.unit_properties([f"{n}.service" for n in names], "ActiveEnterTimestampMonotonic")
+        since = {u: (int(p["ActiveEnterTimestampMonotonic"]) - user) / 1000 for u, p in units.items()}
         firsts.append(min(since.values()))
         print(f"  full system boot {i + 1}: ms from switch-root to active: "
               + ", ".join(f"{k} {v:.0f}" for k, v in sorted(since.items(), key=lambda kv: kv[1])))

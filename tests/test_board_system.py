@@ -122,11 +122,9 @@ def test_boots_the_verified_root_and_starts_the_containers_in_order(system, keys
         var = vm.run("findmnt", "-no", "SOURCE", "/var").stdout.strip()
         assert var.endswith("[/bootimg/state/var]"), var
         # the containers: active, each from its verified image, in the declared order
-        props = "Id,ActiveState,SubState,Result,ActiveEnterTimestampMonotonic"
-        show = vm.run("systemctl", "show", "-p", props, *[f"{c}.service" for c in ALL_CONTAINERS]).stdout
-        units = [dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-                 for block in show.strip().split("\n\n")]
-        state = {u["Id"].removesuffix(".service"): u for u in units}
+        units = vm.unit_properties([f"{c}.service" for c in ALL_CONTAINERS],
+                                   "ActiveState,SubState,Result,ActiveEnterTimestampMonotonic")
+        state = {u.removesuffix(".service"): p for u, p in units.items()}
         for name in ALL_CONTAINERS:
             assert state[name]["ActiveState"] == "active", state[name]
             mnt = vm.run("findmnt", "-no", "FSTYPE,OPTIONS", f"/run/bootimg/containers/{name}").stdout.split()
@@ -138,7 +136,7 @@ def test_boots_the_verified_root_and_starts_the_containers_in_order(system, keys
         status = vm.run("systemctl", "show", "-p", "Type,StatusText", "vehicle-bus.service").stdout
         assert "Type=notify" in status and "StatusText=vehicle-bus running" in status
         # the container runs in its own root, as the declared user
-        pid = vm.run("systemctl", "show", "-p", "MainPID", "--value", "vehicle-bus.service").stdout.strip()
+        pid = vm.unit_properties(["vehicle-bus.service"], "MainPID")["vehicle-bus.service"]["MainPID"]
         assert "ID=bootimg-demo" in vm.run("cat", f"/proc/{pid}/root/etc/os-release").stdout
         assert vm.run("stat", "-c", "%u", f"/proc/{pid}").stdout.strip() == "1100"
         # the KPI collector (issue 5) on this boot, over ssh: it records which image it measured

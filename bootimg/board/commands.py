@@ -76,11 +76,9 @@ def _cmd_boot_baseline(args: argparse.Namespace) -> int:
 
 
 def _container_states(vm, names: list[str]) -> list[dict]:
-    props = "Id,ActiveState,SubState,Result,Type,ActiveEnterTimestampMonotonic"
-    out = vm.run("systemctl", "show", "-p", props, *[f"{n}.service" for n in names]).stdout
-    units = [dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
-             for block in out.strip().split("\n\n")]
-    return sorted(units, key=lambda u: int(u.get("ActiveEnterTimestampMonotonic") or 0) or 1 << 62)
+    units = vm.unit_properties([f"{n}.service" for n in names],
+                               "ActiveState,SubState,Result,Type,ActiveEnterTimestampMonotonic")
+    return sorted(units.values(), key=lambda u: int(u.get("ActiveEnterTimestampMonotonic") or 0) or 1 << 62)
 
 
 def _cmd_system(args: argparse.Namespace) -> int:
@@ -99,7 +97,7 @@ def _cmd_system(args: argparse.Namespace) -> int:
             raise BootimgError(f"the board did not boot: {vm.result.summary()}")
         booted = json.loads(vm.run("cat", "/run/bootimg/booted.json").stdout)
         root = vm.run("findmnt", "-no", "FSTYPE,OPTIONS", "/").stdout.split()
-        user = int(vm.run("systemctl", "show", "-p", "UserspaceTimestampMonotonic", "--value").stdout.strip() or 0)
+        user = int(vm.manager_property("UserspaceTimestampMonotonic") or 0)
         states = _container_states(vm, names)
     ok = booted.get("digest") == system.digest and "verity=require" in root[1].split(",")
     print(f"booted   {vm.result.marker}")

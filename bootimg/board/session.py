@@ -89,6 +89,18 @@ class Session:
                              f"{(proc.stderr or proc.stdout).strip()[-300:]}")
         return proc
 
+    def unit_properties(self, units: list[str], props: str) -> dict[str, dict[str, str]]:
+        """``systemctl show -p PROPS UNITS...`` on the board, one ssh call: {unit id: {prop: value}}
+        (``props`` comma-separated; ``Id`` is always read)."""
+        out = self.run("systemctl", "show", "-p", f"Id,{props}", *units).stdout
+        blocks = [dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+                  for block in out.strip().split("\n\n")]
+        return {b["Id"]: b for b in blocks}
+
+    def manager_property(self, name: str) -> str:
+        """One property of the board's service manager (e.g. UserspaceTimestampMonotonic)."""
+        return self.run("systemctl", "show", "-p", name, "--value").stdout.strip()
+
     def wait_ssh(self, timeout: float = 60.0) -> None:
         """Wait until sshd answers (it may start after the marker)."""
         deadline = time.monotonic() + timeout

@@ -243,7 +243,7 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
     with file_lock(board.cache / f".disk-{disk_key}.lock"):
         if cached.is_file():
             disk_path.unlink(missing_ok=True)
-            run(["cp", "--sparse=always", "--reflink=auto", str(cached), str(disk_path)], what="copying the disk")
+            _copy_disk(cached, disk_path)
             log(f"provisioned disk from the cache ({cached.name})")
         else:
             make_data_disk(out, tree, disk_path, seed=f"board-{out_name}")
@@ -255,7 +255,7 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
             log(f"provisioned {disk_path.name} in {timings['provision_boot']:.0f} s "
                 f"({system.provisioning.summary()})")
             tmp = cached.with_name(f".{cached.name}.tmp")
-            run(["cp", "--sparse=always", "--reflink=auto", str(disk_path), str(tmp)], what="caching the disk")
+            _copy_disk(disk_path, tmp)
             os.replace(tmp, cached)
     timings["disk_total"] = time.monotonic() - t0
     write_json_atomically(top / f"{out_name}.system.json", {
@@ -267,7 +267,11 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
 
 def copy_disk(system: System, dest: Path) -> Path:
     """A private copy of the provisioned disk (sparse, reflinked where possible) to tamper with."""
-    run(["cp", "--sparse=always", "--reflink=auto", str(system.disk), str(dest)], what="copying the disk")
+    return _copy_disk(system.disk, dest)
+
+
+def _copy_disk(src: Path, dest: Path) -> Path:
+    run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dest)], what=f"copying the disk {src.name}")
     return dest
 
 
