@@ -44,6 +44,60 @@ def test_directory_image_equals_dump_image(tree, tmp_path, opts, kw):
     assert image == expected
 
 
+@pytest.mark.parametrize("kw", [{}, {"use_epoch": True}, {"skip_devices": True}, {"user_xattrs": True},
+                                {"skip_xattrs": True}])
+def test_c_and_python_walks_agree(tree, monkeypatch, kw):
+    """The C directory reader (one call per directory) and the os.scandir walk it replaces
+    build the same tree: same image, same external files in the same order."""
+    from bootimg.composefs import scan
+
+    if scan._scandir is None:
+        if os.environ.get("BOOTIMG_REQUIRE_ACCEL") == "1":
+            pytest.fail("the C directory reader _scandir was not built")
+        pytest.skip("C directory reader not built")
+    options = scan.ScanOptions(threads=1, **kw)
+    with_c = scan.scan_directory(str(tree), options)
+    monkeypatch.setattr(scan, "_scandir", None)
+    with_py = scan.scan_directory(str(tree), options)
+    assert write_image(with_c.root) == write_image(with_py.root)
+    assert [p for p, _ in with_c.external] == [p for p, _ in with_py.external]
+    assert with_c.n_files == with_py.n_files and with_c.bytes_hashed == with_py.bytes_hashed
+
+
+@pytest.mark.parametrize("walker", ["c", "python"])
+def test_walk_error_names_the_path(tmp_path, monkeypatch, walker):
+    """A path longer than PATH_MAX inside the tree: one clean error naming it, no image."""
+    from bootimg.composefs import scan
+    from bootimg.errors import BootimgError
+
+    if walker == "python":
+        monkeypatch.setattr(scan, "_scandir", None)
+    elif scan._scandir is None:
+        pytest.skip("C directory reader not built")
+    src = tmp_path / "deep"
+    src.mkdir()
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(20):                       # 20 x 255 bytes: past PATH_MAX (4096)
+            os.mkdir("d" * 255, dir_fd=fd)
+            new = os.open("d" * 255, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = new
+    finally:
+        os.close(fd)
+    with pytest.raises(BootimgError) as err:
+        scan.scan_directory(str(src), scan.ScanOptions(threads=1))
+    message = str(err.value)
+    assert "File name too long" in message and str(src) in message and "\n" not in message
+    if walker == "c":
+        res = run_cli("mkcomposefs", str(src), str(tmp_path / "out.cfs"))
+        assert res.returncode == 1 and b"Traceback" not in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and b"File name too long" in res.stderr
+        assert not (tmp_path / "out.cfs").exists()
+    # rm -r cannot remove what it cannot name either; shutil can (it walks with dir fds).
+    shutil.rmtree(src)
+
+
 def test_tree_covers_the_corners(tree, tmp_path):
     """The generated tree really holds what the test claims to cover."""
     image = _build(tree, tmp_path / "dir.cfs")
