@@ -54,7 +54,8 @@ class _Inode:
 
     __slots__ = (
         "node", "name", "parent", "mode", "nlink", "uid", "gid", "rdev", "mtime_sec", "mtime_nsec",
-        "size", "xattrs", "entries", "ino", "nid", "isz", "shared_ids", "inline_xattrs", "xsz",
+        "size", "xattrs", "entries", "ino", "nid", "isz", "shared_ids", "inline_xattrs", "xsz", "xfilter",
+        "chunk_bits",
         "n_blocks", "tail", "blkaddr", "layout", "i_size", "chunks", "spilled_chunk_table",
     )
 
@@ -83,16 +84,10 @@ class _Inode:
         return "/" + b"/".join(reversed(parts)).decode("utf-8", "backslashreplace")
 
 
-def choose_version(root: Node, options: ImageOptions) -> int:
-    """mkcomposefs picks min_version, bumped to 1 if the tree has a whiteout and max allows."""
+def _check_versions(options: ImageOptions) -> None:
     if not 0 <= options.min_version <= options.max_version <= VERSION_MAX:
         raise FormatError(
             f"invalid format version range {options.min_version}..{options.max_version} (supported 0..{VERSION_MAX})")
-    version = options.min_version
-    if version < 1 <= options.max_version:
-        if any(n.link_to is None and n.is_whiteout() for n in root.walk()):
-            version = 1
-    return version
 
 
 def _chunk_bits(size: int) -> int:
@@ -100,17 +95,16 @@ def _chunk_bits(size: int) -> int:
     return 12 if bits < 12 else 43 if bits > 43 else bits     # one block .. 2^31 blocks
 
 
-def _chunk_count(size: int) -> int:
-    bits = _chunk_bits(size)
-    return (size + (1 << bits) - 1) >> bits
-
-
 # -- step 1: rewrite the tree into inodes with their final mode and xattrs ---------------------
 
-def _rewrite(root: Node, version: int, external: list[_Inode]) -> _Inode:
+def _rewrite(root: Node, options: ImageOptions, external: list[_Inode]) -> tuple[_Inode, int]:
     """Make an _Inode for every non-hardlink node, with the overlay xattrs the reference adds
-    (except the digest-dependent ones of external files, collected in ``external``)."""
-    root_inode = _make_inode(root, b"", None, version, external)
+    (except the digest-dependent ones of external files, collected in ``external``).
+
+    Also picks the format version as mkcomposefs does: min_version, bumped to 1 if the tree
+    has a whiteout and max_version allows (found here, so the tree is walked once)."""
+    whiteout_parents: list[_Inode | None] = []
+    root_inode = _make_inode(root, b"", None, whiteout_parents, external)
     stack = [root_inode]
     while stack:
         dir_inode = stack.pop()
@@ -119,18 +113,26 @@ def _rewrite(root: Node, version: int, external: list[_Inode]) -> _Inode:
             if child.link_to is not None:
                 entries.append((name, child.link_to))     # resolved to an inode in _number
                 continue
-            ci = _make_inode(child, name, dir_inode, version, external)
+            ci = _make_inode(child, name, dir_inode, whiteout_parents, external)
             entries.append((name, ci))
             if ci.entries is not None:
                 stack.append(ci)
         dir_inode.entries = entries
+    version = options.min_version
+    if whiteout_parents and version < 1 <= options.max_version:
+        version = 1
+    if version >= 1:
+        for parent in whiteout_parents:
+            if parent is not None:
+                parent.xattrs[E.OVERLAY_ESCAPED_OPAQUE] = b"x"
+                parent.xattrs[E.OVERLAY_USER_OPAQUE] = b"x"
     # Root: opaque, set after escaping (so it stays a real overlay xattr).
     root_inode.xattrs[E.OVERLAY_OPAQUE] = b"y"
     _add_whiteout_stubs(root_inode)
-    return root_inode
+    return root_inode, version
 
 
-def _make_inode(node: Node, name: bytes, parent: _Inode | None, version: int,
+def _make_inode(node: Node, name: bytes, parent: _Inode | None, whiteout_parents: list[_Inode | None],
                 external: list[_Inode]) -> _Inode:
     ino = _Inode(node, name, parent)
     ftype = node.mode & _S_IFMT
@@ -149,7 +151,8 @@ def _make_inode(node: Node, name: bytes, parent: _Inode | None, version: int,
     ino.size = node.size
     if ftype == _S_IFREG:
         if node.content is None and node.size > 0:
-            if _chunk_count(node.size) > MAX_CHUNKS:
+            ino.chunk_bits = bits = _chunk_bits(node.size)
+            if (node.size + (1 << bits) - 1) >> bits > MAX_CHUNKS:
                 raise FormatError(f"{ino.path()}: file too large ({node.size} bytes)")
             external.append(ino)
     elif ftype == _S_IFDIR:
@@ -167,9 +170,7 @@ def _make_inode(node: Node, name: bytes, parent: _Inode | None, version: int,
         if parent is not None:
             parent.xattrs[E.OVERLAY_ESCAPED_WHITEOUTS] = b""
             parent.xattrs[E.OVERLAY_USER_WHITEOUTS] = b""
-            if version >= 1:
-                parent.xattrs[E.OVERLAY_ESCAPED_OPAQUE] = b"x"
-                parent.xattrs[E.OVERLAY_USER_OPAQUE] = b"x"
+        whiteout_parents.append(parent)     # opaque "x" too, if the version is >= 1
     ino.xattrs = xattrs
     return ino
 
@@ -230,10 +231,12 @@ def _number(root: _Inode) -> list[_Inode]:
 # -- step 3: xattrs: budget, sharing, encoding --------------------------------------------------
 
 class _XattrCodec:
-    """Caches the per-key work (prefix split, bloom bits): a tree has few distinct keys."""
+    """Caches the per-key work (prefix split, entry headers, bloom bits): a tree has few
+    distinct keys and value lengths, so an entry is one dict lookup and two concatenations."""
 
     def __init__(self) -> None:
         self._split: dict[bytes, tuple[int, bytes]] = {}
+        self._heads: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}
         self._bloom: dict[tuple[bytes, ...], int] = {}
 
     def split(self, key: bytes) -> tuple[int, bytes]:
@@ -243,10 +246,13 @@ class _XattrCodec:
         return r
 
     def entry(self, key: bytes, value: bytes) -> bytes:
-        index, suffix = self.split(key)
-        data = E.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
-        pad = -len(data) % 4
-        return data + b"\0" * pad if pad else data
+        head = self._heads.get((key, len(value)))
+        if head is None:
+            index, suffix = self.split(key)
+            size = E.XATTR_ENTRY_SIZE + len(suffix) + len(value)
+            head = self._heads[(key, len(value))] = (
+                E.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix, b"\0" * (-size % 4))
+        return head[0] + value + head[1]
 
     def name_filter(self, keys: tuple[bytes, ...]) -> int:
         r = self._bloom.get(keys)
@@ -261,25 +267,33 @@ class _XattrCodec:
 
 def _prepare_xattrs(order: list[_Inode], codec: _XattrCodec) -> tuple[bytes, bool]:
     """Sort each inode's xattrs, check the budget, build the shared table (pairs used more
-    than once, in the reference's descending order) and each inode's xattr body parts."""
-    counts: Counter = Counter()
+    than once, in the reference's descending order) and each inode's xattr body parts.
+
+    Sets on each inode with xattrs: ``xsz`` (body size), ``shared_ids`` (table offsets),
+    ``inline_xattrs`` (encoded entries) and ``xfilter`` (the name filter of its keys)."""
     has_acl = False
     acl_access, acl_default = E.ACL_XATTRS
+    with_xattrs = []
+    all_pairs: list[tuple[bytes, bytes]] = []
     for ino in order:
         xattrs = ino.xattrs
         if not xattrs:
-            ino.xattrs = ()
+            ino.xsz = 0
             continue
         if acl_access in xattrs or acl_default in xattrs:
             has_acl = True
-        items = sorted(xattrs.items())
+        items = sorted(xattrs.items()) if len(xattrs) > 1 else list(xattrs.items())
         budget = 12 + 7 * len(items) + sum(map(len, chain.from_iterable(items)))
         if budget > XATTR_BUDGET:
             raise FormatError(f"{ino.path()}: too many xattrs ({budget} bytes, max {XATTR_BUDGET})")
         ino.xattrs = items
-        counts.update(items)
+        with_xattrs.append(ino)
+        all_pairs += items
 
+    counts = Counter(all_pairs)
+    del all_pairs
     shared = [pair for pair, n in counts.items() if n > 1]
+    del counts
     shared.sort(key=lambda p: (p[0], len(p[1]), p[1]), reverse=True)
     offsets: dict[tuple[bytes, bytes], int] = {}
     table = bytearray()
@@ -288,23 +302,28 @@ def _prepare_xattrs(order: list[_Inode], codec: _XattrCodec) -> tuple[bytes, boo
         table += codec.entry(*pair)
 
     max_shared = E.XATTR_LONG_PREFIX
-    for ino in order:
+    entry = codec.entry
+    name_filter = codec.name_filter
+    header_size = E.XATTR_IBODY_HEADER_SIZE
+    get_offset = offsets.get
+    for ino in with_xattrs:
         items = ino.xattrs
-        if not items:
-            ino.xsz = 0
-            continue
         ids = []
         inline = []
-        for pair in items:
-            off = offsets.get(pair) if offsets else None
-            if off is not None and len(ids) < max_shared:
-                ids.append(off)
-            else:
-                inline.append(codec.entry(*pair))
+        if offsets:
+            for pair in items:
+                off = get_offset(pair)
+                if off is not None and len(ids) < max_shared:
+                    ids.append(off)
+                else:
+                    inline.append(entry(*pair))
+        else:
+            inline = [entry(k, v) for k, v in items]
         body = b"".join(inline)
         ino.shared_ids = ids
         ino.inline_xattrs = body
-        ino.xsz = E.XATTR_IBODY_HEADER_SIZE + 4 * len(ids) + len(body)
+        ino.xsz = header_size + 4 * len(ids) + len(body)
+        ino.xfilter = name_filter(tuple([k for k, _ in items]))
     return bytes(table), has_acl
 
 
@@ -357,7 +376,8 @@ def _layout(order: list[_Inode], min_mtime: tuple[int, int]) -> int:
                         tail = 0
                 else:
                     layout = chunk_based
-                    tail = 4 * _chunk_count(size)
+                    bits = ino.chunk_bits
+                    tail = 4 * ((size + (1 << bits) - 1) >> bits)
         elif ftype == _S_IFLNK:
             tail = size
             ino.i_size = size
@@ -446,9 +466,9 @@ class ImageWriter:
 
     def __init__(self, root: Node, options: ImageOptions = ImageOptions()):
         with gc_paused():
-            self.version = choose_version(root, options)
+            _check_versions(options)
             self._external: list[_Inode] = []
-            self._root_inode = _rewrite(root, self.version, self._external)
+            self._root_inode, self.version = _rewrite(root, options, self._external)
             self._order = _number(self._root_inode)
 
     def finish(self) -> bytearray:
@@ -492,7 +512,6 @@ def _serialize(root_inode: _Inode, order: list[_Inode], version: int) -> bytearr
     pack_header = E.XATTR_IBODY_HEADER.pack
     compact_size = E.INODE_COMPACT_SIZE
     chunk_based = E.LAYOUT_CHUNK_BASED
-    name_filter = codec.name_filter
     for ino in order:
         off = ino.nid << 5
         ftype = ino.mode & _S_IFMT
@@ -500,7 +519,7 @@ def _serialize(root_inode: _Inode, order: list[_Inode], version: int) -> bytearr
         if ftype == _S_IFCHR or ftype == _S_IFBLK:
             i_u = ino.rdev
         elif layout == chunk_based:
-            i_u = _chunk_bits(ino.size) - E.BLOCK_BITS
+            i_u = ino.chunk_bits - E.BLOCK_BITS
             if ino.spilled_chunk_table:
                 i_u |= ino.blkaddr & 0xFFFF0000      # the reference's union overwrite
         else:
@@ -517,7 +536,7 @@ def _serialize(root_inode: _Inode, order: list[_Inode], version: int) -> bytearr
         off += ino.isz
         if xsz:
             ids = ino.shared_ids
-            body = pack_header(name_filter(tuple(k for k, _ in ino.xattrs)), len(ids))
+            body = pack_header(ino.xfilter, len(ids))
             if ids:
                 body += struct.pack(f"<{len(ids)}I", *[(shared_base + o) >> 2 for o in ids])
             body += ino.inline_xattrs
