@@ -12,9 +12,10 @@ import argparse
 import json
 import sys
 
-from .diagnostics import ManifestUnreadable
-from .loader import validate_file
-from .model import Manifest
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:                  # the loader (jsonschema) loads only when a command runs
+    from .model import Manifest
 
 
 def summary(m: Manifest) -> str:
@@ -37,6 +38,9 @@ def summary(m: Manifest) -> str:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from .diagnostics import ManifestUnreadable
+    from .loader import validate_file
+
     try:
         result = validate_file(args.file, check_inputs=args.check_inputs)
     except ManifestUnreadable as err:
