@@ -46,10 +46,10 @@ def main() -> int:
         times = []
         rss = 0.0
         for _ in range(args.runs):
-            wall, peak = run(cmd)
+            wall, peak, _ = run(cmd)
             times.append(wall)
             rss = max(rss, peak)
-        vwall, _ = run([sys.executable, "-m", "bootimg", "verify", str(work / "out")])
+        vwall = run([sys.executable, "-m", "bootimg", "verify", str(work / "out")]).wall
         share = json.loads((work / "out" / "sharing.json").read_text())
         release = json.loads((work / "out" / "release.json").read_text())
         print(f"manifest: ivi-demo.yaml, root: {args.rootfs or 'build/ivi-rootfs'}, "

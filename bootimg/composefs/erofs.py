@@ -140,7 +140,7 @@ FT_FIFO = 5
 FT_SOCK = 6
 FT_SYMLINK = 7
 
-_FT_BY_IFMT = {
+FT_BY_IFMT = _FT_BY_IFMT = {
     stat.S_IFREG: FT_REG_FILE,
     stat.S_IFDIR: FT_DIR,
     stat.S_IFCHR: FT_CHRDEV,

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+from .._perf import gc_paused
 from ..errors import BootimgError, FormatError
 from ..fsutil import write_atomically
 from . import fsverity
@@ -85,11 +86,13 @@ def build_from_dump(data: bytes, name: str, options: ImageOptions, strict: bool 
 def build_from_directory(source: str, options: ImageOptions, scan: ScanOptions = ScanOptions(),
                          digest_store: str | None = None, progress: Progress | None = None) -> BuildResult:
     # The walk returns while digests are still being computed; the writer's structural
-    # phase runs meanwhile.
-    result = scan_directory(source, scan, progress, defer_digests=True)
-    writer = _writer(result.root, options, source)
-    result.wait_digests(progress)
-    image = _finish(writer, source)
+    # phase runs meanwhile. The collector stays off throughout: between the phases it would
+    # otherwise trace the whole tree again (~0.3 s for /usr), and nothing here is garbage.
+    with gc_paused():
+        result = scan_directory(source, scan, progress, defer_digests=True)
+        writer = _writer(result.root, options, source)
+        result.wait_digests(progress)
+        image = _finish(writer, source)
     built = BuildResult(image=image, digest=fsverity.digest(image), root=result.root, n_files=result.n_files)
     if digest_store is not None:
         store = ObjectStore(digest_store)

@@ -260,64 +260,26 @@ def _walk_py(top: bytes, root: Node, options: ScanOptions, hasher: _Hasher,
 def _walk_c(top: bytes, root: Node, options: ScanOptions, hasher: _Hasher,
             external: list[tuple[bytes, Node]], progress: Callable[[str, int, int], None] | None) -> int:
     """The walk with the C reader: one call per directory does its system calls (GIL
-    released) and returns plain tuples; here they only become Nodes."""
+    released), makes its Nodes and links them in; here only the queues are kept."""
     flags = ((_SKIP_XATTRS if options.skip_xattrs else 0) | (_USER_XATTRS if options.user_xattrs else 0)
              | (_SKIP_DEVICES if options.skip_devices else 0))
+    scandir_into = _scandir.scandir_into
     use_epoch = options.use_epoch
-    new = Node.__new__
     add = hasher.add
-    add_external = external.append
     stack: list[tuple[bytes, Node]] = [(top, root)]
     n_files = 1
     while stack:
         dir_path, dir_node = stack.pop()
+        found: list[tuple[bytes, Node]] = []
         try:
-            entries = _scandir.scandir(dir_path, flags, SCAN_INLINE_MAX)
+            n_files += scandir_into(dir_path, flags, SCAN_INLINE_MAX, Node, dir_node, use_epoch, stack, found)
         except OSError as err:
             where = err.filename if isinstance(err.filename, bytes) else dir_path
             what = "cannot list directory" if where == dir_path else "cannot read"
             raise BootimgError(f"{what}: {err.strerror}", file=os.fsdecode(where)) from None
-        children = dir_node.children
-        prefix = dir_path + b"/"
-        for name, mode, uid, gid, rdev, size, mtime_sec, mtime_nsec, xattrs, data in entries:
-            # Node.__init__ inlined (it is ~40% of the per-entry cost here).
-            node = new(Node)
-            node.name = name
-            node.parent = dir_node
-            node.link_to = node.digest = node.payload = node.content = None
-            node.mode = mode
-            node.nlink = 1
-            node.uid = uid
-            node.gid = gid
-            node.rdev = rdev
-            if use_epoch:
-                node.mtime_sec = node.mtime_nsec = 0
-            else:
-                node.mtime_sec = mtime_sec
-                node.mtime_nsec = mtime_nsec
-            node.xattrs = dict(xattrs) if xattrs else {}
-            fmt = mode & 0o170000
-            children[name] = node
-            if fmt == 0o040000:
-                node.children = {}
-                node.size = 0
-                stack.append((prefix + name, node))
-                continue
-            node.children = None
-            if fmt == 0o100000:
-                node.size = size
-                if data is not None:
-                    node.content = data
-                elif size > SCAN_INLINE_MAX:
-                    path = prefix + name
-                    add(path, node)
-                    add_external((path, node))
-            elif fmt == 0o120000:
-                node.payload = data
-                node.size = size
-            else:
-                node.size = 0
-        n_files += len(entries)
+        for path, node in found:
+            add(path, node)
+        external += found
         if progress is not None:
             progress("scanning", n_files, 0)
     return n_files

@@ -19,7 +19,6 @@ import stat
 import struct
 from collections import Counter
 from dataclasses import dataclass
-from itertools import chain
 from operator import itemgetter
 
 import xxhash
@@ -41,6 +40,7 @@ _S_IFCHR, _S_IFBLK = stat.S_IFCHR, stat.S_IFBLK
 _VALID_TYPES = frozenset((stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFBLK, stat.S_IFCHR,
                           stat.S_IFSOCK, stat.S_IFIFO))
 _first = itemgetter(0)
+_FF = memoryview(b"\xff" * (4 * MAX_CHUNKS))   # "no chunk" indexes: an inline chunk table
 
 
 @dataclass(frozen=True)
@@ -282,8 +282,11 @@ def _prepare_xattrs(order: list[_Inode], codec: _XattrCodec) -> tuple[bytes, boo
             continue
         if acl_access in xattrs or acl_default in xattrs:
             has_acl = True
-        items = sorted(xattrs.items()) if len(xattrs) > 1 else list(xattrs.items())
-        budget = 12 + 7 * len(items) + sum(map(len, chain.from_iterable(items)))
+        if len(xattrs) > 1:
+            items = sorted(xattrs.items())
+        else:
+            items = list(xattrs.items())
+        budget = 12 + 7 * len(items) + sum(map(len, xattrs)) + sum(map(len, xattrs.values()))
         if budget > XATTR_BUDGET:
             raise FormatError(f"{ino.path()}: too many xattrs ({budget} bytes, max {XATTR_BUDGET})")
         ino.xattrs = items
@@ -431,9 +434,9 @@ def _dirent_block(chunk: list) -> bytes:
     parts = []
     names = []
     pack = E.DIRENT.pack
-    file_type = E.file_type
+    ft = E.FT_BY_IFMT       # every mode here is a valid type (checked in _make_inode)
     for name, target in chunk:
-        parts.append(pack(target.nid, nameoff, file_type(target.mode), 0))
+        parts.append(pack(target.nid, nameoff, ft[target.mode & _S_IFMT], 0))
         names.append(name)
         nameoff += len(name)
     return b"".join(parts) + b"".join(names)
@@ -560,7 +563,8 @@ def _serialize(root_inode: _Inode, order: list[_Inode], version: int) -> bytearr
                 blk = ino.blkaddr * _BLOCK
                 out[blk:blk + _BLOCK] = b"\xff" * _BLOCK
             else:
-                out[off:off + ino.tail] = b"\xff" * ino.tail
+                tail = ino.tail
+                out[off:off + tail] = _FF[:tail]
         elif ftype == _S_IFREG and ino.size:
             content = ino.node.content
             if ino.n_blocks:
