@@ -66,9 +66,11 @@ fi
 # rebuild the extension by itself), or when the built extension went missing.
 stamp=.venv/.bootimg-installed
 want=$(cat pyproject.toml bootimg/composefs/*.c | sha256sum | cut -d' ' -f1)
-if ! ls bootimg/composefs/_fsverity_accel.*.so >/dev/null 2>&1; then
-    rm -f "$stamp"
-fi
+for ext in _fsverity_accel _scandir _imagepack; do
+    if ! ls bootimg/composefs/$ext.*.so >/dev/null 2>&1; then
+        rm -f "$stamp"
+    fi
+done
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "setup: pip install -e .[test]"
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
