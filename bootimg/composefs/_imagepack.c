@@ -75,24 +75,22 @@ static PyObject *node_bytes(PyObject *ino_obj, int attr)
     return v;
 }
 
-/* Greedy packing of a directory's dirents into blocks (as _dir_chunks): the number of chunks
- * and the bytes used in the last one. */
-static int dir_chunks(PyObject *entries, Py_ssize_t *n_chunks, uint32_t *last_used)
+/* Greedy packing of a directory's dirents into blocks (as _dir_chunks): the end of the chunk
+ * that starts at entry `start`, and the bytes it uses. */
+static Py_ssize_t chunk_end(PyObject *entries, Py_ssize_t start, uint32_t *used)
 {
-    Py_ssize_t n = PyList_GET_SIZE(entries), chunks = 1;
-    uint32_t used = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *name = PyTuple_GET_ITEM(PyList_GET_ITEM(entries, i), 0);
+    Py_ssize_t n = PyList_GET_SIZE(entries), end = start;
+    uint32_t u = 0;
+    while (end < n) {
+        PyObject *name = PyTuple_GET_ITEM(PyList_GET_ITEM(entries, end), 0);
         uint32_t size = DIRENT_SIZE + (uint32_t)PyBytes_GET_SIZE(name);
-        if (used + size > BLOCK) {
-            chunks++;
-            used = 0;
-        }
-        used += size;
+        if (u + size > BLOCK && end > start)
+            break;
+        u += size;
+        end++;
     }
-    *n_chunks = chunks;
-    *last_used = used;
-    return 0;
+    *used = u;
+    return end;
 }
 
 static uint8_t file_type(uint32_t mode)
@@ -143,9 +141,12 @@ static int layout(PyObject *order, struct ino *inos, uint64_t area_start, uint64
                 PyErr_SetString(PyExc_TypeError, "directory entries are not a list");
                 return -1;
             }
-            Py_ssize_t n_chunks;
-            uint32_t used;
-            dir_chunks(entries, &n_chunks, &used);
+            Py_ssize_t n_chunks = 0, start = 0;
+            uint32_t used = 0;
+            do {                        /* . and .. are always there: at least one chunk */
+                start = chunk_end(entries, start, &used);
+                n_chunks++;
+            } while (start < PyList_GET_SIZE(entries));
             Py_DECREF(entries);
             n_blocks = (uint64_t)n_chunks - 1;
             tail = used;
@@ -359,17 +360,8 @@ static int pack(PyObject *order, struct ino *inos, unsigned char *out, size_t ou
             Py_ssize_t n = PyList_GET_SIZE(entries), start = 0;
             uint64_t blk = d->blkaddr * BLOCK;
             for (uint32_t chunk = 0; start < n; chunk++) {
-                /* the same greedy cut as dir_chunks */
-                Py_ssize_t end = start;
-                uint32_t used = 0;
-                while (end < n) {
-                    PyObject *name = PyTuple_GET_ITEM(PyList_GET_ITEM(entries, end), 0);
-                    uint32_t size = DIRENT_SIZE + (uint32_t)PyBytes_GET_SIZE(name);
-                    if (used + size > BLOCK && end > start)
-                        break;
-                    used += size;
-                    end++;
-                }
+                uint32_t used;
+                Py_ssize_t end = chunk_end(entries, start, &used);
                 uint32_t nameoff = DIRENT_SIZE * (uint32_t)(end - start), at_name = nameoff;
                 for (Py_ssize_t k = start; k < end; k++) {
                     PyObject *entry = PyList_GET_ITEM(entries, k);

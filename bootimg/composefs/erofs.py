@@ -140,7 +140,7 @@ FT_FIFO = 5
 FT_SOCK = 6
 FT_SYMLINK = 7
 
-FT_BY_IFMT = _FT_BY_IFMT = {
+FT_BY_IFMT = {
     stat.S_IFREG: FT_REG_FILE,
     stat.S_IFDIR: FT_DIR,
     stat.S_IFCHR: FT_CHRDEV,
@@ -153,7 +153,7 @@ FT_BY_IFMT = _FT_BY_IFMT = {
 
 def file_type(mode: int) -> int:
     """The EROFS_FT_* dirent type of a stat mode (FT_UNKNOWN for anything else)."""
-    return _FT_BY_IFMT.get(stat.S_IFMT(mode), FT_UNKNOWN)
+    return FT_BY_IFMT.get(stat.S_IFMT(mode), FT_UNKNOWN)
 
 
 # -- xattrs -----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ try:
     from . import _scandir
 except ImportError:  # not built: the walk stays pure Python (os.scandir), ~3x slower
     _scandir = None
-# Flags of _scandir.scandir.
+# Flags of _scandir.scandir_into.
 _SKIP_XATTRS, _USER_XATTRS, _SKIP_DEVICES = 1, 2, 4
 
 

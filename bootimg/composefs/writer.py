@@ -510,11 +510,9 @@ def _serialize(root_inode: _Inode, order: list[_Inode], version: int) -> bytearr
         if over is not None:
             index, budget = over
             raise FormatError(f"{order[index].path()}: too many xattrs ({budget} bytes, max {XATTR_BUDGET})")
-    else:
-        table, has_acl = _prepare_xattrs(order, codec)
-    if _imagepack is not None:
         out, inodes_end, total_blocks, root_nid = _imagepack.pack(order, E.INODE_AREA_START, table, *min_mtime)
     else:
+        table, has_acl = _prepare_xattrs(order, codec)
         inodes_end = _layout(order, min_mtime)
         out, total_blocks = _pack(order, inodes_end, table)
         root_nid = root_inode.nid
