@@ -69,6 +69,7 @@ def main() -> int:
     args = ap.parse_args()
 
     import example_inputs
+
     from bootimg.board import boot
     from bootimg.board.session import running
     from bootimg.board.system import baseline_disk, container_masks, prepare_system

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import stat
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import run  # noqa: E402
@@ -35,7 +34,7 @@ REF_STORE_S = 15.91
 
 def tree_size(src: str) -> tuple[int, int]:
     files = nbytes = 0
-    for dirpath, dirnames, filenames in os.walk(src):
+    for dirpath, _dirnames, filenames in os.walk(src):
         for name in filenames:
             try:
                 st = os.lstat(os.path.join(dirpath, name))

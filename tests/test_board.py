@@ -17,15 +17,26 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import have, is_root, run_cli
 
-from bootimg.board import (LABEL, MARKER, POWEROFF_ARG, BoardError, BootResult, RootfsSpec,
-                           baseline_cmdline, boot, boot_baseline, check_qemu, extract_rootfs,
-                           make_disk, prepare)
-from bootimg.board import _util
+from bootimg.board import (
+    LABEL,
+    MARKER,
+    POWEROFF_ARG,
+    BoardError,
+    BootResult,
+    RootfsSpec,
+    _util,
+    baseline_cmdline,
+    boot,
+    boot_baseline,
+    check_qemu,
+    extract_rootfs,
+    make_disk,
+    prepare,
+)
 from bootimg.board.qemu import SWITCH_ROOT_RE, qemu_argv
 from bootimg.board.rootfs import customize_script
-
-from conftest import have, is_root, run_cli
 
 BOOT_TIMEOUT = 180.0
 

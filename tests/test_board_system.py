@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import example_workspace, is_root
 
 vm = pytest.mark.vm

@@ -7,13 +7,12 @@ import os
 import subprocess
 
 import pytest
+from conftest import checksummed_vectors, have, run_cli, should_fail_dumps
 
 from bootimg.composefs import fsverity
 from bootimg.composefs.dump import parse_dump
 from bootimg.composefs.writer import ImageOptions, write_image
 from bootimg.errors import FormatError
-
-from conftest import checksummed_vectors, have, run_cli, should_fail_dumps
 
 VECTORS = checksummed_vectors()
 

@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import REPO, have, is_root, run_cli
 
 from bootimg.boot import initramfs
 from bootimg.composefs import fsverity
 from bootimg.composefs.reader import load_image
 from bootimg.manifest import load_manifest
 from bootimg.signing import PublicKey, SecretKey, generate_keypair, make_trusted_comment, sign
-
-from conftest import REPO, have, is_root, run_cli
 
 sys.path.insert(0, str(REPO / "tools"))
 import example_inputs  # noqa: E402

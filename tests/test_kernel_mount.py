@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import composefs_mount, have, requires_root, run_cli
 from treegen import make_tree
 

@@ -8,7 +8,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
 from conftest import have, requires_root, run_cli
 
 DATA = Path(__file__).parent / "data" / "kpi"

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from bootimg.kpi.collect import (analyze_time_text, collect, format_timespan, phases_from_manager,
-                                 record_from_properties)
+from bootimg.kpi.collect import analyze_time_text, collect, format_timespan, phases_from_manager, record_from_properties
 from bootimg.kpi.model import BootRecord
-from bootimg.kpi.transport import (MANAGER_PATH, RecordedTransport, bus_label_escape, unit_path,
-                                   unwrap_busctl)
+from bootimg.kpi.transport import MANAGER_PATH, RecordedTransport, bus_label_escape, unit_path, unwrap_busctl
 
 DATA = Path(__file__).parent / "data" / "kpi"
 

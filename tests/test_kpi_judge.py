@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from bootimg.kpi.collect import collect
 from bootimg.kpi.judge import compare, exit_code, judge
@@ -18,8 +19,6 @@ from bootimg.kpi.stats import percentile, summarize
 from bootimg.kpi.transport import RecordedTransport
 from bootimg.manifest import load_manifest
 from bootimg.manifest.model import KpiBudget
-
-from conftest import run_cli
 
 DATA = Path(__file__).parent / "data" / "kpi"
 

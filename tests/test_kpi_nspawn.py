@@ -17,13 +17,12 @@ import zlib
 from pathlib import Path
 
 import pytest
+from conftest import have, requires_root, run_cli
 
 from bootimg.kpi import nspawn
 from bootimg.kpi.collect import collect
 from bootimg.kpi.history import history, local_runner
 from bootimg.kpi.transport import open_transport
-
-from conftest import have, requires_root, run_cli
 
 DATA = Path(__file__).parent / "data" / "kpi"
 UNITS = ["ssh.service", "systemd-journald.service", "kpi-broken.service", "missing.service"]
@@ -33,8 +32,8 @@ pytestmark = [requires_root, pytest.mark.skipif(not have("systemd-nspawn"), reas
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    from bootimg.board.rootfs import build_rootfs, extract_rootfs
     from bootimg.board._util import quiet_log
+    from bootimg.board.rootfs import build_rootfs, extract_rootfs
 
     tree = extract_rootfs(build_rootfs(log=quiet_log), tmp_path_factory.mktemp("kpi-nspawn") / "root")
     unit = tree / "etc/systemd/system/kpi-broken.service"

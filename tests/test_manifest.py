@@ -15,8 +15,16 @@ import jsonschema
 import pytest
 import yaml
 
-from bootimg.manifest import (ManifestError, ManifestUnreadable, load_manifest, load_schema, model,
-                              osbuild_options_schema, validate_file, validate_text)
+from bootimg.manifest import (
+    ManifestError,
+    ManifestUnreadable,
+    load_manifest,
+    load_schema,
+    model,
+    osbuild_options_schema,
+    validate_file,
+    validate_text,
+)
 from bootimg.manifest.messages import PATTERN_HINTS
 from bootimg.manifest.schema import patterns, resolve, walk_refs
 

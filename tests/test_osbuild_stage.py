@@ -13,10 +13,9 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from conftest import REPO, example_workspace, run_cli
 
 from bootimg.manifest import validate_text
-
-from conftest import REPO, example_workspace, run_cli
 
 sys.path.insert(0, str(REPO / "tools"))
 import gen_osbuild_meta  # noqa: E402

@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import checksummed_vectors, have, run_cli
 
 from bootimg.composefs import erofs as E
 from bootimg.composefs.info import (
@@ -34,8 +35,6 @@ from bootimg.composefs.info import (
 from bootimg.composefs.reader import load_image, read_image
 from bootimg.composefs.tree import Node
 from bootimg.errors import FormatError
-
-from conftest import checksummed_vectors, have, run_cli
 
 VECTORS = checksummed_vectors()
 

@@ -7,15 +7,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import example_workspace, run_cli
 
 from bootimg.composefs import fsverity
 from bootimg.composefs.reader import load_image
-
-from conftest import example_workspace, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +44,7 @@ def tree_bytes(top: Path) -> dict[str, bytes]:
 def test_release_contents(release):
     rel = json.loads((release / "release.json").read_bytes())
     assert set(rel["images"]) == {"root", "vehicle-bus", "rear-camera", "cluster", "telemetry"}
-    for name, entry in rel["images"].items():
+    for entry in rel["images"].values():
         data = (release / entry["path"]).read_bytes()
         assert fsverity.digest(data).hex() == entry["digest"]
         assert entry["size"] == len(data)

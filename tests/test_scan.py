@@ -9,12 +9,11 @@ import stat
 import subprocess
 
 import pytest
+from conftest import have, run_cli
+from treegen import dump_of_tree, fsverity_digest_tool, make_tree
 
 from bootimg.composefs.dump import parse_dump
 from bootimg.composefs.writer import write_image
-
-from conftest import have, run_cli
-from treegen import dump_of_tree, fsverity_digest_tool, make_tree
 
 pytestmark = pytest.mark.skipif(not have("fsverity"), reason="fsverity-utils not installed")
 

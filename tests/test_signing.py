@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from conftest import have, run_cli
 
 from bootimg.composefs import fsverity
 from bootimg.signing import (
@@ -36,8 +37,6 @@ from bootimg.signing import (
     verify_file,
 )
 from bootimg.signing.minisig import ALG_LEGACY, ALG_PREHASHED
-
-from conftest import have, run_cli
 
 needs_minisign = pytest.mark.skipif(not have("minisign"), reason="minisign not installed")
 needs_signify = pytest.mark.skipif(not have("signify-openbsd"), reason="signify-openbsd not installed")

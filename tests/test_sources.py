@@ -27,6 +27,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 import zstandard
+from conftest import composefs_mount, have, requires_root
+from treegen import make_tree
 
 from bootimg.composefs import fsverity
 from bootimg.composefs.store import ObjectStore
@@ -37,9 +39,6 @@ from bootimg.sources import LoadedSource, SourceError, SourcePolicy, load_source
 from bootimg.sources.directory import load_directory
 from bootimg.sources.tar import load_tar
 from bootimg.sources.treeops import add_file, exclude, tree_stats
-
-from conftest import composefs_mount, have, requires_root
-from treegen import make_tree
 
 MT = 1_700_000_000
 OBJECT_RE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}")

@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import REPO, composefs_mount, example_workspace, have, requires_root, run_cli
 
 from bootimg.boot import quadlet, units
 from bootimg.boot.units import ContainerImage
@@ -29,8 +30,6 @@ from bootimg.composefs.tree import Node
 from bootimg.errors import BootimgError
 from bootimg.manifest import load_manifest
 from bootimg.sources import treeops
-
-from conftest import REPO, composefs_mount, example_workspace, have, requires_root, run_cli
 
 DIGEST = "ab" * 32
 EPOCH = 1767225600

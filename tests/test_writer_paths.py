@@ -8,14 +8,13 @@ import hashlib
 import os
 
 import pytest
+from conftest import checksummed_vectors
+from treegen import dump_of_tree, make_tree
 
 from bootimg.composefs import writer
 from bootimg.composefs.dump import parse_dump
 from bootimg.composefs.writer import ImageOptions, write_image
 from bootimg.errors import FormatError
-
-from conftest import checksummed_vectors
-from treegen import dump_of_tree, make_tree
 
 VECTORS = checksummed_vectors()
 

@@ -18,8 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ._util import (BoardError, Log, cache_dir, chroot_run, digest, file_lock, need_root,
-                    scratch_dir, stderr_log, tree_digest, write_json_atomically)
+from ._util import (
+    BoardError,
+    Log,
+    cache_dir,
+    chroot_run,
+    digest,
+    file_lock,
+    need_root,
+    scratch_dir,
+    stderr_log,
+    tree_digest,
+    write_json_atomically,
+)
 from .rootfs import Rootfs, extract_rootfs
 
 FORMAT = 1

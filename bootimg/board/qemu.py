@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ._util import BoardError, SETUP_HINT
+from ._util import SETUP_HINT, BoardError
 from .disk import LABEL
 from .rootfs import MARKER, POWEROFF_ARG
 

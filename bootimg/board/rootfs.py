@@ -14,8 +14,21 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ._util import (BoardError, Log, cache_dir, chroot_run, digest, file_lock, need_root,
-                    need_tools, remove_tree, run, scratch_dir, stderr_log, write_json_atomically)
+from ._util import (
+    BoardError,
+    Log,
+    cache_dir,
+    chroot_run,
+    digest,
+    file_lock,
+    need_root,
+    need_tools,
+    remove_tree,
+    run,
+    scratch_dir,
+    stderr_log,
+    write_json_atomically,
+)
 
 # Bump when the build procedure changes in a way the spec and the script do not show.
 FORMAT = 1

@@ -34,8 +34,7 @@ from ..composefs.reader import load_image
 from ..composefs.tree import Node
 from ..release.layout import ROOT_KEYS_DIR as KEYS_DIR
 from ..release.verify import file_bytes
-from ._util import (BoardError, Log, digest, file_lock, remove_tree, run, stderr_log,
-                    write_json_atomically)
+from ._util import BoardError, Log, digest, file_lock, remove_tree, run, stderr_log, write_json_atomically
 from .board import Board, prepare
 from .disk import LABEL, DiskImage, make_disk
 from .initramfs import BootFiles, build_initramfs

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+
 from .._perf import gc_paused
 from ..errors import FormatError
 from .tree import (

@@ -23,8 +23,7 @@ import json
 import time
 from typing import Any, Iterable, Sequence
 
-from .model import (ABSURD_USEC, BootRecord, UnitRecord, Value, not_measurable, not_reached, ok,
-                    timestamp_is_set)
+from .model import ABSURD_USEC, BootRecord, UnitRecord, Value, not_measurable, not_reached, ok, timestamp_is_set
 from .transport import MANAGER_PATH, TARGET_FILES, Transport, unit_path
 
 # Units every record reads for its milestones (besides the manifest's containers and KPI units).

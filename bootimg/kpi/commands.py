@@ -82,7 +82,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     from .collect import collect, record_property_set
     from .history import history, local_runner
     from .report.document import boots_document
-    from .transport import Recorder, RecordedTransport
+    from .transport import RecordedTransport, Recorder
 
     m = _manifest(args.manifest)
     units, containers = manifest_units(m)
@@ -147,8 +147,8 @@ def write_outputs(doc: dict[str, Any], *, out_dir: str | None = None, json_path:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report.document import build_report, load_boots, _load_json
     from .report import render_markdown
+    from .report.document import _load_json, build_report, load_boots
 
     m = _manifest(args.manifest)
     boots, budgets, carried = [], None, {}
@@ -203,8 +203,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 # -- run --------------------------------------------------------------------------------------
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .report.document import build_report
     from .report import render_markdown
+    from .report.document import build_report
     from .run import BoardImage, container_booter, qemu_booter, run_boots, ssh_reboot_booter
 
     m = _manifest(args.manifest)

@@ -14,8 +14,20 @@ from __future__ import annotations
 
 from .diagnostics import Diagnostic, ManifestError, ManifestUnreadable
 from .loader import Result, load_manifest, validate_file, validate_text
-from .model import (AddFile, Bind, Boot, Container, Identity, Integrity, KpiBudget, Manifest, Ordering,
-                    Resources, Rootfs, Source)
+from .model import (
+                    AddFile,
+                    Bind,
+                    Boot,
+                    Container,
+                    Identity,
+                    Integrity,
+                    KpiBudget,
+                    Manifest,
+                    Ordering,
+                    Resources,
+                    Rootfs,
+                    Source,
+)
 from .schema import API_VERSION, STAGE_NAME, load_schema, osbuild_options_schema
 
 __all__ = [

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import inputs, messages, model, normalize, schema as schema_mod, semantic
+from . import inputs, messages, model, normalize, semantic
+from . import schema as schema_mod
 from .diagnostics import Diagnostic, ManifestError, ManifestUnreadable, sort_unique
 from .document import parse
 

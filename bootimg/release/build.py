@@ -29,7 +29,7 @@ from ..composefs.tree import Node
 from ..composefs.writer import ImageOptions, write_image
 from ..errors import BootimgError
 from ..manifest.model import Container, Manifest
-from ..signing import (PublicKey, SecretKey, fsverity_pkcs7_sign, make_trusted_comment, sign)
+from ..signing import PublicKey, SecretKey, fsverity_pkcs7_sign, make_trusted_comment, sign
 from ..sources import SourcePolicy, load_source, treeops
 from . import layout
 from .description import ImageRecord, canonical_json, describe_release

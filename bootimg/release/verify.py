@@ -172,7 +172,7 @@ def _check_pkcs7(out: Path, release: dict, report: VerifyReport) -> None:
     except OSError as err:
         _problem(report, cert_rel, f"cannot read: {err.strerror}")
         return
-    for name, entry in sorted(release["images"].items()):
+    for _name, entry in sorted(release["images"].items()):
         sig_rel = entry.get("fsverity_signature")
         if not sig_rel:
             _problem(report, entry["path"], "no fs-verity signature although the release has a certificate")

@@ -342,8 +342,8 @@ def make_trusted_comment(*, file: str, keyid: str, timestamp: int | None = None,
 def parse_trusted_comment(comment: str) -> dict[str, str]:
     """``name:value`` fields of a tab-separated trusted comment (a bare word maps to "")."""
     out: dict[str, str] = {}
-    for field in comment.split("\t"):
-        name, _, value = field.partition(":")
+    for item in comment.split("\t"):
+        name, _, value = item.partition(":")
         if name:
             out[name] = value
     return out

@@ -213,7 +213,7 @@ def _read(buf: bytes, pos: int, end: int) -> _Node:
 def _oid(dotted: str) -> bytes:
     parts = [int(p) for p in dotted.split(".")]
     out = bytearray()
-    for i, value in enumerate([40 * parts[0] + parts[1], *parts[2:]]):
+    for value in [40 * parts[0] + parts[1], *parts[2:]]:
         chunk = [value & 0x7F]
         value >>= 7
         while value:

@@ -566,7 +566,7 @@ class TreeBuilder:
         except ValueError as e:
             raise self.error(str(e), name) from None
         node: Node | None = self.root
-        for i, comp in enumerate(parts):
+        for comp in parts:
             assert node is not None
             if node.link_to is not None or not node.is_dir():
                 raise self.error(f"hardlink target {show(raw)} is below a symlink or non-directory", name)

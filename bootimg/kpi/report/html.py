@@ -66,9 +66,7 @@ def _timeline(doc: dict[str, Any], results: list, boot: dict[str, Any]) -> str:
             return (us - base_us) / 1e6 + value_ms / 1000
         return value_ms / 1000 if not host else float("nan")
 
-    rows: list[tuple[str, str]] = []  # (label, svg of the row) drawn later with geometry
     ms = boot.get("milestones", {})
-    ph = boot.get("phases", {})
     end = 0.0
     for v in ms.values():
         if v.get("state") == "ok" and v.get("usec") is not None:
