@@ -21,7 +21,8 @@ COMMAND_MODULES = {
     "bootimg.composefs.commands": ("mkcomposefs", "composefs-info"),
     "bootimg.manifest.commands": ("validate",),
     "bootimg.signing.commands": ("keygen", "sign", "verify-signature"),
-    "bootimg.release.commands": ("build", "verify"),
+    "bootimg.release.commands": ("verify",),
+    "bootimg.pipeline.commands": ("build",),
     "bootimg.board.commands": ("board",),
     "bootimg.kpi.commands": ("kpi",),
 }

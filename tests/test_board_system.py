@@ -273,14 +273,14 @@ def test_a_removed_key_no_longer_boots(system, keys, tmp_path):
 
     from bootimg.board.system import build_system_initramfs
     from bootimg.manifest import load_manifest
-    from bootimg.release.build import BuildOptions, build_release
+    from bootimg.pipeline import BuildOptions, build
 
     m = load_manifest(system.manifest_path, check_inputs=True)
     kept = tuple(k for k in m.integrity.trusted_keys if "release-2027" in str(k))
     assert len(kept) == 1
     m = dataclasses.replace(m, integrity=dataclasses.replace(m.integrity, trusted_keys=kept))
     out = tmp_path / "release-2027-only"
-    build_release(m, BuildOptions(out=out, signing_key=keys["release-2027"][0]))
+    build(m, BuildOptions(out=out, signing_key=keys["release-2027"][0]))
     boot_files = build_system_initramfs(system.board, out, tmp_path / "work")
     result = boot(system, initrd=boot_files.initrd, serial_log=tmp_path / "console.log")
     assert_refused(result, "is not signed by a trusted key (1 tried)")

@@ -30,10 +30,9 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from ..boot.initramfs import BOOT_CONF, MODULE_DIR, MODULE_NAME, RELEASE_PATH, STATE_PATH
-from ..composefs.reader import load_image
 from ..composefs.tree import Node
+from ..release.layout import ROOT_IMAGE_NAME, ReleaseDir
 from ..release.layout import ROOT_KEYS_DIR as KEYS_DIR
-from ..release.verify import file_bytes
 from ._util import BoardError, Log, digest, file_lock, remove_tree, run, stderr_log, write_json_atomically
 from .board import Board, prepare
 from .disk import LABEL, DiskImage, make_disk
@@ -96,7 +95,7 @@ class System:
 
 
 def _read(release_dir: Path, node: Node | None, where: str) -> bytes:
-    data = file_bytes(release_dir, node) if node is not None and node.target().is_reg() else None
+    data = ReleaseDir(release_dir).read_file(node) if node is not None else None
     if data is None:
         raise BoardError(f"the root image has no readable {where}", file=str(release_dir))
     return data
@@ -108,7 +107,7 @@ def extract_boot_inputs(release_dir: Path, dest: Path) -> dict[str, Path]:
     Returns ``{"module_dir": ..., "boot_conf": ..., "keys": ...}`` under ``dest``. Reading them
     from the image (not from the build's templates) makes the initramfs run exactly the hook the
     signed root digest covers."""
-    root = load_image(release_dir / "images" / "root.cfs").root
+    root = ReleaseDir(release_dir).load_image().root
     if dest.exists():
         remove_tree(dest)
     module = dest / PurePosixPath(MODULE_DIR).name
@@ -197,8 +196,8 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
     ``key``: the release signing key (trust profile ``signed``); ``transform``: a function
     Manifest -> Manifest applied after loading (e.g. drop the containers for a root-only
     benchmark). Outputs go to ``build_dir/board/``."""
+    from .. import pipeline
     from ..manifest import load_manifest
-    from ..release.build import BuildOptions, build_release
     from ..signing import SecretKey
 
     timings: dict[str, float] = {}
@@ -218,7 +217,7 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
     if transform is not None:
         m = transform(m)
     out = top / out_name
-    result = build_release(m, BuildOptions(out=out, signing_key=SecretKey.from_file(key) if key else None,
+    result = pipeline.build(m, pipeline.BuildOptions(out=out, signing_key=SecretKey.from_file(key) if key else None,
                                            force=True))
     timings["release"] = time.monotonic() - t0
     log(f"release {out} built in {timings['release']:.1f} s: root {result.release['root']['kernel_argument']}")
@@ -298,11 +297,12 @@ def materialize_root(system: System, dest: Path) -> Path:
         meta, mnt = Path(tmp) / "meta", Path(tmp) / "root"
         meta.mkdir()
         mnt.mkdir()
-        run(["mount", "-t", "erofs", "-o", "loop,ro", str(system.release_dir / "images" / "root.cfs"), str(meta)],
+        rel = ReleaseDir(system.release_dir)
+        run(["mount", "-t", "erofs", "-o", "loop,ro", str(rel.image_path(ROOT_IMAGE_NAME)), str(meta)],
             what="mounting the root image")
         try:
             run(["mount", "-t", "overlay", "composefs", "-o",
-                 f"ro,metacopy=on,redirect_dir=on,lowerdir={meta}::{system.release_dir / 'objects'}", str(mnt)],
+                 f"ro,metacopy=on,redirect_dir=on,lowerdir={meta}::{rel.objects}", str(mnt)],
                 what="mounting the composefs root")
             try:
                 dest.mkdir(parents=True)

@@ -1,17 +1,19 @@
 """The boot layer: what a release needs to boot, generated into the root image.
 
-Importing this package registers its root contributors with ``bootimg.release.build``
-(``bootimg/release/build.py`` imports it), so the root's fs-verity digest covers every
-file they add:
+``ROOT_STEPS`` is what this layer adds to the root tree before its image is written (so the
+root's fs-verity digest covers every file), in order; ``bootimg.pipeline`` passes it to
+``release.build.build_release``:
 
-- ``initramfs``: the dracut module ``90bootimg`` (the hook that verifies and mounts the root)
-  and its configuration;
-- ``units``: the boot-time containers' systemd units, podman quadlets, the target that
-  starts them and the image mount helper (docs/boot-design.md, "Boot-time containers");
-  ``quadlet`` checks the quadlet files statically.
-
-Empty directories (an empty ``/sysroot``) cannot be InjectedFiles; ``units.add_sysroot`` is
-a ``root_tree_hook`` on the finished root tree instead.
+- ``initramfs.contribute``: the dracut module ``90bootimg`` (the hook that verifies and mounts
+  the root) and its configuration;
+- ``units.container_units``: the boot-time containers' systemd units, podman quadlets, the
+  target that starts them and the image mount helper (docs/boot-design.md, "Boot-time
+  containers"); ``quadlet`` checks the quadlet files statically;
+- ``units.add_sysroot``: an empty ``/sysroot`` (a tree hook: InjectedFile only makes files).
 """
 
-from . import initramfs, units  # noqa: F401  (importing registers their root contributors)
+from ..release.build import RootSteps
+from . import initramfs, units
+
+ROOT_STEPS = RootSteps(contributors=(initramfs.contribute, units.container_units),
+                       tree_hooks=(units.add_sysroot,))

@@ -1,7 +1,7 @@
 """The initramfs side of a release: the dracut module ``90bootimg``, generated into the root.
 
-A root contributor (see ``release.build.ROOT_CONTRIBUTORS``) adds to the root tree, so that the
-root digest covers them:
+``contribute`` (one of the boot layer's ``ROOT_STEPS``) adds to the root tree, so that the root
+digest covers them:
 
 - ``/usr/lib/dracut/modules.d/90bootimg/``: ``module-setup.sh``, ``bootimg-root.service``,
   ``bootimg-root.sh`` (the hook) and ``bootimg-provision.sh``, from the templates in
@@ -26,7 +26,7 @@ from importlib import resources
 
 from ..errors import BootimgError
 from ..manifest.model import Manifest
-from ..release.build import BuildContext, InjectedFile, root_contributor
+from ..release.build import BuildContext, InjectedFile
 
 MODULE_NAME = "bootimg"
 MODULE_DIR = "/usr/lib/dracut/modules.d/90bootimg"
@@ -118,6 +118,5 @@ def initramfs_files(manifest: Manifest) -> list[InjectedFile]:
     return files
 
 
-@root_contributor
-def _initramfs_contributor(ctx: BuildContext) -> list[InjectedFile]:
+def contribute(ctx: BuildContext) -> list[InjectedFile]:
     return initramfs_files(ctx.manifest)

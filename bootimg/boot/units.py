@@ -52,11 +52,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ..composefs.reader import load_image
 from ..composefs.tree import Node
 from ..errors import BootimgError
 from ..manifest.model import Container, Manifest
-from ..release.build import BuildContext, InjectedFile, root_contributor, root_tree_hook
+from ..release.build import BuildContext, InjectedFile
+from ..release.layout import ReleaseDir
 from ..sources import treeops
 from . import quadlet
 
@@ -195,11 +195,11 @@ def start_timeout_ms(deadline_ms: int) -> int:
 class ContainerImage:
     """A container's tree as built (to check its command and read its /etc/passwd).
 
-    ``objects`` is the object store holding its external files (None: only inline content
-    can be read)."""
+    ``release`` is the release directory whose object store holds its external files (None:
+    only inline content can be read)."""
 
     root: Node
-    objects: Path | None = None
+    release: ReleaseDir | None = None
 
     def resolve(self, path: str, *, follow_last: bool = True) -> Node | None:
         """The node at absolute ``path``, following symlinks inside the image (an absolute
@@ -241,12 +241,7 @@ class ContainerImage:
             return bytes(node.content)
         if node.size == 0:
             return b""
-        if self.objects is None or node.payload is None:
-            return None
-        try:
-            return (self.objects / node.payload.decode()).read_bytes()
-        except OSError:
-            return None
+        return self.release.read_file(node) if self.release is not None else None
 
     def is_executable(self, path: str) -> bool:
         node = self.resolve(path)
@@ -606,16 +601,11 @@ def unit_files(manifest: Manifest, digests: Mapping[str, str], configs: Mapping[
 # -- build integration ---------------------------------------------------------------------------------
 
 def _built_images(ctx: BuildContext) -> dict[str, ContainerImage]:
-    """The container images the build has written so far, read back: they sit in the release
-    directory being built, next to the object store (layout: OUT/images, OUT/objects)."""
-    objects = Path(ctx.store.root)
-    images = {}
-    for name, rec in ctx.containers.items():
-        images[name] = ContainerImage(load_image(objects.parent / rec.path).root, objects)
-    return images
+    """The container images the build has written so far, read back from the release
+    directory being built."""
+    return {name: ContainerImage(ctx.out.load_image(name).root, ctx.out) for name in ctx.containers}
 
 
-@root_contributor
 def container_units(ctx: BuildContext) -> list[InjectedFile]:
     """Root contributor: the units, quadlets and mount helper of the manifest's containers."""
     files = unit_files(ctx.manifest, {n: r.digest for n, r in ctx.containers.items()},
@@ -623,7 +613,6 @@ def container_units(ctx: BuildContext) -> list[InjectedFile]:
     return [InjectedFile(path, data, mode) for path, (data, mode) in files.items()]
 
 
-@root_tree_hook
 def add_sysroot(ctx: BuildContext, root: Node) -> None:
     """Make the root's /sysroot an empty directory: the initramfs hook moves the physical root
     onto it (boot-design.md, step 7). A tree hook, not a contributor: InjectedFile only makes

@@ -94,6 +94,19 @@ class ObjectStore:
                     if is_hex(e.name, 62) and e.is_file(follow_symlinks=False):
                         yield bytes.fromhex(sub + e.name), e.path
 
+    def prune(self, keep: Iterable[bytes]) -> int:
+        """Remove every object whose digest is not in ``keep``; returns how many were removed."""
+        keep = keep if isinstance(keep, (set, frozenset)) else set(keep)
+        removed = 0
+        for digest, path in list(self.iter_objects()):
+            if digest not in keep:
+                try:
+                    os.unlink(path)
+                except OSError as e:
+                    raise BootimgError(f"cannot remove object: {e.strerror}", file=path) from None
+                removed += 1
+        return removed
+
     # -- insertion -----------------------------------------------------------------------------
 
     def add_file(self, src_path: str | os.PathLike[str], digest: bytes | None = None,

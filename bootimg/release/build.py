@@ -5,8 +5,8 @@ The pipeline, in order (each step a function below):
 1. load every container's image source into the shared object store and write its image;
 2. assemble the root tree: its source, minus the manifest's excludes, plus its extra files,
    plus what the release *injects* so that the root's digest covers it (the containers'
-   digests, the trusted keys, and the contributions of later layers such as units and boot
-   files, registered in ``ROOT_CONTRIBUTORS``);
+   digests, the trusted keys, and what the caller's ``RootSteps`` add: the boot layer's
+   units and initramfs module, see ``bootimg.pipeline``);
 3. write the root image;
 4. describe the release (release.json) and sign it; fs-verity PKCS#7 signatures per image;
 5. report what the images share; move the finished directory into place atomically.
@@ -54,34 +54,26 @@ class BuildContext:
 
     manifest: Manifest
     store: ObjectStore
+    out: layout.ReleaseDir          # the release directory being built (images written so far)
     containers: dict[str, ImageRecord] = field(default_factory=dict)
     container_configs: dict[str, dict | None] = field(default_factory=dict)
     trusted_keys: list[PublicKey] = field(default_factory=list)
 
 
-# Functions that add files to the root tree; later layers (units, initramfs) register here.
+# A function that adds files to the root tree (the boot layer's units and initramfs module).
 RootContributor = Callable[[BuildContext], list[InjectedFile]]
-ROOT_CONTRIBUTORS: list[RootContributor] = []
-
-
-def root_contributor(fn: RootContributor) -> RootContributor:
-    ROOT_CONTRIBUTORS.append(fn)
-    return fn
-
-
-# Functions that edit the finished root tree (what InjectedFile cannot express, e.g. an
-# empty directory); they run after every contributor's files are in.
+# A function that edits the finished root tree (what InjectedFile cannot express, e.g. an
+# empty directory); it runs after every contributor's files are in.
 RootTreeHook = Callable[[BuildContext, Node], None]
-ROOT_TREE_HOOKS: list[RootTreeHook] = []
 
 
-def root_tree_hook(fn: RootTreeHook) -> RootTreeHook:
-    ROOT_TREE_HOOKS.append(fn)
-    return fn
+@dataclass(frozen=True)
+class RootSteps:
+    """What layers above the release add to the root tree before its image is written, in
+    order; passed explicitly by the caller (``bootimg.pipeline``)."""
 
-
-# Here rather than with the imports above: the boot layer imports the names defined so far.
-from .. import boot  # noqa: E402,F401  (registers root contributors)
+    contributors: tuple[RootContributor, ...] = ()
+    tree_hooks: tuple[RootTreeHook, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,7 +93,7 @@ class BuildResult:
     sharing: dict
 
 
-def build_release(manifest: Manifest, options: BuildOptions) -> BuildResult:
+def build_release(manifest: Manifest, options: BuildOptions, steps: RootSteps = RootSteps()) -> BuildResult:
     out = Path(options.out).absolute()
     if out.exists() and not options.force:
         raise BootimgError("already exists (use --force to replace it)", file=str(out))
@@ -117,12 +109,13 @@ def build_release(manifest: Manifest, options: BuildOptions) -> BuildResult:
         # Objects are not fsynced one by one (106k journal commits for a /usr root); the
         # whole release is synced once before it is renamed into place.
         store = ObjectStore(tmp / layout.OBJECTS_DIR, fsync=False, on_notice=lambda _msg: None)
-        ctx = BuildContext(manifest=manifest, store=store, trusted_keys=_trusted_keys(manifest))
+        ctx = BuildContext(manifest=manifest, store=store, out=layout.ReleaseDir(tmp),
+                           trusted_keys=_trusted_keys(manifest))
         trees: dict[str, Node] = {}
         for container in manifest.containers:
             trees[container.name] = _container_tree(ctx, container)
             ctx.containers[container.name] = _write_image(tmp, container.name, "container", trees[container.name])
-        root = _root_tree(ctx)
+        root = _root_tree(ctx, steps)
         trees[layout.ROOT_IMAGE_NAME] = root
         root_record = _write_image(tmp, layout.ROOT_IMAGE_NAME, "root", root)
         records = [root_record] + [ctx.containers[c.name] for c in manifest.containers]
@@ -135,7 +128,9 @@ def build_release(manifest: Manifest, options: BuildOptions) -> BuildResult:
             comment = make_trusted_comment(file=layout.RELEASE_JSON, keyid=options.signing_key.keyid,
                                            timestamp=manifest.identity.source_date_epoch)
             (tmp / layout.RELEASE_SIG).write_bytes(sign(options.signing_key, release_bytes, comment))
-        _prune_store(store, trees)
+        # Objects no image references (files later excluded or whited out by an upper layer)
+        # go, so the release holds exactly what it needs.
+        store.prune(d for tree in trees.values() for d in external_objects(tree))
         report = sharing_report(trees, records)
         (tmp / layout.SHARING_JSON).write_bytes(canonical_json(report))
         _commit(tmp, out, options.fsync)
@@ -171,7 +166,7 @@ def _container_tree(ctx: BuildContext, container: Container) -> Node:
     return loaded.root
 
 
-def _root_tree(ctx: BuildContext) -> Node:
+def _root_tree(ctx: BuildContext, steps: RootSteps) -> Node:
     manifest = ctx.manifest
     rootfs = manifest.rootfs
     root = load_source(rootfs.source, ctx.store, policy=SourcePolicy(allow_devices=True), label="rootfs").root
@@ -189,11 +184,11 @@ def _root_tree(ctx: BuildContext) -> Node:
                                    file=str(extra.source_path)) from None
         treeops.add_file(root, extra.path, content, int(extra.mode, 8), mtime=epoch, store=ctx.store)
     injected: list[InjectedFile] = []
-    for contributor in [_containers_json, _trusted_key_files] + ROOT_CONTRIBUTORS:
+    for contributor in (_containers_json, _trusted_key_files, *steps.contributors):
         injected.extend(contributor(ctx))
     for item in sorted(injected, key=lambda f: f.path):
         treeops.add_file(root, item.path, item.content, item.mode, mtime=epoch, store=ctx.store)
-    for hook in ROOT_TREE_HOOKS:
+    for hook in steps.tree_hooks:
         hook(ctx, root)
     return root
 
@@ -219,17 +214,6 @@ def _write_image(tmp: Path, name: str, role: str, root: Node) -> ImageRecord:
     (tmp / rel).write_bytes(data)
     return ImageRecord(name=name, role=role, path=rel, digest=fsverity.digest(data).hex(), size=len(data),
                        format_version=IMAGE_OPTIONS.max_version)
-
-
-def _prune_store(store: ObjectStore, trees: dict[str, Node]) -> None:
-    """Drop objects no image references (files later excluded or whited out by an upper
-    layer), so the release holds exactly what it needs."""
-    referenced = set()
-    for tree in trees.values():
-        referenced.update(external_objects(tree))
-    for digest, path in list(store.iter_objects()):
-        if digest not in referenced:
-            os.unlink(path)
 
 
 def _sign_images(tmp: Path, records: list[ImageRecord], options: BuildOptions) -> None:

@@ -14,6 +14,12 @@ partition, next to nothing else::
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+from ..composefs.reader import Image, load_image
+from ..composefs.tree import Node
+
 RELEASE_FORMAT = "bootimg-release/1"
 RELEASE_JSON = "release.json"
 RELEASE_SIG = "release.json.minisig"
@@ -25,7 +31,6 @@ SHARING_JSON = "sharing.json"
 ROOT_IMAGE_NAME = "root"
 
 # Inside the root image: what the generator adds so that the root's digest covers it.
-ROOT_DATA_DIR = "/usr/lib/bootimg"
 ROOT_CONTAINERS_JSON = "/usr/lib/bootimg/containers.json"
 ROOT_KEYS_DIR = "/usr/lib/bootimg/keys"
 
@@ -38,3 +43,47 @@ def kernel_argument(digest_hex: str) -> str:
     """The root's kernel argument in the self-describing form composefs-rs and bootc read:
     EROFS format v1, fs-verity with SHA-256 and 2^12-byte blocks."""
     return f"composefs.digest=v1-sha256-12:{digest_hex}"
+
+
+class ReleaseDir:
+    """A release directory on disk: where its parts are, and a file of one of its images read
+    through that image's tree and the shared object store."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+
+    @property
+    def release_json(self) -> Path:
+        return self.path / RELEASE_JSON
+
+    @property
+    def signature(self) -> Path:
+        return self.path / RELEASE_SIG
+
+    @property
+    def objects(self) -> Path:
+        return self.path / OBJECTS_DIR
+
+    def image_path(self, name: str) -> Path:
+        return self.path / image_file(name)
+
+    def load_image(self, name: str = ROOT_IMAGE_NAME) -> Image:
+        return load_image(self.image_path(name))
+
+    def object_path(self, payload: bytes | str) -> Path:
+        return self.objects / (payload.decode() if isinstance(payload, bytes) else payload)
+
+    def read_file(self, node: Node) -> bytes | None:
+        """The content of a regular file of one of the release's images (inline, or its object);
+        None when it is not a regular file or its object is missing or unreadable."""
+        node = node.target()
+        if not node.is_reg():
+            return None
+        if node.content is not None:
+            return bytes(node.content)
+        if node.payload:
+            try:
+                return self.object_path(node.payload).read_bytes()
+            except (OSError, UnicodeDecodeError):
+                return None
+        return b"" if node.size == 0 else None

@@ -18,7 +18,6 @@ from pathlib import Path
 from ..composefs import fsverity
 from ..composefs.info import list_objects
 from ..composefs.reader import Image, read_image
-from ..composefs.tree import Node
 from ..errors import BootimgError, FormatError
 from ..signing import PublicKey, SignatureError, fsverity_pkcs7_verify, verify
 from . import layout
@@ -116,7 +115,7 @@ def _embedded_keys(out: Path, images: dict[str, Image], release: dict, report: V
     keys_dir = root.root.lookup(layout.ROOT_KEYS_DIR.encode())
     keys = []
     for name, node in (keys_dir.sorted_children() if keys_dir is not None else []):
-        data = file_bytes(out, node)
+        data = layout.ReleaseDir(out).read_file(node)
         if data is None:
             continue
         try:
@@ -124,20 +123,6 @@ def _embedded_keys(out: Path, images: dict[str, Image], release: dict, report: V
         except SignatureError as err:
             _problem(report, f"{layout.ROOT_KEYS_DIR}/{name.decode()}", f"unreadable key in the root image: {err.message}")
     return keys
-
-
-def file_bytes(out: Path, node: Node) -> bytes | None:
-    """The content of a regular file of one of the release's images (inline, or its object
-    under OUT/objects); None when the object is missing or unreadable."""
-    node = node.target()
-    if node.content is not None:
-        return node.content
-    if node.payload:
-        try:
-            return (out / layout.OBJECTS_DIR / node.payload.decode()).read_bytes()
-        except OSError:
-            return None
-    return b"" if node.size == 0 else None
 
 
 def _check_signature(out: Path, release: dict, release_bytes: bytes, images: dict[str, Image],
@@ -190,7 +175,7 @@ def _check_container_digests(out: Path, release: dict, images: dict[str, Image],
     if root is None:
         return
     node = root.root.lookup(layout.ROOT_CONTAINERS_JSON.encode())
-    data = file_bytes(out, node) if node is not None else None
+    data = layout.ReleaseDir(out).read_file(node) if node is not None else None
     if data is None:
         _problem(report, layout.ROOT_CONTAINERS_JSON, "missing from the root image")
         return
