@@ -48,8 +48,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--board-system", metavar="JSON")
     args = ap.parse_args()
-    from bootimg.board._util import quiet_log
     from bootimg.board.rootfs import build_rootfs, extract_rootfs
+    from bootimg.host import quiet_log
 
     with tempfile.TemporaryDirectory(prefix="bench-kpi-", dir="/var/tmp") as d:
         work = Path(d)

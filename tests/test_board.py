@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 from conftest import have, is_root, run_cli
 
+from bootimg import host
 from bootimg.board import (
     LABEL,
     MARKER,
     POWEROFF_ARG,
-    BoardError,
     BootResult,
+    HostError,
     RootfsSpec,
-    _util,
     baseline_cmdline,
     boot,
     boot_baseline,
@@ -69,8 +69,8 @@ def test_customize_script_installs_marker_unit_and_getty():
 
 def test_cache_dir_honours_env(tmp_path, monkeypatch):
     monkeypatch.setenv("BOOTIMG_CACHE", str(tmp_path / "c"))
-    assert _util.cache_dir() == tmp_path / "c" / "board" and (tmp_path / "c" / "board").is_dir()
-    assert _util.cache_dir(tmp_path / "x") == tmp_path / "x"
+    assert host.cache_dir() == tmp_path / "c" / "board" and (tmp_path / "c" / "board").is_dir()
+    assert host.cache_dir(tmp_path / "x") == tmp_path / "x"
 
 
 def test_baseline_cmdline_and_qemu_argv(tmp_path):
@@ -125,7 +125,7 @@ def test_disk_layouts(tmp_path):
     assert nested.uuid != flat.uuid
     # The staging tree is gone and the source is untouched.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.img", "flat.img", "nested.img", "rel", "tree"]
-    with pytest.raises(BoardError, match="bad destination"):
+    with pytest.raises(HostError, match="bad destination"):
         make_disk(tmp_path / "bad.img", tree, extra={"../x": rel})
 
 
@@ -133,9 +133,9 @@ def test_old_qemu_is_refused_with_a_hint(tmp_path):
     fake = tmp_path / "qemu-system-x86_64"
     fake.write_text("#!/bin/sh\necho 'QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u13)'\n")
     fake.chmod(0o755)
-    with pytest.raises(BoardError, match=r"QEMU 7\.2\.22 is too old.*>= 8.*bookworm-backports"):
+    with pytest.raises(HostError, match=r"QEMU 7\.2\.22 is too old.*>= 8.*bookworm-backports"):
         check_qemu(str(fake))
-    with pytest.raises(BoardError, match="not found"):
+    with pytest.raises(HostError, match="not found"):
         check_qemu(str(tmp_path / "missing-qemu"))
 
 

@@ -20,9 +20,9 @@ pytestmark = [pytest.mark.vm, requires_root,
 def system_json(tmp_path_factory) -> Path:
     """A board system description (what `bootimg board` writes) for the baseline disk with ssh access."""
     from bootimg.board import extract_rootfs, make_disk, prepare
-    from bootimg.board._util import quiet_log
     from bootimg.board.qemu import baseline_cmdline
     from bootimg.board.session import authorized_keys
+    from bootimg.host import quiet_log
 
     work = tmp_path_factory.mktemp("kpi-board")
     board = prepare(log=quiet_log)

@@ -32,8 +32,8 @@ pytestmark = [requires_root, pytest.mark.skipif(not have("systemd-nspawn"), reas
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    from bootimg.board._util import quiet_log
     from bootimg.board.rootfs import build_rootfs, extract_rootfs
+    from bootimg.host import quiet_log
 
     tree = extract_rootfs(build_rootfs(log=quiet_log), tmp_path_factory.mktemp("kpi-nspawn") / "root")
     unit = tree / "etc/systemd/system/kpi-broken.service"

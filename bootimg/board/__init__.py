@@ -12,7 +12,7 @@ Layers, each usable alone:
 The cache lives in ``$BOOTIMG_CACHE/board`` (default ``/var/cache/bootimg/board``).
 """
 
-from ._util import BoardError, cache_dir
+from ..host import HostError, cache_dir
 from .board import BaselineRun, Board, boot_baseline, prepare
 from .disk import LABEL, DiskImage, make_disk
 from .initramfs import DEFAULT_DRIVERS, BootFiles, build_initramfs
@@ -20,7 +20,7 @@ from .qemu import BootResult, baseline_cmdline, boot, check_qemu, qemu_version
 from .rootfs import MARKER, POWEROFF_ARG, Rootfs, RootfsSpec, build_rootfs, extract_rootfs
 
 __all__ = [
-    "BaselineRun", "Board", "BoardError", "BootFiles", "BootResult", "DEFAULT_DRIVERS", "DiskImage",
+    "BaselineRun", "Board", "HostError", "BootFiles", "BootResult", "DEFAULT_DRIVERS", "DiskImage",
     "LABEL", "MARKER", "POWEROFF_ARG", "Rootfs", "RootfsSpec", "baseline_cmdline", "boot",
     "boot_baseline", "build_initramfs", "build_rootfs", "cache_dir", "check_qemu", "extract_rootfs",
     "make_disk", "prepare", "qemu_version",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from ._util import Log, cache_dir, scratch_dir, stderr_log
+from ..host import Log, cache_dir, scratch_dir, stderr_log
 from .disk import DiskImage, make_disk
 from .initramfs import DEFAULT_DRIVERS, BootFiles, build_initramfs
 from .qemu import DEFAULT_TIMEOUT, BootResult, baseline_cmdline, boot, check_qemu

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from ._util import BoardError, need_tools, remove_tree, run, scratch_dir
+from ..host import HostError, need_tools, remove_tree, run, scratch_dir
 
 LABEL = "board-root"
 MiB = 1024 * 1024
@@ -76,7 +76,7 @@ def _usage(path: Path) -> tuple[int, int]:
 def _link_or_copy(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
-        raise BoardError(f"disk layout: {dest} would be written twice")
+        raise HostError(f"disk layout: {dest} would be written twice")
     # cp -al keeps owners, modes, xattrs (same inodes); across filesystems fall back to a copy.
     proc = subprocess.run(["cp", "-al", str(src), str(dest)], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -100,18 +100,18 @@ def make_disk(image: str | os.PathLike[str], tree: str | os.PathLike[str], *,
         epoch = int(os.environ.get("SOURCE_DATE_EPOCH") or DEFAULT_EPOCH)
     need_tools("mkfs.ext4")
     if mke2fs_version() < (1, 43):
-        raise BoardError("mkfs.ext4 is too old for -d (needs e2fsprogs >= 1.43)")
+        raise HostError("mkfs.ext4 is too old for -d (needs e2fsprogs >= 1.43)")
     image, tree = Path(image), Path(tree)
     if not tree.is_dir():
-        raise BoardError("root tree not found", file=str(tree))
+        raise HostError("root tree not found", file=str(tree))
     extra = {k.strip("/"): Path(v) for k, v in (extra or {}).items()}
     for dest, src in extra.items():
         if not dest or ".." in Path(dest).parts:
-            raise BoardError(f"disk layout: bad destination {dest!r}")
+            raise HostError(f"disk layout: bad destination {dest!r}")
         if not src.exists():
-            raise BoardError("disk layout: source not found", file=str(src))
+            raise HostError("disk layout: source not found", file=str(src))
     if subdir is not None and (not subdir.strip("/") or ".." in Path(subdir).parts):
-        raise BoardError(f"disk layout: bad root subdirectory {subdir!r}")
+        raise HostError(f"disk layout: bad root subdirectory {subdir!r}")
     image.parent.mkdir(parents=True, exist_ok=True)
     staging_parent = Path(work_dir) if work_dir else image.parent
     layout = {"root": "/" + (subdir.strip("/") if subdir else ""),

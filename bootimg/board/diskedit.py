@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 
-from ._util import BoardError, need_tools
+from ..host import HostError, need_tools
 
 PROVISIONED_MARKER = "/bootimg/state/.provisioned"
 
@@ -33,7 +33,7 @@ def debugfs(disk: str | os.PathLike[str], commands: Iterable[str], *, write: boo
            if line.strip() and not line.startswith("debugfs ") and
            any(w in line for w in ("rror", "not found", "File exists", "No such", "Invalid"))]
     if proc.returncode != 0 or bad:
-        raise BoardError(f"debugfs on {disk}: {(bad or out.splitlines() or ['failed'])[-1].strip()}")
+        raise HostError(f"debugfs on {disk}: {(bad or out.splitlines() or ['failed'])[-1].strip()}")
     return out
 
 
@@ -70,7 +70,7 @@ def read_file(disk: str | os.PathLike[str], path: str) -> bytes:
         out = Path(tmp) / "f"
         debugfs(disk, [f"dump {path} {out}"], write=False)
         if not out.exists():
-            raise BoardError(f"debugfs on {disk}: cannot read {path}")
+            raise HostError(f"debugfs on {disk}: cannot read {path}")
         return out.read_bytes()
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ._util import (
-    BoardError,
+from ..host import (
+    HostError,
     Log,
     cache_dir,
     chroot_run,
@@ -54,7 +54,7 @@ class BootFiles:
 def _module_dir_name(path: Path) -> str:
     name = path.name
     if not (path / "module-setup.sh").is_file():
-        raise BoardError("not a dracut module directory (no module-setup.sh)", file=str(path))
+        raise HostError("not a dracut module directory (no module-setup.sh)", file=str(path))
     return name
 
 
@@ -85,12 +85,12 @@ def build_initramfs(rootfs: Rootfs, *, cache: str | os.PathLike[str] | None = No
     files = {str(dest): Path(src) for dest, src in (tree_files or {}).items()}
     for d in module_dirs:
         if not d.is_dir():
-            raise BoardError("dracut module directory not found", file=str(d))
+            raise HostError("dracut module directory not found", file=str(d))
     for dest, src in files.items():
         if not dest.startswith("/") or ".." in Path(dest).parts:
-            raise BoardError(f"tree file destination must be an absolute path inside the root: {dest}")
+            raise HostError(f"tree file destination must be an absolute path inside the root: {dest}")
         if not src.exists():
-            raise BoardError("tree file not found", file=str(src))
+            raise HostError("tree file not found", file=str(src))
     key = initramfs_key(rootfs, add_modules=add_modules, module_dirs=module_dirs,
                         add_drivers=add_drivers, compress=compress, dracut_args=dracut_args,
                         tree_files=files)
@@ -126,7 +126,7 @@ def build_initramfs(rootfs: Rootfs, *, cache: str | os.PathLike[str] | None = No
             # --reproducible takes cpio timestamps from SOURCE_DATE_EPOCH: the kernel's mtime.
             vmlinuz = root / "boot" / f"vmlinuz-{kver}"
             if not vmlinuz.is_file():
-                raise BoardError(f"no kernel {vmlinuz.name} in the root", file=str(root))
+                raise HostError(f"no kernel {vmlinuz.name} in the root", file=str(root))
             epoch = str(int(vmlinuz.stat().st_mtime))
             t0 = time.monotonic()
             log(f"dracut {kver}" + (f" (+ {' '.join(add_modules)})" if add_modules else ""))

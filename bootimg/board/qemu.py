@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ._util import SETUP_HINT, BoardError
+from ..host import SETUP_HINT, HostError
 from .disk import LABEL
 from .rootfs import MARKER, POWEROFF_ARG
 
@@ -66,19 +66,19 @@ def baseline_cmdline(extra: str = "", *, root: str = f"LABEL={LABEL}", poweroff:
 def qemu_version(binary: str = QEMU) -> tuple[int, ...]:
     path = shutil.which(binary)
     if path is None:
-        raise BoardError(f"{binary} not found: install qemu-system-x86 >= 8 (on bookworm from "
+        raise HostError(f"{binary} not found: install qemu-system-x86 >= 8 (on bookworm from "
                          f"bookworm-backports); {SETUP_HINT}")
     out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
     m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", out)
     if not m:
-        raise BoardError(f"cannot tell the version of {path}: {out.strip()[:80]!r}")
+        raise HostError(f"cannot tell the version of {path}: {out.strip()[:80]!r}")
     return tuple(int(g or 0) for g in m.groups())
 
 
 def check_qemu(binary: str = QEMU) -> tuple[int, ...]:
     version = qemu_version(binary)
     if version[:2] < MIN_QEMU:
-        raise BoardError(
+        raise HostError(
             f"QEMU {'.'.join(map(str, version))} is too old: the board needs >= {MIN_QEMU[0]} "
             f"(bookworm's 7.2 crashes the 6.12 guest under TCG); install qemu-system-x86 from "
             f"bookworm-backports: {SETUP_HINT}")
@@ -237,7 +237,7 @@ class Run:
         kernel = Path(kernel)
         for label, path in (("kernel", kernel), ("initrd", initrd), ("disk", disk)):
             if path is not None and not Path(path).is_file():
-                raise BoardError(f"{label} not found", file=str(path))
+                raise HostError(f"{label} not found", file=str(path))
         self.append = baseline_cmdline() if append is None else append
         self.marker = marker
         self.argv = qemu_argv(kernel, Path(initrd) if initrd else None, Path(disk) if disk else None,

@@ -14,8 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ._util import (
-    BoardError,
+from ..host import (
+    HostError,
     Log,
     cache_dir,
     chroot_run,
@@ -213,7 +213,7 @@ def build_rootfs(spec: RootfsSpec | None = None, *, cache: str | os.PathLike[str
             try:
                 info = json.loads(info_file.read_text())
             except (OSError, ValueError) as err:
-                raise BoardError(f"unreadable build record ({err}); delete it to rebuild",
+                raise HostError(f"unreadable build record ({err}); delete it to rebuild",
                                  file=str(info_file)) from None
             return Rootfs(tarball, key, info, True, time.monotonic() - start)
         need_root("building the board root filesystem")
@@ -247,7 +247,7 @@ def build_rootfs(spec: RootfsSpec | None = None, *, cache: str | os.PathLike[str
             kvers = sorted(p.name for p in (tree / "usr/lib/modules").iterdir()) \
                 if (tree / "usr/lib/modules").is_dir() else []
             if len(kvers) != 1:
-                raise BoardError(f"expected one kernel in the root, found {kvers or 'none'}; log: {log_file}")
+                raise HostError(f"expected one kernel in the root, found {kvers or 'none'}; log: {log_file}")
             packages = chroot_run(tree, ["dpkg-query", "-W", "-f", "${Package}=${Version}\\n"],
                                   what="listing packages", capture=True).split()
             log(f"kernel {kvers[0]}; packing {tarball.name}")
@@ -285,7 +285,7 @@ def extract_rootfs(rootfs: Rootfs | str | os.PathLike[str], dest: str | os.PathL
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):
-        raise BoardError("extraction target is not empty", file=str(dest))
+        raise HostError("extraction target is not empty", file=str(dest))
     try:
         run(["tar", *_TAR_XATTRS, "-I", "zstd -q", "-xpf", str(tarball), "-C", str(dest)],
             what=f"extracting {tarball.name}")

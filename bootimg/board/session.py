@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ._util import BoardError, cache_dir, file_lock, need_tools
+from ..host import HostError, cache_dir, file_lock, need_tools
 from .qemu import DEFAULT_TIMEOUT, BootResult, Run
 from .rootfs import POWEROFF_ARG
 
@@ -83,9 +83,9 @@ class Session:
                                   timeout=timeout, input=input,
                                   stdin=None if input is not None else subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            raise BoardError(f"board: {' '.join(command)!r} over ssh took more than {timeout:.0f} s") from None
+            raise HostError(f"board: {' '.join(command)!r} over ssh took more than {timeout:.0f} s") from None
         if check and proc.returncode != 0:
-            raise BoardError(f"board: {' '.join(command)!r} failed with exit status {proc.returncode}: "
+            raise HostError(f"board: {' '.join(command)!r} failed with exit status {proc.returncode}: "
                              f"{(proc.stderr or proc.stdout).strip()[-300:]}")
         return proc
 
@@ -107,14 +107,14 @@ class Session:
         last = ""
         while time.monotonic() < deadline:
             if not self.qemu_running:
-                raise BoardError("board: QEMU exited while waiting for ssh")
+                raise HostError("board: QEMU exited while waiting for ssh")
             proc = subprocess.run(self.ssh_argv("true"), capture_output=True, text=True,
                                   stdin=subprocess.DEVNULL, timeout=30)
             if proc.returncode == 0:
                 return
             last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
             time.sleep(1.0)
-        raise BoardError(f"board: no ssh connection within {timeout:.0f} s: {last}")
+        raise HostError(f"board: no ssh connection within {timeout:.0f} s: {last}")
 
     def console_since(self, start: int = 0) -> list[tuple[float, str]]:
         """Console lines (host seconds, text) from index ``start`` on, while it runs."""
@@ -142,7 +142,7 @@ def running(kernel: str | os.PathLike[str], initrd: str | os.PathLike[str] | Non
     The block runs whether or not the boot reached the marker (``vm.result`` says which; ssh is
     only waited for when it did). ``append`` must not ask for the marker's poweroff."""
     if POWEROFF_ARG in append.split():
-        raise BoardError(f"running(): the command line asks for {POWEROFF_ARG}; drop it to keep the board up")
+        raise HostError(f"running(): the command line asks for {POWEROFF_ARG}; drop it to keep the board up")
     need_tools("ssh")
     key = client_key(cache)
     port = free_port()

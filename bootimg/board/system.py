@@ -31,9 +31,9 @@ from typing import Callable
 
 from ..boot.initramfs import BOOT_CONF, MODULE_DIR, MODULE_NAME, RELEASE_PATH, STATE_PATH
 from ..composefs.tree import Node
+from ..host import HostError, Log, digest, file_lock, remove_tree, run, stderr_log, write_json_atomically
 from ..release.layout import ROOT_IMAGE_NAME, ReleaseDir
 from ..release.layout import ROOT_KEYS_DIR as KEYS_DIR
-from ._util import BoardError, Log, digest, file_lock, remove_tree, run, stderr_log, write_json_atomically
 from .board import Board, prepare
 from .disk import LABEL, DiskImage, make_disk
 from .initramfs import BootFiles, build_initramfs
@@ -97,7 +97,7 @@ class System:
 def _read(release_dir: Path, node: Node | None, where: str) -> bytes:
     data = ReleaseDir(release_dir).read_file(node) if node is not None else None
     if data is None:
-        raise BoardError(f"the root image has no readable {where}", file=str(release_dir))
+        raise HostError(f"the root image has no readable {where}", file=str(release_dir))
     return data
 
 
@@ -116,7 +116,7 @@ def extract_boot_inputs(release_dir: Path, dest: Path) -> dict[str, Path]:
     keys.mkdir()
     mod = root.lookup(MODULE_DIR.encode())
     if mod is None or mod.children is None:
-        raise BoardError(f"the root image has no {MODULE_DIR}: not a bootimg release root",
+        raise HostError(f"the root image has no {MODULE_DIR}: not a bootimg release root",
                          file=str(release_dir))
     for name, node in sorted(mod.children.items()):
         if node.target().is_reg():
@@ -180,10 +180,10 @@ def provision(system: System, *, timeout: float = 600.0, serial_log: Path | None
     result = boot(system.kernel, system.initrd, system.disk, system.cmdline(), timeout=timeout,
                   snapshot=False, serial_log=serial_log)
     if not result.ok:
-        raise BoardError(f"the provisioning boot failed: {result.summary()}"
+        raise HostError(f"the provisioning boot failed: {result.summary()}"
                          + (f"; console: {serial_log}" if serial_log else ""))
     if "provisioning: enabling fs-verity" not in result.console:
-        raise BoardError("the provisioning boot did not provision (the disk was provisioned already?)")
+        raise HostError("the provisioning boot did not provision (the disk was provisioned already?)")
     return result
 
 

@@ -1,4 +1,9 @@
-"""Shared plumbing of the QEMU board: the cache, tool checks, logged sub-processes, chroots."""
+"""Running things on the build host: tool checks, logged sub-processes, chroots in private
+namespaces, caches keyed by their inputs, locks and scratch directories.
+
+Used by every step that drives host tools (dracut, mkfs, sfdisk, QEMU, debootstrap); a failure
+is one ``HostError`` line naming the step, its exit status and the last line of its log.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
-from ..errors import BootimgError
+from .errors import BootimgError
 
 DEFAULT_CACHE_ROOT = "/var/cache/bootimg"
 SETUP_HINT = "run `sh tools/setup-host.sh` (or `make setup`)"
@@ -22,40 +27,40 @@ SETUP_HINT = "run `sh tools/setup-host.sh` (or `make setup`)"
 Log = Callable[[str], None]
 
 
-class BoardError(BootimgError):
-    """The board could not be built or booted (missing tool, failed build step, bad input)."""
+class HostError(BootimgError):
+    """A build-host step failed: a missing tool, a failed sub-process, a bad input path."""
 
 
 def stderr_log(message: str) -> None:
-    print(f"board: {message}", file=sys.stderr, flush=True)
+    print(f"bootimg: {message}", file=sys.stderr, flush=True)
 
 
 def quiet_log(message: str) -> None:
     pass
 
 
-def cache_dir(cache: str | os.PathLike[str] | None = None) -> Path:
-    """The board's cache directory: ``cache`` if given, else ``$BOOTIMG_CACHE/board``, else
-    ``/var/cache/bootimg/board``. Created if missing."""
+def cache_dir(cache: str | os.PathLike[str] | None = None, kind: str = "board") -> Path:
+    """A cache directory: ``cache`` if given, else ``$BOOTIMG_CACHE/KIND``, else
+    ``/var/cache/bootimg/KIND``. Created if missing."""
     if cache is None:
-        cache = Path(os.environ.get("BOOTIMG_CACHE") or DEFAULT_CACHE_ROOT) / "board"
+        cache = Path(os.environ.get("BOOTIMG_CACHE") or DEFAULT_CACHE_ROOT) / kind
     path = Path(cache)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise BoardError(f"cannot create the cache directory: {err.strerror}", file=str(path)) from None
+        raise HostError(f"cannot create the cache directory: {err.strerror}", file=str(path)) from None
     return path
 
 
 def need_root(what: str) -> None:
     if os.geteuid() != 0:
-        raise BoardError(f"{what} needs root (debootstrap, chroot, mounts)")
+        raise HostError(f"{what} needs root (chroot, mounts)")
 
 
 def need_tools(*names: str) -> None:
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
-        raise BoardError(f"missing host tool(s): {', '.join(missing)}; {SETUP_HINT}")
+        raise HostError(f"missing host tool(s): {', '.join(missing)}; {SETUP_HINT}")
 
 
 def digest(*parts: object) -> str:
@@ -101,7 +106,7 @@ def run(argv: Sequence[str], *, what: str, log_file: Path | None = None,
         env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
         timeout: float | None = None, capture: bool = False) -> str:
     """Run a command; its output goes to ``log_file`` (appended) or is captured. A failure
-    becomes a one-line BoardError naming the step, the exit code, the log and its last line."""
+    becomes a one-line HostError naming the step, the exit code, the log and its last line."""
     full_env = None if env is None else {**os.environ, **env}
     try:
         if log_file is not None and not capture:
@@ -119,13 +124,13 @@ def run(argv: Sequence[str], *, what: str, log_file: Path | None = None,
                 with open(log_file, "ab") as log:
                     log.write(f"\n$ {' '.join(argv)}\n".encode() + proc.stdout)
     except FileNotFoundError:
-        raise BoardError(f"{what}: {argv[0]} not found; {SETUP_HINT}") from None
+        raise HostError(f"{what}: {argv[0]} not found; {SETUP_HINT}") from None
     except subprocess.TimeoutExpired:
-        raise BoardError(f"{what}: timed out after {timeout:.0f} s") from None
+        raise HostError(f"{what}: timed out after {timeout:.0f} s") from None
     if proc.returncode != 0:
         where = f"; log: {log_file}" if log_file is not None else ""
         last = _tail(log_file if not capture else None, out)
-        raise BoardError(f"{what} failed (exit {proc.returncode}){where}: {last}")
+        raise HostError(f"{what} failed (exit {proc.returncode}){where}: {last}")
     return out
 
 
@@ -158,7 +163,7 @@ def chroot_run(root: Path, argv: Sequence[str], *, what: str, log_file: Path | N
     namespaces (nothing to unmount afterwards, whatever happens)."""
     need_tools("unshare", "chroot")
     full = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
-            "sh", "-euc", _CHROOT_SH, "board-chroot", str(root), *argv]
+            "sh", "-euc", _CHROOT_SH, "bootimg-chroot", str(root), *argv]
     # env -i: nothing of the caller's environment (proxies aside) leaks into the chroot.
     chroot_env = dict(CHROOT_ENV)
     for var in ("http_proxy", "https_proxy", "no_proxy", "SOURCE_DATE_EPOCH"):
@@ -211,7 +216,7 @@ def scratch_dir(parent: Path, prefix: str, *, keep: bool = False) -> Iterator[Pa
 def remove_tree(path: Path) -> None:
     leftover = mounts_under(path)
     if leftover:  # never rm -rf through a mount (it would reach the host's /dev)
-        raise BoardError(f"refusing to remove a tree with mounts below it: {', '.join(leftover)}")
+        raise HostError(f"refusing to remove a tree with mounts below it: {', '.join(leftover)}")
     # chattr +i files or odd permissions are not expected in a Debian tree; rm is faster than
     # shutil.rmtree on ~20k files.
     subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
