@@ -8,7 +8,10 @@ Prints:
   the median of --boots boots each, as a ratio (the guest's own "Startup finished" total, and the
   host's time to the marker). Both boots mask the boot-time containers, so they run the same units;
 - time from switch-root (the real root's systemd starting, UserspaceTimestampMonotonic) to each
-  boot-time container becoming active, on the full system.
+  boot-time container becoming active, on the full system;
+- the full system booted the way `bootimg disk` makes it boot (UEFI firmware -> systemd-boot ->
+  kernel) against QEMU loading the same kernel, initramfs and command line directly: firmware and
+  loader times (systemd's own, from the loader's EFI variables) and the ratio of the two.
 
 QEMU runs under TCG here (no KVM): only ratios measured in one run mean anything.
 Usage: .venv/bin/python bench/bench_board.py [--boots 3] [--build-dir build]
@@ -70,9 +73,10 @@ def main() -> int:
 
     import example_inputs
 
-    from bootimg.board import boot
-    from bootimg.board.session import running
-    from bootimg.board.system import baseline_disk, container_masks, prepare_system
+    from bootimg.board import BOARD_MARKER
+    from bootimg.board.system import baseline_disk, baseline_machine, container_masks, prepare_system
+    from bootimg.vm.qemu import boot
+    from bootimg.vm.session import running
 
     build = Path(args.build_dir)
     example_inputs.main(build)
@@ -101,10 +105,8 @@ def main() -> int:
         runs: dict[str, list] = {"composefs": [], "ext4": []}
         for i in range(args.boots):          # interleaved, so drifting host load hits both alike
             for kind in ("composefs", "ext4"):
-                if kind == "composefs":
-                    r = boot(system.kernel, system.initrd, system.disk, system.cmdline(masks), timeout=600)
-                else:
-                    r = boot(system.kernel, system.board.initrd, base.path, system.baseline_cmdline(), timeout=600)
+                machine = system.direct(masks) if kind == "composefs" else baseline_machine(system, base.path)
+                r = boot(machine, marker=BOARD_MARKER, timeout=600)
                 if not r.ok:
                     sys.exit(f"{kind} boot {i + 1} failed: {r.summary()}")
                 runs[kind].append(r)
@@ -122,18 +124,45 @@ def main() -> int:
 
     names = sorted(n for n, e in system.release["images"].items() if e["role"] == "container")
     firsts = []
-    for i in range(args.boots):
-        with running(system.kernel, system.initrd, system.disk, system.cmdline(poweroff=False), timeout=600) as vm:
-            if not vm.result.ok:
-                sys.exit(f"system boot failed: {vm.result.summary()}")
-            user = int(vm.manager_property("UserspaceTimestampMonotonic"))
-            units = vm.unit_properties([f"{n}.service" for n in names], "ActiveEnterTimestampMonotonic")
-        since = {u: (int(p["ActiveEnterTimestampMonotonic"]) - user) / 1000 for u, p in units.items()}
-        firsts.append(min(since.values()))
-        print(f"  full system boot {i + 1}: ms from switch-root to active: "
-              + ", ".join(f"{k} {v:.0f}" for k, v in sorted(since.items(), key=lambda kv: kv[1])))
+    full: dict[str, list[dict]] = {"uefi": [], "direct": []}
+    props = ("FirmwareTimestampMonotonic", "LoaderTimestampMonotonic", "InitRDTimestampMonotonic",
+             "UserspaceTimestampMonotonic", "FinishTimestampMonotonic")
+    for i in range(args.boots):                # interleaved again: UEFI + systemd-boot, then direct
+        for kind in ("uefi", "direct"):
+            machine = system.machine() if kind == "uefi" else system.direct()
+            with running(machine, marker=BOARD_MARKER, timeout=600) as vm:
+                if not vm.result.ok:
+                    sys.exit(f"{kind} system boot failed: {vm.result.summary()}")
+                vm.run("systemctl", "is-system-running", "--wait", check=False, timeout=300)
+                t = {k: int(vm.manager_property(k) or 0) for k in props}
+                units = vm.unit_properties([f"{n}.service" for n in names], "ActiveEnterTimestampMonotonic")
+            t["host"] = vm.result.duration
+            full[kind].append(t)
+            since = {u: (int(p["ActiveEnterTimestampMonotonic"]) - t["UserspaceTimestampMonotonic"]) / 1000
+                     for u, p in units.items()}
+            if kind == "uefi":
+                firsts.append(min(since.values()))
+            print(f"  full system, {kind:<6} boot {i + 1}: firmware {t['FirmwareTimestampMonotonic'] / 1e6:.2f} s, "
+                  f"loader {t['LoaderTimestampMonotonic'] / 1e6:.2f} s, kernel to finish "
+                  f"{t['FinishTimestampMonotonic'] / 1e6:.2f} s; ms from switch-root to active: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in sorted(since.items(), key=lambda kv: kv[1])), flush=True)
     print(f"switch-root -> first boot-time container active: median {median(firsts):.0f} ms "
           f"(min {min(firsts):.0f}, max {max(firsts):.0f}) over {len(firsts)} boots")
+    # systemd's firmware/loader spans count back from kernel start; the boot's total is their sum
+    # plus kernel start -> finished. A direct boot has neither (QEMU starts the kernel itself).
+    tot = {k: median([(t["FirmwareTimestampMonotonic"] + t["FinishTimestampMonotonic"]) / 1e6 for t in v])
+           for k, v in full.items()}
+    host = {k: median([t["host"] for t in v]) for k, v in full.items()}
+    fw = median([(t["FirmwareTimestampMonotonic"] - t["LoaderTimestampMonotonic"]) / 1e6 for t in full["uefi"]])
+    ld = median([t["LoaderTimestampMonotonic"] / 1e6 for t in full["uefi"]])
+    print(f"UEFI + systemd-boot vs direct kernel boot (full system, median of {args.boots}): firmware {fw:.2f} s, "
+          f"loader {ld:.2f} s; power-on to finished {tot['uefi']:.2f} s vs {tot['direct']:.2f} s "
+          f"(ratio {tot['uefi'] / tot['direct']:.3f}); host to marker {host['uefi']:.1f} s vs {host['direct']:.1f} s "
+          f"(ratio {host['uefi'] / host['direct']:.3f})")
+    print(f"disk: {system.disk_result.size / 2**20:.0f} MiB raw, made in {system.timings.get('disk', 0):.1f} s; "
+          f"ESP {system.disk_result.partitions['esp']['size'] / 2**20:.0f} MiB "
+          f"({system.disk_result.partitions['esp']['payload'] / 1e6:.1f} MB kernel + initramfs); "
+          f"initramfs {system.boot_files.initrd_size / 1e6:.1f} MB")
     return 0
 
 

@@ -3,10 +3,10 @@
 Boots the board's Debian root (systemd 252) in systemd-nspawn and collects the same boot
 repeatedly: pystemd on the container's bus socket, busctl on it, and over ssh (pystemd through
 systemd-stdio-bridge, busctl in one ssh session) to the container's sshd on a loopback port.
-With --board-system FILE (build/board/release.system.json) it also boots the QEMU board once
+With --disk DISK (a disk `bootimg disk` made, e.g. build/board/release.disk.raw) it also boots it once
 and collects over ssh there. Needs root. Prints one line per path: median and min of --repeat runs.
 
-    .venv/bin/python bench/bench_kpi.py [--repeat 10] [--board-system build/board/release.system.json]
+    .venv/bin/python bench/bench_kpi.py [--repeat 10] [--disk build/board/release.disk.raw]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def measure(label: str, opener, repeat: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--board-system", metavar="JSON")
+    ap.add_argument("--disk", metavar="DISK")
     args = ap.parse_args()
     from bootimg.board.rootfs import build_rootfs, extract_rootfs
     from bootimg.host import quiet_log
@@ -75,18 +75,18 @@ def main() -> int:
             for via in ("pystemd", "busctl"):
                 measure(f"ssh (loopback container), {via}",
                         lambda: open_transport(ssh="c", ssh_config=str(cfg), via=via), args.repeat)
-    if args.board_system:
-        from bootimg.board.session import running
-        from bootimg.kpi.run import BoardImage, wait_finished
+    if args.disk:
+        from bootimg.kpi.run import wait_finished
+        from bootimg.vm.qemu import Machine
+        from bootimg.vm.session import running
 
-        img = BoardImage.from_system_json(args.board_system)
-        with running(img.kernel, img.initrd, img.disk, img.cmdline, timeout=900) as vm:
-            print(f"board: {vm.result.summary()}", flush=True)
-            with open_transport(ssh="board", ssh_config=str(vm.ssh_config)) as t:
+        with running(Machine(disk=Path(args.disk)), timeout=900) as vm:
+            print(f"qemu: {vm.result.summary()}", flush=True)
+            with open_transport(ssh=vm.host_alias, ssh_config=str(vm.ssh_config)) as t:
                 wait_finished(t, 600)
             for via in ("pystemd", "busctl"):
-                measure(f"QEMU board (TCG) over ssh, {via}",
-                        lambda: open_transport(ssh="board", ssh_config=str(vm.ssh_config), via=via),
+                measure(f"QEMU (TCG, UEFI disk) over ssh, {via}",
+                        lambda: open_transport(ssh=vm.host_alias, ssh_config=str(vm.ssh_config), via=via),
                         max(3, args.repeat // 3))
     return 0
 

@@ -23,6 +23,8 @@ COMMAND_MODULES = {
     "bootimg.signing.commands": ("keygen", "sign", "verify-signature"),
     "bootimg.release.commands": ("verify",),
     "bootimg.pipeline.commands": ("build",),
+    "bootimg.disk.commands": ("disk", "initramfs"),
+    "bootimg.vm.commands": ("qemu",),
     "bootimg.board.commands": ("board",),
     "bootimg.kpi.commands": ("kpi",),
 }

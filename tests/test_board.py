@@ -35,8 +35,8 @@ from bootimg.board import (
     make_disk,
     prepare,
 )
-from bootimg.board.qemu import SWITCH_ROOT_RE, qemu_argv
 from bootimg.board.rootfs import customize_script
+from bootimg.vm.qemu import SWITCH_ROOT_RE, Machine, qemu_argv
 
 BOOT_TIMEOUT = 180.0
 
@@ -77,14 +77,19 @@ def test_baseline_cmdline_and_qemu_argv(tmp_path):
     cmdline = baseline_cmdline("quiet")
     assert cmdline.split() == [f"root=LABEL={LABEL}", "rw", "console=ttyS0", "panic=-1", POWEROFF_ARG, "quiet"]
     assert POWEROFF_ARG not in baseline_cmdline(poweroff=False)
-    argv = qemu_argv(Path("K"), Path("I"), Path("D"), cmdline)
-    assert argv[:5] == ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max"]
+    argv = qemu_argv(Machine(disk=Path("D"), kernel=Path("K"), initrd=Path("I"), append=cmdline))
+    assert argv[:7] == ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max"]
     for pair in (["-kernel", "K"], ["-initrd", "I"], ["-append", cmdline], ["-m", "2048"], ["-smp", "2"]):
         i = argv.index(pair[0])
         assert argv[i:i + 2] == pair
-    assert "-no-reboot" in argv and "-snapshot" in argv
+    assert "-no-reboot" in argv and "-snapshot" in argv and "pflash" not in " ".join(argv)
     assert "file=D,format=raw,if=virtio,cache=unsafe" in argv
-    assert "-initrd" not in qemu_argv(Path("K"), None, None, cmdline)
+    assert "-initrd" not in qemu_argv(Machine(kernel=Path("K"), append=cmdline))
+    # a UEFI machine: the firmware as read-only pflash, the variables given, the disk, no -kernel
+    uefi = qemu_argv(Machine(disk=Path("D.qcow2"), disk_format="qcow2"), efi_vars=Path("V"))
+    assert "-kernel" not in uefi and "file=D.qcow2,format=qcow2,if=virtio,cache=unsafe" in uefi
+    assert any(a.startswith("if=pflash,format=raw,unit=0,readonly=on,file=") for a in uefi)
+    assert "if=pflash,format=raw,unit=1,file=V" in uefi
 
 
 def test_boot_result_parses_the_marker():

@@ -1,11 +1,14 @@
-"""Issue 4 on the QEMU board: the example system (manifests/board.yaml) boots from its verified
+"""The example system (manifests/board.yaml) on the QEMU board: it boots from its verified
 composefs root, starts its boot-time containers in order, and refuses what was not signed.
 
-Every boot here is a real 6.12 kernel under QEMU (TCG) with the dracut initramfs built from the
-release's own 90bootimg module. The disk is provisioned once (fs-verity enabled on every image and
-object by the hook, on a boot whose writes are kept); each test boots a private copy, or the
-original with ``-snapshot``. The attacks are offline edits of a copy with debugfs
-(``bootimg.board.diskedit``), as someone with write access to the data partition could make.
+The disk is the one ``bootimg disk`` makes (GPT: ESP with systemd-boot, ext4 data partition);
+every boot here is UEFI firmware -> systemd-boot -> a real 6.12 kernel under QEMU (TCG) with the
+dracut initramfs built in the release's own root, unless a test needs other kernel arguments or
+another initramfs (then QEMU loads the kernel directly with the entry's command line). The disk
+is provisioned once (fs-verity enabled on every image and object by the hook, on a boot whose
+writes are kept); each test boots a private copy, or the original with ``-snapshot``. The attacks
+are offline edits of a copy with debugfs (``bootimg.board.diskedit``), as someone with write
+access to the data partition could make.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ FATAL = re.compile(r"bootimg: FATAL: (.*)")
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    from bootimg.board import check_qemu
     from bootimg.board.system import prepare_system
+    from bootimg.vm.qemu import check_qemu
 
     check_qemu()
     top = example_workspace(tmp_path_factory.mktemp("board-system"))
@@ -85,21 +88,27 @@ def sign_release(system, secret) -> bytes:
 
 
 def boot(system, disk=None, initrd=None, **kw):
-    from bootimg.board import boot as qemu_boot
+    """A UEFI boot of the disk (or, with another initramfs, a direct kernel boot of it)."""
+    from bootimg.board import BOARD_MARKER
+    from bootimg.vm.qemu import boot as qemu_boot
 
-    return qemu_boot(system.kernel, initrd or system.initrd, disk or system.disk, system.cmdline(),
-                     timeout=kw.pop("timeout", 400), **kw)
+    machine = system.direct(disk=disk, initrd=initrd) if initrd else system.machine(disk)
+    return qemu_boot(machine, marker=BOARD_MARKER, timeout=kw.pop("timeout", 400), **kw)
+
+
+def running(system, disk=None, **kw):
+    from bootimg.board import BOARD_MARKER
+    from bootimg.vm.session import running as vm_running
+
+    return vm_running(system.machine(disk), marker=BOARD_MARKER, timeout=kw.pop("timeout", 400), **kw)
 
 
 # -- 1. the verified boot ----------------------------------------------------------------------
 
 def test_boots_the_verified_root_and_starts_the_containers_in_order(system, keys, tmp_path):
-    from bootimg.board.session import running
-
     if system.provisioning is not None:            # None: the provisioned disk came from the cache
         assert system.provisioning.ok and "fs-verity enabled on" in system.provisioning.console
-    with running(system.kernel, system.initrd, system.disk, system.cmdline(poweroff=False),
-                 timeout=400, serial_log=tmp_path / "console.log") as vm:
+    with running(system, serial_log=tmp_path / "console.log") as vm:
         assert vm.result.ok, vm.result.summary()
         booted = json.loads(vm.run("cat", "/run/bootimg/booted.json").stdout)
         assert booted["digest"] == system.digest
@@ -140,7 +149,7 @@ def test_boots_the_verified_root_and_starts_the_containers_in_order(system, keys
         # the KPI collector (issue 5) on this boot, over ssh: it records which image it measured
         from conftest import run_cli
 
-        r = run_cli("kpi", "collect", "--ssh", "board", "--ssh-config", str(vm.ssh_config),
+        r = run_cli("kpi", "collect", "--ssh", vm.host_alias, "--ssh-config", str(vm.ssh_config),
                     "--manifest", str(system.manifest_path), "--json")
         assert r.returncode == 0, r.stderr.decode()[-2000:]
         record = json.loads(r.stdout)["boots"][0]
@@ -151,7 +160,7 @@ def test_boots_the_verified_root_and_starts_the_containers_in_order(system, keys
             assert ms["state"] == "ok" and ms["usec"] == t[name], (name, ms)
         # over D-Bus "root mounted" is an upper bound (the initrd units are gone after
         # switch-root); the journal (persistent /var, initrd entries flushed) has it exactly
-        r = run_cli("kpi", "collect", "--ssh", "board", "--ssh-config", str(vm.ssh_config),
+        r = run_cli("kpi", "collect", "--ssh", vm.host_alias, "--ssh-config", str(vm.ssh_config),
                     "--manifest", str(system.manifest_path), "--history", "--json")
         assert r.returncode == 0, r.stderr.decode()[-2000:]
         past = {b["boot_id"]: b for b in json.loads(r.stdout)["boots"]}
@@ -167,7 +176,6 @@ def test_tampered_root_object_reads_as_eio(system, tmp_path):
     """An attacker swaps an object for other bytes *with* fs-verity of their own: the kernel
     still refuses it, because the overlay compares it with the digest recorded in the image."""
     from bootimg.board import diskedit
-    from bootimg.board.session import running
 
     victim = "/usr/share/common-licenses/GPL-3"
     obj = object_of(system, victim)
@@ -176,8 +184,7 @@ def test_tampered_root_object_reads_as_eio(system, tmp_path):
     original = diskedit.read_file(disk, path)
     diskedit.replace_file(disk, path, original.replace(b"GNU", b"GNO", 1))
     diskedit.unprovision(disk)                     # the next boot gives the new file fs-verity
-    with running(system.kernel, system.initrd, disk, system.cmdline(poweroff=False), timeout=400,
-                 serial_log=tmp_path / "console.log") as vm:
+    with running(system, disk, serial_log=tmp_path / "console.log") as vm:
         assert vm.result.ok, vm.result.summary()
         assert "fs-verity enabled on 1 files" in vm.result.console
         phys = vm.run("fsverity", "measure", f"/sysroot{path}").stdout.split()[0]
@@ -271,7 +278,7 @@ def test_a_removed_key_no_longer_boots(system, keys, tmp_path):
     a release signed with that key."""
     import dataclasses
 
-    from bootimg.board.system import build_system_initramfs
+    from bootimg.disk.initramfs import build_initramfs
     from bootimg.manifest import load_manifest
     from bootimg.pipeline import BuildOptions, build
 
@@ -281,7 +288,7 @@ def test_a_removed_key_no_longer_boots(system, keys, tmp_path):
     m = dataclasses.replace(m, integrity=dataclasses.replace(m.integrity, trusted_keys=kept))
     out = tmp_path / "release-2027-only"
     build(m, BuildOptions(out=out, signing_key=keys["release-2027"][0]))
-    boot_files = build_system_initramfs(system.board, out, tmp_path / "work")
+    boot_files = build_initramfs(out)
     result = boot(system, initrd=boot_files.initrd, serial_log=tmp_path / "console.log")
     assert_refused(result, "is not signed by a trusted key (1 tried)")
 
@@ -289,11 +296,12 @@ def test_a_removed_key_no_longer_boots(system, keys, tmp_path):
 # -- 5. the plain baseline -------------------------------------------------------------------------
 
 def test_the_same_root_boots_as_a_plain_ext4_root(system, tmp_path):
-    from bootimg.board import boot as qemu_boot
-    from bootimg.board.system import baseline_disk
+    from bootimg.board import BOARD_MARKER
+    from bootimg.board.system import baseline_disk, baseline_machine
+    from bootimg.vm.qemu import boot as qemu_boot
 
     disk = baseline_disk(system, tmp_path / "baseline.img", tmp_path / "tree")
-    result = qemu_boot(system.kernel, system.board.initrd, disk.path, system.baseline_cmdline(),
-                       timeout=400, serial_log=tmp_path / "console.log")
+    result = qemu_boot(baseline_machine(system, disk.path), marker=BOARD_MARKER, timeout=400,
+                       serial_log=tmp_path / "console.log")
     assert result.ok, result.summary()
     assert "bootimg-root" not in result.console and "bootimg:" not in result.console

@@ -17,12 +17,11 @@ pytestmark = [pytest.mark.vm, requires_root,
 
 
 @pytest.fixture(scope="module")
-def system_json(tmp_path_factory) -> Path:
-    """A board system description (what `bootimg board` writes) for the baseline disk with ssh access."""
-    from bootimg.board import extract_rootfs, make_disk, prepare
-    from bootimg.board.qemu import baseline_cmdline
-    from bootimg.board.session import authorized_keys
+def baseline(tmp_path_factory) -> list[str]:
+    """`kpi run` target options: the board's plain ext4 root (with the vm ssh key), a direct boot."""
+    from bootimg.board import baseline_cmdline, extract_rootfs, make_disk, prepare
     from bootimg.host import quiet_log
+    from bootimg.vm.session import authorized_keys
 
     work = tmp_path_factory.mktemp("kpi-board")
     board = prepare(log=quiet_log)
@@ -30,16 +29,13 @@ def system_json(tmp_path_factory) -> Path:
     (tree / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
     (tree / "root/.ssh/authorized_keys").write_text(authorized_keys())
     disk = make_disk(work / "disk.img", tree, seed="kpi-board-test")
-    path = work / "system.json"
-    path.write_text(json.dumps({"kernel": str(board.kernel), "initrd": str(board.initrd), "disk": str(disk.path),
-                                "cmdline": baseline_cmdline()}))
-    return path
+    return ["--disk", str(disk.path), "--kernel", str(board.kernel), "--initrd", str(board.initrd),
+            "--append", baseline_cmdline(poweroff=False)]
 
 
-def test_kpi_run_three_boots(system_json, tmp_path):
+def test_kpi_run_three_boots(baseline, tmp_path):
     out = tmp_path / "run"
-    r = run_cli("kpi", "run", "--manifest", str(DATA / "board.yaml"), "--times", "3", "--board-system",
-                str(system_json), "-o", str(out))
+    r = run_cli("kpi", "run", "--manifest", str(DATA / "board.yaml"), "--times", "3", *baseline, "-o", str(out))
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     doc = json.loads((out / "kpi.json").read_text())
     assert [b["label"] for b in doc["boots"]] == ["first", "cold", "cold"]
@@ -75,9 +71,8 @@ def test_unreachable_board_exits_2(tmp_path):
         r = run_cli("kpi", "collect", "--ssh", "board", "--ssh-config", str(cfg), "--via", via)
         assert r.returncode == 2, (via, r.stderr)
         assert b"cannot connect" in r.stderr and b"Traceback" not in r.stderr
-    bogus = tmp_path / "system.json"
-    bogus.write_text(json.dumps({"kernel": str(tmp_path / "nokernel"), "initrd": None,
-                                 "disk": str(tmp_path / "nodisk"), "cmdline": "console=ttyS0"}))
-    r = run_cli("kpi", "run", "--manifest", str(DATA / "board.yaml"), "--times", "1", "--board-system", str(bogus),
-                "-o", str(tmp_path / "out"))
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"")
+    r = run_cli("kpi", "run", "--manifest", str(DATA / "board.yaml"), "--times", "1", "--disk", str(disk),
+                "--kernel", str(tmp_path / "nokernel"), "-o", str(tmp_path / "out"))
     assert r.returncode == 2 and b"Traceback" not in r.stderr, r.stderr

@@ -7,12 +7,15 @@ cd "$(dirname "$0")/.."
 # gcc, libc6-dev (only a Recommends of gcc) and libssl-dev build the optional C accelerator
 # bootimg/composefs/_fsverity_accel.c against OpenSSL libcrypto.
 APT_PACKAGES="erofs-utils fsverity attr util-linux e2fsprogs minisign signify-openbsd openssl gcc libc6-dev libssl-dev"
-# shellcheck lints the generated initramfs scripts; busybox runs them under a second POSIX shell (tests).
+# (shellcheck) lints the generated initramfs scripts; busybox runs them under a second POSIX shell (tests).
 APT_PACKAGES="$APT_PACKAGES shellcheck busybox systemd-container"
 # debootstrap, e2fsprogs (mkfs.ext4 -d) and zstd build the QEMU board's Debian root (bootimg.board).
 APT_PACKAGES="$APT_PACKAGES debootstrap zstd"
 # pystemd (KPI collection) builds from source against libsystemd; chromium renders the HTML KPI report.
 APT_PACKAGES="$APT_PACKAGES libsystemd-dev pkg-config chromium openssh-client"
+# bootimg disk: sfdisk (fdisk), mkfs.vfat + mtools for the ESP, systemd-boot and the EFI stub,
+# objcopy for UKIs, sbsign for Secure Boot; bootimg qemu: OVMF (UEFI firmware).
+APT_PACKAGES="$APT_PACKAGES fdisk dosfstools mtools systemd-boot-efi binutils sbsigntool ovmf"
 PY=${PYTHON:-python3}
 # Python.h: a pyenv or self-built interpreter has its own; Debian's python3 needs python3-dev.
 inc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
@@ -31,11 +34,13 @@ if [ -n "$missing" ]; then
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-# The QEMU board (bootimg.board) needs QEMU >= 8: bookworm's 7.2 crashes the 6.12 guest under TCG,
-# so on bookworm it comes from bookworm-backports (source added once, only if no backports source).
-qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'; }
+# Newer versions than bookworm's, from bookworm-backports (the source is added once, only if
+# there is no backports source yet): QEMU >= 8 (bookworm's 7.2 crashes the board's 6.12 guest
+# under TCG) and e2fsprogs >= 1.47.1 (`bootimg disk` makes the data partition with
+# `mke2fs -d ARCHIVE.tar`; 1.47.0 copies the build host's inode change times, so its images are
+# not reproducible). Elsewhere the distribution's own packages.
 codename=$(. /etc/os-release 2>/dev/null; echo "${VERSION_CODENAME:-}")
-if [ "$(qemu_major)" = "" ] || [ "$(qemu_major)" -lt 8 ] || ! command -v qemu-img >/dev/null; then
+backports() {  # PACKAGE...: install from bookworm-backports on bookworm, else from the distribution
     export DEBIAN_FRONTEND=noninteractive
     if [ "$codename" = bookworm ]; then
         if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
@@ -48,14 +53,22 @@ Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
         fi
-        echo "setup: installing qemu-system-x86 qemu-utils from bookworm-backports"
+        echo "setup: installing $* from bookworm-backports"
         apt-get update -qq
-        apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
+        apt-get install -y -qq --no-install-recommends -t bookworm-backports "$@" >/dev/null
     else
-        echo "setup: installing qemu-system-x86 qemu-utils"
+        echo "setup: installing $*"
         apt-get update -qq
-        apt-get install -y -qq --no-install-recommends qemu-system-x86 qemu-utils >/dev/null
+        apt-get install -y -qq --no-install-recommends "$@" >/dev/null
     fi
+}
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'; }
+if [ "$(qemu_major)" = "" ] || [ "$(qemu_major)" -lt 8 ] || ! command -v qemu-img >/dev/null; then
+    backports qemu-system-x86 qemu-utils
+fi
+e2fs_version() { mke2fs -V 2>&1 | sed -n 's/^mke2fs \([0-9.]*\).*/\1/p'; }
+if ! printf '%s\n' 1.47.1 "$(e2fs_version)" | sort -V -C; then
+    backports e2fsprogs
 fi
 
 if [ ! -x .venv/bin/python ]; then

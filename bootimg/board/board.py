@@ -4,6 +4,7 @@ plain-ext4 baseline boot built on it."""
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -11,10 +12,24 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from ..host import Log, cache_dir, scratch_dir, stderr_log
-from .disk import DiskImage, make_disk
+from ..vm import qemu
+from ..vm.qemu import DEFAULT_TIMEOUT, BootResult, Machine, check_qemu
+from .disk import LABEL, DiskImage, make_disk
 from .initramfs import DEFAULT_DRIVERS, BootFiles, build_initramfs
-from .qemu import DEFAULT_TIMEOUT, BootResult, baseline_cmdline, boot, check_qemu
-from .rootfs import Rootfs, RootfsSpec, build_rootfs, extract_rootfs
+from .rootfs import MARKER, POWEROFF_ARG, Rootfs, RootfsSpec, build_rootfs, extract_rootfs
+
+BOARD_MARKER = re.compile(re.escape(MARKER) + r".*")
+
+
+def baseline_cmdline(extra: str = "", *, root: str = f"LABEL={LABEL}", poweroff: bool = True) -> str:
+    """The board's direct-boot kernel command line: ext4 root by label, read-write, serial
+    console, reboot (i.e. QEMU exit, with -no-reboot) on panic, power off after the marker."""
+    parts = [f"root={root}", "rw", "console=ttyS0", "panic=-1"]
+    if poweroff:
+        parts.append(POWEROFF_ARG)
+    if extra:
+        parts.append(extra)
+    return " ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,20 @@ def prepare(spec: RootfsSpec | None = None, *, cache: str | os.PathLike[str] | N
                                  add_drivers=add_drivers, compress=compress, dracut_args=dracut_args,
                                  tree_files=tree_files, rebuild=rebuild, log=log)
     return Board(rootfs, boot_files, cdir)
+
+
+def boot(kernel: str | os.PathLike[str], initrd: str | os.PathLike[str] | None, disk: str | os.PathLike[str] | None,
+         append: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+         serial_log: str | os.PathLike[str] | None = None, snapshot: bool = True,
+         extra_args: Sequence[str] = ()) -> BootResult:
+    """A direct kernel boot on the board: ready is the board root's marker line, and the boot
+    waits for the poweroff the marker unit does when ``append`` asks for it (the default
+    command line, ``baseline_cmdline()``, does)."""
+    cmdline = append if append is not None else baseline_cmdline()
+    machine = Machine(disk=Path(disk) if disk else None, kernel=Path(kernel), initrd=Path(initrd) if initrd else None,
+                      append=cmdline, snapshot=snapshot, extra_args=tuple(extra_args))
+    return qemu.boot(machine, timeout=timeout, serial_log=serial_log, marker=BOARD_MARKER,
+                     powers_off=POWEROFF_ARG in cmdline.split())
 
 
 @dataclass
@@ -103,9 +132,7 @@ def boot_baseline(board: Board, *, times: int = 1, timeout: float = DEFAULT_TIME
             f"in {seconds_disk:.1f} s")
         for i in range(1, times + 1):
             serial = Path(serial_logs) / f"boot-{i}.log" if serial_logs else None
-            result = boot(board.kernel, board.initrd, disk.path,
-                          append if append is not None else baseline_cmdline(),
-                          timeout=timeout, serial_log=serial)
+            result = boot(board.kernel, board.initrd, disk.path, append, timeout=timeout, serial_log=serial)
             results.append(result)
             if on_result:
                 on_result(i, result)

@@ -1,10 +1,11 @@
-"""`bootimg board prepare` and `bootimg board boot-baseline`."""
+"""`bootimg board prepare|rootfs|boot-baseline`: the test rig's Debian root and its plain baseline."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..errors import BootimgError
 
@@ -37,8 +38,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_boot_baseline(args: argparse.Namespace) -> int:
-    from .board import boot_baseline, prepare
-    from .qemu import baseline_cmdline
+    from .board import baseline_cmdline, boot_baseline, prepare
 
     if args.times < 1:
         raise BootimgError("--times must be at least 1")
@@ -75,47 +75,18 @@ def _cmd_boot_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _container_states(vm, names: list[str]) -> list[dict]:
-    units = vm.unit_properties([f"{n}.service" for n in names],
-                               "ActiveState,SubState,Result,Type,ActiveEnterTimestampMonotonic")
-    return sorted(units.values(), key=lambda u: int(u.get("ActiveEnterTimestampMonotonic") or 0) or 1 << 62)
+def _cmd_rootfs(args: argparse.Namespace) -> int:
+    from .board import prepare
+    from .system import ensure_tree
 
-
-def _cmd_system(args: argparse.Namespace) -> int:
-    from .session import running
-    from .system import prepare_system
-
-    system = prepare_system(args.manifest, build_dir=args.build_dir, key=args.key)
-    names = sorted(n for n, e in system.release["images"].items() if e["role"] == "container")
-    print(f"release  {system.release_dir}: {system.release['name']} {system.release['version']}")
-    print(f"initrd   {system.initrd} ({system.boot_files.initrd_size / 1e6:.1f} MB, with the release's 90bootimg)")
-    print(f"disk     {system.disk} (provisioned: fs-verity on every image and object)")
-    print(f"cmdline  {system.cmdline(poweroff=False)}")
-    with running(system.kernel, system.initrd, system.disk, system.cmdline(poweroff=False),
-                 timeout=args.timeout, serial_log=args.serial_log) as vm:
-        if not vm.result.ok:
-            raise BootimgError(f"the board did not boot: {vm.result.summary()}")
-        booted = json.loads(vm.run("cat", "/run/bootimg/booted.json").stdout)
-        root = vm.run("findmnt", "-no", "FSTYPE,OPTIONS", "/").stdout.split()
-        user = int(vm.manager_property("UserspaceTimestampMonotonic") or 0)
-        states = _container_states(vm, names)
-    ok = booted.get("digest") == system.digest and "verity=require" in root[1].split(",")
-    print(f"booted   {vm.result.marker}")
-    print(f"root     {root[0]} {'verity=require' if ok else 'NOT VERIFIED'}; digest {booted.get('digest')} "
-          f"({'matches' if booted.get('digest') == system.digest else 'DOES NOT MATCH'} the release); "
-          f"trust {booted.get('trust')}, key {booted.get('key')}")
-    print("boot-time containers (in the order they became active; ms after switch-root):")
-    all_active = True
-    for u in states:
-        t = int(u.get("ActiveEnterTimestampMonotonic") or 0)
-        since = f"{(t - user) / 1000:8.0f} ms" if t and user else "       -   "
-        all_active &= u.get("ActiveState") == "active"
-        print(f"  {u['Id']:<24} {u.get('ActiveState')}/{u.get('SubState'):<8} {since}  Type={u.get('Type')}")
-    return 0 if ok and all_active else 1
+    board = prepare(_spec(args), cache=args.cache)
+    tree = ensure_tree(board, Path(args.build_dir).absolute())
+    print(f"{tree}: the board's Debian root ({board.kver}); {tree.parent / 'authorized_keys'}: the vm ssh key")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    board = sub.add_parser("board", help="the QEMU test board: prepare it, boot the baseline",
+    board = sub.add_parser("board", help="the QEMU test rig: its Debian root, the plain baseline",
                            description="A QEMU (TCG) board with a Debian bookworm root, a 6.12 "
                                        "kernel and a dracut initramfs, cached in "
                                        "$BOOTIMG_CACHE/board (default /var/cache/bootimg/board).")
@@ -148,15 +119,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", action="store_true", help="keep the extracted tree and disk image")
     p.set_defaults(func=_cmd_boot_baseline)
 
-    p = bsub.add_parser("system", help="build a manifest's signed release for the board and boot it",
-                        description="Build the release (bootimg build), the initramfs with its "
-                                    "90bootimg module, a provisioned data disk; boot it from the "
-                                    "verified composefs root and show the root digest and each "
-                                    "boot-time container's state.")
-    p.add_argument("manifest", metavar="MANIFEST", help="e.g. manifests/board.yaml")
-    p.add_argument("--key", metavar="SECRET.key", help="release signing key (trust profile 'signed')")
-    p.add_argument("--build-dir", default="build", metavar="DIR",
-                   help="where the root tree, release and disk go (DIR/board/; default build)")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="watchdog, seconds (default 600)")
-    p.add_argument("--serial-log", metavar="FILE", help="write the console to FILE")
-    p.set_defaults(func=_cmd_system)
+    p = bsub.add_parser("rootfs", help="extract the board's root where manifests/board.yaml reads it",
+                        description="Extract the cached Debian root to BUILD/board/rootfs and write the vm ssh "
+                                    "client's public key to BUILD/board/authorized_keys: the inputs of "
+                                    "manifests/board.yaml. Then: bootimg build, bootimg disk, bootimg qemu.")
+    common(p)
+    p.add_argument("--build-dir", default="build", metavar="DIR", help="default build")
+    p.set_defaults(func=_cmd_rootfs)

@@ -1,4 +1,7 @@
-"""Offline edits of a board disk (ext4 image) with debugfs: nothing is mounted.
+"""Offline edits of a disk's data partition (ext4) with debugfs: nothing is mounted.
+
+``disk`` is a disk made by ``bootimg disk`` (its ``bootimg-data`` partition is edited) or a bare
+ext4 image.
 
 The tests use them to play the attacker (replace an object, a root image, a signature) on a
 private copy of a provisioned disk. A file written here has no fs-verity; removing the
@@ -15,9 +18,16 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 
+from ..disk.image import data_partition_offset
 from ..host import HostError, need_tools
 
 PROVISIONED_MARKER = "/bootimg/state/.provisioned"
+
+
+def _fs(disk: str | os.PathLike[str]) -> str:
+    """debugfs's name for the data partition's file system (``DISK?offset=N`` inside a GPT disk)."""
+    offset = data_partition_offset(disk)
+    return f"{disk}?offset={offset}" if offset else str(disk)
 
 
 def debugfs(disk: str | os.PathLike[str], commands: Iterable[str], *, write: bool = True) -> str:
@@ -26,7 +36,7 @@ def debugfs(disk: str | os.PathLike[str], commands: Iterable[str], *, write: boo
     with tempfile.NamedTemporaryFile("w", suffix=".debugfs") as f:
         f.write("\n".join(commands) + "\n")
         f.flush()
-        proc = subprocess.run(["debugfs", *(["-w"] if write else []), "-f", f.name, str(disk)],
+        proc = subprocess.run(["debugfs", *(["-w"] if write else []), "-f", f.name, _fs(disk)],
                               capture_output=True, text=True)
     out = proc.stdout + proc.stderr
     bad = [line for line in out.splitlines()
@@ -60,7 +70,7 @@ def remove(disk: str | os.PathLike[str], path: str) -> None:
 
 def exists(disk: str | os.PathLike[str], path: str) -> bool:
     need_tools("debugfs")
-    proc = subprocess.run(["debugfs", "-R", f"stat {path}", str(disk)], capture_output=True, text=True)
+    proc = subprocess.run(["debugfs", "-R", f"stat {path}", _fs(disk)], capture_output=True, text=True)
     return proc.returncode == 0 and "Inode:" in proc.stdout
 
 

@@ -42,7 +42,7 @@ DEFAULT_PACKAGES = (
 )
 
 MARKER = "BOOTIMG-BOARD: READY"
-POWEROFF_ARG = "bootimg.board.poweroff=1"
+POWEROFF_ARG = "bootimg.board.poweroff=1"     # the readiness unit powers the board off after the marker
 
 # Installed as /usr/local/sbin/board-ready. Runs once the default target is active (Type=oneshot,
 # After=multi-user.target). `systemd-analyze time` cannot answer yet at that point (the boot is

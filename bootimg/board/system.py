@@ -1,60 +1,57 @@
-"""The example system on the board: a signed bootimg release of the board's Debian root, its
-initramfs (dracut + the release's own 90bootimg module) and a data disk, ready to boot.
+"""The example system on the board: ``manifests/board.yaml`` (the example containers on the
+board's Debian root) through the general path, plus what only the test rig needs.
 
-    system = prepare_system("manifests/board.yaml", build_dir="build")
-    boot(system.kernel, system.initrd, system.disk, system.cmdline)
+    system = prepare_system("manifests/board.yaml", build_dir="build", key="build/keys/release-2026.key")
+    boot(system.machine(), marker=BOARD_READY)
 
-What it does, in data-flow order:
+In data-flow order:
 
-1. ``board.prepare()``: the cached Debian root tarball (+ the plain baseline initramfs);
-2. the root tree is extracted where the manifest's ``rootfs.source.path`` points
-   (``build/board/rootfs``), once per root key, and the board's ssh public key is written next to
-   it (``build/board/authorized_keys``, an ``add_files`` source of the manifest);
-3. ``bootimg build`` (library API) makes the signed release in ``build/board/release``;
-4. the initramfs is built by dracut in the root with the dracut module, ``boot.conf`` and trusted
-   keys **read back out of the release's root image** (so the hook that runs is the one the signed
-   root digest covers); cached by those inputs;
-5. the data disk: ext4 with the ``verity`` feature, ``/bootimg/release`` = the release,
-   ``/bootimg/state/var`` = the root's ``/var`` (the persistent ``/var`` starts as the image's);
-6. a provisioning boot (writes kept): the initramfs hook enables fs-verity on every image and
-   object, as a first boot on a freshly written partition does. Later boots use ``-snapshot``.
+1. ``board.prepare()``: the cached Debian root tarball; ``ensure_tree`` extracts it where the
+   manifest's ``rootfs.source.path`` points (``build/board/rootfs``) and writes the machine ssh
+   client's public key next to it (``build/board/authorized_keys``, an ``add_files`` source);
+2. ``bootimg build`` (``pipeline.build``) makes the signed release in ``build/board/release``;
+3. ``bootimg initramfs`` (``disk.initramfs.build_initramfs``): dracut in the release's own root;
+4. ``bootimg disk`` (``disk.image.make_disk``): the GPT disk (ESP + data partition);
+5. test-rig only: the disk's first boot provisions it (the hook enables fs-verity on every image
+   and object, writes kept); the provisioned disk is cached by its inputs, so tests and benches
+   start from it. Later boots use ``-snapshot`` or a private copy.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable
 
-from ..boot.initramfs import BOOT_CONF, MODULE_DIR, MODULE_NAME, RELEASE_PATH, STATE_PATH
-from ..composefs.tree import Node
+from ..disk.image import DiskOptions, DiskResult, make_disk
+from ..disk.initramfs import BootFiles, build_initramfs
 from ..host import HostError, Log, digest, file_lock, remove_tree, run, stderr_log, write_json_atomically
 from ..release.layout import ROOT_IMAGE_NAME, ReleaseDir
-from ..release.layout import ROOT_KEYS_DIR as KEYS_DIR
+from ..vm.qemu import BootResult, Machine, Run
+from ..vm.session import authorized_keys
 from .board import Board, prepare
-from .disk import LABEL, DiskImage, make_disk
-from .initramfs import BootFiles, build_initramfs
-from .qemu import BootResult, baseline_cmdline, boot
-from .rootfs import extract_rootfs
-from .session import authorized_keys
+from .disk import LABEL, DiskImage
+from .disk import make_disk as make_plain_disk
+from .rootfs import MARKER, extract_rootfs
 
-DISK_FORMAT = 1                  # bump when the data disk's layout or provisioning changes
-RELEASE_ON_DISK = RELEASE_PATH.lstrip("/")
-STATE_ON_DISK = STATE_PATH.lstrip("/")
+DISK_FORMAT = 2                  # bump when provisioning or the disk's layout changes
+BOARD_READY = re.compile(re.escape(MARKER) + r".*")
 
 
 @dataclass
 class System:
-    """A release ready to boot on the board."""
+    """A release on a provisioned board disk, ready to boot."""
 
     board: Board
-    boot_files: BootFiles            # kernel + initramfs with the release's 90bootimg module
+    boot_files: BootFiles            # kernel + initramfs from the release's root
     release_dir: Path
     release: dict                    # release.json
-    disk: Path                       # provisioned data disk (boot it with snapshot=True)
+    disk: Path                       # the provisioned disk (boot it with snapshot=True or a copy)
+    disk_result: DiskResult
     manifest_path: Path
     tree: Path                       # the extracted board root (the manifest's rootfs source)
     provisioning: BootResult | None = None
@@ -71,73 +68,22 @@ class System:
     @property
     def digest(self) -> str:
         """The root image's fs-verity digest (hex), as release.json records it."""
-        return self.release["root"]["kernel_argument"].rsplit(":", 1)[1]
+        return self.release["root"]["digest"]
 
-    def cmdline(self, extra: str = "", *, poweroff: bool = True) -> str:
-        """The kernel command line: the board's (root=LABEL=board-root: the data partition,
-        which sysroot.mount mounts and the hook moves aside) plus the manifest's kernel_args,
-        and the sealed digest in the ``sealed`` trust profile."""
-        parts = list(self.release.get("kernel_args", []))
-        if self.release.get("trust") == "sealed":
-            parts.append(self.release["root"]["kernel_argument"])
-        if extra:
-            parts.append(extra)
-        return baseline_cmdline(" ".join(p for p in parts if p), poweroff=poweroff)
+    @property
+    def cmdline(self) -> str:
+        """The kernel command line of the disk's boot entry."""
+        return self.disk_result.cmdline
 
+    def machine(self, disk: Path | None = None, **kw) -> Machine:
+        """The UEFI machine: firmware -> the disk's systemd-boot -> the release's entry."""
+        return Machine(disk=disk or self.disk, **kw)
 
-    def baseline_cmdline(self, extra: str = "", *, poweroff: bool = True) -> str:
-        """The plain ext4 root of the same tree: the board's command line and kernel_args,
-        without the containers (they run from the release, which a plain root does not have)."""
-        parts = list(self.release.get("kernel_args", [])) + container_masks(self)
-        if extra:
-            parts.append(extra)
-        return baseline_cmdline(" ".join(parts), poweroff=poweroff)
-
-
-def _read(release_dir: Path, node: Node | None, where: str) -> bytes:
-    data = ReleaseDir(release_dir).read_file(node) if node is not None else None
-    if data is None:
-        raise HostError(f"the root image has no readable {where}", file=str(release_dir))
-    return data
-
-
-def extract_boot_inputs(release_dir: Path, dest: Path) -> dict[str, Path]:
-    """Copy the dracut module, boot.conf and trusted keys out of the release's root image.
-
-    Returns ``{"module_dir": ..., "boot_conf": ..., "keys": ...}`` under ``dest``. Reading them
-    from the image (not from the build's templates) makes the initramfs run exactly the hook the
-    signed root digest covers."""
-    root = ReleaseDir(release_dir).load_image().root
-    if dest.exists():
-        remove_tree(dest)
-    module = dest / PurePosixPath(MODULE_DIR).name
-    keys = dest / "keys"
-    module.mkdir(parents=True)
-    keys.mkdir()
-    mod = root.lookup(MODULE_DIR.encode())
-    if mod is None or mod.children is None:
-        raise HostError(f"the root image has no {MODULE_DIR}: not a bootimg release root",
-                         file=str(release_dir))
-    for name, node in sorted(mod.children.items()):
-        if node.target().is_reg():
-            path = module / name.decode()
-            path.write_bytes(_read(release_dir, node, f"{MODULE_DIR}/{name.decode()}"))
-            path.chmod(node.target().mode & 0o7777)
-    (dest / "boot.conf").write_bytes(_read(release_dir, root.lookup(BOOT_CONF.encode()), BOOT_CONF))
-    kdir = root.lookup(KEYS_DIR.encode())
-    for name, node in sorted((kdir.children or {}).items()) if kdir is not None else []:
-        if node.target().is_reg():
-            (keys / name.decode()).write_bytes(_read(release_dir, node, f"{KEYS_DIR}/{name.decode()}"))
-    return {"module_dir": module, "boot_conf": dest / "boot.conf", "keys": keys}
-
-
-def build_system_initramfs(board: Board, release_dir: Path, work: Path, *, log: Log = stderr_log) -> BootFiles:
-    """dracut in the board root with the release's 90bootimg module (cached by its inputs)."""
-    inputs = extract_boot_inputs(release_dir, work / "initramfs-inputs")
-    return build_initramfs(board.rootfs, cache=board.cache, add_modules=[MODULE_NAME],
-                           module_dirs=[inputs["module_dir"]],
-                           tree_files={BOOT_CONF: inputs["boot_conf"], KEYS_DIR: inputs["keys"]},
-                           log=log)
+    def direct(self, extra: str = "", *, disk: Path | None = None, initrd: Path | None = None, **kw) -> Machine:
+        """The same boot without firmware and loader: QEMU loads the kernel and initramfs and gives
+        the entry's command line plus ``extra`` (test-harness arguments the entry cannot carry)."""
+        append = " ".join(a for a in (self.cmdline, extra) if a)
+        return Machine(disk=disk or self.disk, kernel=self.kernel, initrd=initrd or self.initrd, append=append, **kw)
 
 
 def ensure_tree(board: Board, build: Path, *, log: Log = stderr_log) -> Path:
@@ -162,26 +108,21 @@ def ensure_tree(board: Board, build: Path, *, log: Log = stderr_log) -> Path:
     return tree
 
 
-def make_data_disk(release_dir: Path, tree: Path, image: Path, *, seed: str) -> DiskImage:
-    """The data partition: the release and the initial persistent /var (a copy of the root's)."""
-    empty = image.parent / ".disk-top"
-    if empty.exists():
-        remove_tree(empty)
-    empty.mkdir()
+def provision(system: System, *, timeout: float = 900.0, serial_log: Path | None = None) -> BootResult:
+    """Boot the fresh disk once with its writes kept: the hook enables fs-verity on the release
+    (its first boot); then a clean ACPI shutdown."""
+    run = Run(system.machine(snapshot=False), marker=BOARD_READY, serial_log=serial_log)
     try:
-        return make_disk(image, empty, label=LABEL, seed=seed,
-                         extra={RELEASE_ON_DISK: release_dir, f"{STATE_ON_DISK}/var": tree / "var"})
+        run.watch(timeout=timeout, stay_up=True)
+        result = run.result()
+        if result.ok and not run.powerdown(120):
+            raise HostError("the provisioning boot did not power off after the marker")
     finally:
-        remove_tree(empty)
-
-
-def provision(system: System, *, timeout: float = 600.0, serial_log: Path | None = None) -> BootResult:
-    """Boot once with writes kept: the hook enables fs-verity on the release (first boot)."""
-    result = boot(system.kernel, system.initrd, system.disk, system.cmdline(), timeout=timeout,
-                  snapshot=False, serial_log=serial_log)
+        run.stop()
+    result = run.result()
     if not result.ok:
         raise HostError(f"the provisioning boot failed: {result.summary()}"
-                         + (f"; console: {serial_log}" if serial_log else ""))
+                        + (f"; console: {serial_log}" if serial_log else ""))
     if "provisioning: enabling fs-verity" not in result.console:
         raise HostError("the provisioning boot did not provision (the disk was provisioned already?)")
     return result
@@ -191,7 +132,7 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
                    key: str | os.PathLike[str] | None = None, out_name: str = "release",
                    transform: Callable | None = None, provision_timeout: float = 900.0,
                    log: Log = stderr_log) -> System:
-    """Build everything ``manifest`` needs to boot on the board (see the module doc).
+    """Build, lay out and provision ``manifest`` for the board (see the module doc).
 
     ``key``: the release signing key (trust profile ``signed``); ``transform``: a function
     Manifest -> Manifest applied after loading (e.g. drop the containers for a root-only
@@ -207,10 +148,8 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
     load_manifest(manifest, check_inputs=False, on_warning=None)
     t0 = time.monotonic()
     board = prepare(log=log)
-    timings["board"] = time.monotonic() - t0
-    t0 = time.monotonic()
     tree = ensure_tree(board, build, log=log)
-    timings["tree"] = time.monotonic() - t0
+    timings["board"] = time.monotonic() - t0
     top = build / "board"
     t0 = time.monotonic()
     m = load_manifest(manifest, check_inputs=True)
@@ -218,24 +157,24 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
         m = transform(m)
     out = top / out_name
     result = pipeline.build(m, pipeline.BuildOptions(out=out, signing_key=SecretKey.from_file(key) if key else None,
-                                           force=True))
+                                                     force=True))
     timings["release"] = time.monotonic() - t0
     log(f"release {out} built in {timings['release']:.1f} s: root {result.release['root']['kernel_argument']}")
     t0 = time.monotonic()
-    boot_files = build_system_initramfs(board, out, top / f"{out_name}.work", log=log)
+    boot_files = build_initramfs(out, log=log)
     timings["initramfs"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    disk_path = top / f"{out_name}.disk.raw"
+    disk = make_disk(out, disk_path, DiskOptions(boot=boot_files, force=True), log=log)
+    timings["disk"] = time.monotonic() - t0
     release = json.loads((out / "release.json").read_text())
-    release["kernel_args"] = list(m.boot.kernel_args)
-    release["trust"] = m.integrity.trust
-    disk_path = top / f"{out_name}.disk.img"
-    system = System(board, boot_files, out, release, disk_path, Path(manifest), tree, timings=timings)
-    # The provisioned disk is cached by what is on it (the release, named completely by
-    # release.json + its signature; the root's /var) and by the scripts that provisioned it.
+    system = System(board, boot_files, out, release, disk_path, disk, Path(manifest), tree, timings=timings)
+    # The provisioned disk is cached by what made the fresh one (the same inputs give the same
+    # bytes): the release (named completely by release.json + its signature), the initramfs.
     sig = out / "release.json.minisig"
-    hook = top / f"{out_name}.work" / "initramfs-inputs" / PurePosixPath(MODULE_DIR).name
     disk_key = digest({"format": DISK_FORMAT, "release": (out / "release.json").read_text(),
-                       "sig": sig.read_text() if sig.exists() else None, "rootfs": board.rootfs.key,
-                       "provisioning": [(hook / n).read_text() for n in ("bootimg-root.sh", "bootimg-provision.sh")]})
+                       "sig": sig.read_text() if sig.exists() else None, "initramfs": boot_files.key,
+                       "cmdline": disk.cmdline})
     cached = board.cache / f"disk-{disk_key}.img"
     t0 = time.monotonic()
     with file_lock(board.cache / f".disk-{disk_key}.lock"):
@@ -244,9 +183,6 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
             _copy_disk(cached, disk_path)
             log(f"provisioned disk from the cache ({cached.name})")
         else:
-            make_data_disk(out, tree, disk_path, seed=f"board-{out_name}")
-            timings["disk"] = time.monotonic() - t0
-            t0 = time.monotonic()
             system.provisioning = provision(system, timeout=provision_timeout,
                                             serial_log=top / f"{out_name}.provision.log")
             timings["provision_boot"] = time.monotonic() - t0
@@ -257,9 +193,9 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
             os.replace(tmp, cached)
     timings["disk_total"] = time.monotonic() - t0
     write_json_atomically(top / f"{out_name}.system.json", {
-        "release": str(out), "digest": system.digest, "disk": str(disk_path),
-        "kernel": str(system.kernel), "initrd": str(system.initrd), "cmdline": system.cmdline(),
-        "initrd_size": boot_files.initrd_size, "timings": {k: round(v, 1) for k, v in timings.items()}})
+        "release": str(out), "digest": system.digest, "disk": str(disk_path), "cmdline": disk.cmdline,
+        "kernel": str(system.kernel), "initrd": str(system.initrd), "initrd_size": boot_files.initrd_size,
+        "timings": {k: round(v, 1) for k, v in timings.items()}})
     return system
 
 
@@ -271,10 +207,6 @@ def copy_disk(system: System, dest: Path) -> Path:
 def _copy_disk(src: Path, dest: Path) -> Path:
     run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dest)], what=f"copying the disk {src.name}")
     return dest
-
-
-__all__ = ["System", "prepare_system", "extract_boot_inputs", "build_system_initramfs", "copy_disk",
-           "ensure_tree", "make_data_disk", "provision"]
 
 
 def container_masks(system: System) -> list[str]:
@@ -319,6 +251,18 @@ def baseline_disk(system: System, image: Path, work: Path) -> DiskImage:
     """The same root filesystem on plain ext4 (no composefs, no fs-verity) for comparison."""
     tree = materialize_root(system, work)
     try:
-        return make_disk(image, tree, label=LABEL, seed="board-baseline")
+        return make_plain_disk(image, tree, label=LABEL, seed="board-baseline")
     finally:
         remove_tree(tree)
+
+
+def baseline_machine(system: System, disk: Path, extra: str = "", **kw) -> Machine:
+    """A direct boot of the plain ext4 root: the board's baseline initramfs, the entry's kernel
+    arguments but root= the plain disk, without the containers (they run from the release)."""
+    from .board import baseline_cmdline
+
+    args = [a for a in system.cmdline.split() if not a.startswith(("root=", "composefs.", "bootimg.release="))
+            and a != "rw"]
+    append = baseline_cmdline(" ".join([*args, *container_masks(system), *([extra] if extra else [])]),
+                              poweroff=False)
+    return Machine(disk=disk, kernel=system.kernel, initrd=system.board.initrd, append=append, **kw)

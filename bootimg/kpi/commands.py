@@ -205,29 +205,25 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .report import render_markdown
     from .report.document import build_report
-    from .run import BoardImage, container_booter, qemu_booter, run_boots, ssh_reboot_booter
+    from .run import container_booter, qemu_booter, run_boots, ssh_reboot_booter
 
     m = _manifest(args.manifest)
     units, containers = manifest_units(m)
     log = (lambda s: print(s, file=sys.stderr, flush=True))
-    kinds = [k for k in ("board_system", "board", "ssh", "container_root") if getattr(args, k)]
+    kinds = [k for k in ("disk", "ssh", "container_root") if getattr(args, k)]
     if len(kinds) != 1:
-        raise BootimgError("name exactly one target: --board, --board-system FILE, --ssh HOST or --container-root DIR")
+        raise BootimgError("name exactly one target: --disk DISK, --ssh HOST or --container-root DIR")
     out = Path(args.output_dir)
     target = ""
-    if args.board or args.board_system:
-        if args.board_system:
-            image = BoardImage.from_system_json(args.board_system)
-        else:
-            from ..board.system import prepare_system
+    if args.disk:
+        from ..vm.commands import machine_of
 
-            system = prepare_system(args.manifest, build_dir=args.build_dir, key=args.key)
-            image = BoardImage(system.kernel, system.initrd, system.disk, system.cmdline(poweroff=False))
+        machine = machine_of(args)
         serial = out / "serial" if args.serial_logs else None
         if serial:
             serial.mkdir(parents=True, exist_ok=True)
-        booter = qemu_booter(image, timeout=args.timeout, serial_dir=serial, via=args.via, log=log)
-        target = f"QEMU board ({image.disk.name})"
+        booter = qemu_booter(machine, timeout=args.timeout, serial_dir=serial, via=args.via, log=log)
+        target = f"QEMU ({'UEFI' if machine.uefi else 'direct kernel boot'}) {Path(args.disk).name}"
     elif args.ssh:
         booter = ssh_reboot_booter(args.ssh, ssh_config=args.ssh_config, ssh_port=args.port, via=args.via,
                                    boot_timeout=args.timeout)
@@ -264,23 +260,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_collect, recorded=None)
 
     p = ks.add_parser("run", help="boot the target N times, collect each boot, judge, write reports",
-                      description="Boot N times (the QEMU board: a new VM per boot, cold; a rig: ssh reboot, warm; "
+                      description="Boot N times (a disk under QEMU: a new VM per boot, cold; a rig: ssh reboot, warm; "
                                   "a container tree: nspawn), collect each finished boot, judge the manifest's "
                                   "budgets and write OUT/kpi.json, kpi.junit.xml, kpi.html, kpi.md.")
     p.add_argument("--manifest", required=True, metavar="YAML", help="the budgets (kpis:, containers' deadline_ms)")
     p.add_argument("--times", type=int, default=3, metavar="N", help="number of boots (default 3)")
     p.add_argument("-o", "--output-dir", required=True, metavar="DIR", help="where the reports go")
     g = p.add_argument_group("target (exactly one)")
-    g.add_argument("--board", action="store_true", help="the QEMU board: build the manifest's system "
-                                                        "(bootimg board) and boot it")
-    g.add_argument("--board-system", metavar="JSON", help="the QEMU board, booting a prepared system "
-                                                          "(build/board/release.system.json)")
+    g.add_argument("--disk", metavar="DISK", help="a disk (bootimg disk) booted under QEMU by UEFI, a new VM per boot")
     g.add_argument("--ssh", metavar="HOST", help="a rig over ssh, rebooted with systemctl reboot")
     g.add_argument("--container-root", metavar="DIR", help="a root tree booted with systemd-nspawn")
     p.add_argument("--ssh-config", metavar="FILE", help="ssh config file (with --ssh)")
     p.add_argument("--port", type=int, metavar="N", help="ssh port (with --ssh)")
-    p.add_argument("--build-dir", default="build", metavar="DIR", help="with --board: build directory (default build)")
-    p.add_argument("--key", metavar="KEY", help="with --board: the release signing key")
+    from ..vm.commands import add_machine_arguments
+
+    add_machine_arguments(p)
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="per boot, seconds (default 600)")
     p.add_argument("--serial-logs", action="store_true", help="keep each boot's console in OUT/serial/")
     p.add_argument("--via", choices=("auto", "pystemd", "busctl"), default="auto", help="data path (default auto)")

@@ -1,4 +1,4 @@
-"""Boot a target N times and collect each boot: the QEMU board, a rig over ssh, or a container.
+"""Boot a target N times and collect each boot: a disk under QEMU, a rig over ssh, or a container.
 
 Labels: the first boot measured is ``first`` (caches, first-boot work: judge it with care);
 later boots are ``cold`` when the machine was started from power-off (a new QEMU process, a new
@@ -11,10 +11,8 @@ finished boot's numbers do not change any more.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Sequence
 
@@ -66,51 +64,27 @@ def run_boots(times: int, booter: Booter, units: Sequence[str], *, containers: S
 
 # -- booters ----------------------------------------------------------------------------------
 
-@dataclass
-class BoardImage:
-    """What the QEMU board boots: kernel, initramfs, disk, command line (without the marker's poweroff)."""
-
-    kernel: Path
-    initrd: Path | None
-    disk: Path
-    cmdline: str
-
-    @classmethod
-    def from_system_json(cls, path: str | os.PathLike[str]) -> "BoardImage":
-        """``build/board/release.system.json`` as ``bootimg board``'s prepare_system writes it."""
-        from ..board.rootfs import POWEROFF_ARG
-
-        try:
-            d = json.loads(Path(path).read_text())
-            cmd = " ".join(a for a in d["cmdline"].split() if a != POWEROFF_ARG)
-            return cls(Path(d["kernel"]), Path(d["initrd"]) if d.get("initrd") else None, Path(d["disk"]), cmd)
-        except OSError as e:
-            raise BootimgError(f"cannot read: {e.strerror or e}", file=str(path)) from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise BootimgError(f"not a board system description ({e})", file=str(path)) from None
-
-
-def qemu_booter(image: BoardImage, *, timeout: float = 600.0, serial_dir: Path | None = None,
-                via: str = "auto", log: Log = lambda s: None) -> Booter:
-    """Each boot is a new QEMU process on the same disk (``-snapshot``): a cold boot."""
-    from ..board.session import running
+def qemu_booter(machine, *, timeout: float = 600.0, serial_dir: Path | None = None, via: str = "auto",
+                log: Log = lambda s: None) -> Booter:
+    """Each boot is a new QEMU process of ``machine`` (a ``bootimg.vm.Machine``: a UEFI disk or
+    a direct kernel boot) on the same disk (``-snapshot``): a cold boot. Ready is the first ssh
+    connection (the system must take the vm client key, ``bootimg.vm.session.authorized_keys``)."""
+    from ..vm.session import running
 
     @contextlib.contextmanager
     def boot(i: int) -> Iterator[tuple[Transport, str, dict]]:
         serial = serial_dir / f"boot-{i}.log" if serial_dir else None
         t0 = time.monotonic()
         try:
-            ctx = running(image.kernel, image.initrd, image.disk, image.cmdline, timeout=timeout,
-                          serial_log=serial, snapshot=True)
+            ctx = running(machine.with_(snapshot=True), timeout=timeout, serial_log=serial)
             vm = ctx.__enter__()
         except BootimgError as e:
-            raise TransportError(f"board: {e}") from None
+            raise TransportError(f"qemu: {e}") from None
         try:
             if not vm.result.ok:
-                raise TransportError(f"board: boot {i} did not come up: {vm.result.summary()}")
-            log(f"boot {i}: board ready after {vm.result.duration:.1f} s (host), ssh up after "
-                f"{time.monotonic() - t0:.1f} s")
-            transport = open_transport(ssh="board", ssh_config=str(vm.ssh_config), via=via)
+                raise TransportError(f"qemu: boot {i} did not come up: {vm.result.summary()}")
+            log(f"boot {i}: ssh up after {time.monotonic() - t0:.1f} s (host)")
+            transport = open_transport(ssh=vm.host_alias, ssh_config=str(vm.ssh_config), via=via)
             yield transport, "cold", {"host_seconds_to_ready": round(vm.result.duration, 3)}
         except BaseException:
             ctx.__exit__(None, None, None)

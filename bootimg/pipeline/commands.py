@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..disk.commands import add_disk_arguments
 from ..errors import BootimgError
 
 
@@ -30,8 +31,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         verity_cert_pem=_read(args.verity_cert, "fs-verity certificate") if args.verity_cert else None,
         force=args.force)
     result = build(manifest, options)
+    disk = _disk(args, result.out) if args.disk else None
     if args.json:
-        json.dump({"release": result.release, "sharing": result.sharing}, sys.stdout, indent=2, sort_keys=True)
+        json.dump({"release": result.release, "sharing": result.sharing,
+                   **({"disk": disk.to_json()} if disk else {})}, sys.stdout, indent=2, sort_keys=True)
         print()
         return 0
     rel, share = result.release, result.sharing
@@ -43,7 +46,19 @@ def _cmd_build(args: argparse.Namespace) -> int:
           f"{share['shared_objects']} objects, {share['shared_bytes']} bytes; sharing ratio {share['sharing_ratio']}")
     if (result.out / "release.json.minisig").exists():
         print(f"  signed by {key.keyid}")
+    if disk is not None:
+        from ..disk.commands import print_disk
+
+        print_disk(disk, False)
     return 0
+
+
+def _disk(args: argparse.Namespace, release: Path):
+    """``build --disk``: the release on a bootable disk, in the same run."""
+    from ..disk.commands import boot_files, disk_options
+    from ..disk.image import make_disk
+
+    return make_disk(release, args.disk, disk_options(args, boot_files(args), force=args.force))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,4 +71,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verity-cert", metavar="CERT.pem", help="certificate for --verity-key")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true", help="print release.json and the sharing report as JSON")
+    p.add_argument("--disk", metavar="DISK", help="also lay the release out on a bootable disk (see `bootimg disk`)")
+    add_disk_arguments(p)
     p.set_defaults(func=_cmd_build)

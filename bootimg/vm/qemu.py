@@ -1,10 +1,12 @@
-"""Boot the board: QEMU (TCG), serial console captured line by line with host timestamps.
+"""Boot a machine under QEMU and watch its serial console, line by line with host timestamps.
 
-``boot()`` starts ``qemu-system-x86_64`` with a direct kernel boot, watches the serial console
-and ends the run at the first of:
+A ``Machine`` is either a UEFI machine booting a disk (OVMF/AAVMF firmware, the disk's own
+systemd-boot: what ``bootimg disk`` makes) or a direct kernel boot (``-kernel``/``-initrd``/
+``-append``, for comparisons and for extra kernel arguments). ``boot()`` starts QEMU (TCG, or
+KVM when asked and available), watches the console and ends the run at the first of:
 
-* ``ready``     the marker line of ``board-ready.service`` (then waits for the guest's poweroff
-                when the command line asks for it, else stops QEMU);
+* ``ready``     the readiness marker line, when the caller gives one (then waits for the guest's
+                poweroff when the command line asks for it, else stops QEMU);
 * ``panic``     "Kernel panic - not syncing";
 * ``emergency`` an emergency shell (dracut's in the initramfs, or systemd's emergency.target);
                 ``BootResult.stage`` tells which;
@@ -13,28 +15,31 @@ and ends the run at the first of:
 * ``qemu-error`` QEMU refused to start (bad option, missing file); its stderr is in ``error``.
 
 QEMU always runs in its own process group and is killed on every path out, exceptions included.
+``Run.powerdown()`` presses the ACPI power button through QMP (a clean shutdown).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable
 
+from .. import arch as archmod
 from ..host import SETUP_HINT, HostError
-from .disk import LABEL
-from .rootfs import MARKER, POWEROFF_ARG
 
-QEMU = "qemu-system-x86_64"
+QEMU = archmod.X86_64.qemu
 MIN_QEMU = (8, 0)
 DEFAULT_TIMEOUT = 180.0
 
@@ -46,28 +51,16 @@ EMERGENCY_RE = re.compile(
     r"Starting .*[Ee]mergency [Ss]hell|Could not boot\.|dracut Warning: .*Could not boot")
 INITRD_RE = re.compile(r"\(Initramfs\)!|Reached target .*Initrd Default Target|Running in initrd")
 SWITCH_ROOT_RE = re.compile(r"Switching root\.|Reached target .*Switch Root")
-MARKER_RE = re.compile(re.escape(MARKER) + r".*")
 STARTUP_RE = re.compile(r"Startup finished in (?P<parts>.*?) = (?P<total>[\d.]+)s")
 PART_RE = re.compile(r"([\d.]+)s \((\w+)\)")
-
-
-def baseline_cmdline(extra: str = "", *, root: str = f"LABEL={LABEL}", poweroff: bool = True) -> str:
-    """The board's default kernel command line: ext4 root by label, read-write, serial console,
-    reboot (i.e. QEMU exit, with -no-reboot) on panic, power off after the marker."""
-    parts = [f"root={root}", "rw", "console=ttyS0", "panic=-1"]
-    if poweroff:
-        parts.append(POWEROFF_ARG)
-    if extra:
-        parts.append(extra)
-    return " ".join(parts)
 
 
 @functools.lru_cache(maxsize=4)
 def qemu_version(binary: str = QEMU) -> tuple[int, ...]:
     path = shutil.which(binary)
     if path is None:
-        raise HostError(f"{binary} not found: install qemu-system-x86 >= 8 (on bookworm from "
-                         f"bookworm-backports); {SETUP_HINT}")
+        raise HostError(f"{binary} not found: install QEMU >= 8 (qemu-system-x86 or qemu-system-arm; on "
+                         f"bookworm from bookworm-backports); {SETUP_HINT}")
     out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
     m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", out)
     if not m:
@@ -79,7 +72,7 @@ def check_qemu(binary: str = QEMU) -> tuple[int, ...]:
     version = qemu_version(binary)
     if version[:2] < MIN_QEMU:
         raise HostError(
-            f"QEMU {'.'.join(map(str, version))} is too old: the board needs >= {MIN_QEMU[0]} "
+            f"QEMU {'.'.join(map(str, version))} is too old: bootimg needs >= {MIN_QEMU[0]} "
             f"(bookworm's 7.2 crashes the 6.12 guest under TCG); install qemu-system-x86 from "
             f"bookworm-backports: {SETUP_HINT}")
     return version
@@ -180,40 +173,91 @@ class _Reader(threading.Thread):
         return _ANSI.sub("", self.partial)
 
 
-def qemu_argv(kernel: Path, initrd: Path | None, disk: Path | None, append: str, *,
-              memory: int = 2048, smp: int = 2, snapshot: bool = True, cpu: str = "max",
-              extra_args: Sequence[str] = (), binary: str = QEMU) -> list[str]:
-    argv = [binary, "-accel", "tcg", "-cpu", cpu, "-m", str(memory), "-smp", str(smp),
-            "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
-            "-no-reboot", "-kernel", str(kernel), "-append", append]
-    if initrd is not None:
-        argv += ["-initrd", str(initrd)]
-    if disk is not None:
-        argv += ["-drive", f"file={disk},format=raw,if=virtio,cache=unsafe"]
-    if snapshot:
+@dataclass(frozen=True)
+class Machine:
+    """What QEMU runs: a UEFI machine booting ``disk`` (no ``kernel``), or a direct kernel boot."""
+
+    disk: Path | None = None
+    disk_format: str = "raw"
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
+    arch: archmod.Arch = archmod.X86_64
+    efi_vars: Path | None = None       # a persistent UEFI variable store (default: a fresh copy per run)
+    memory: int = 2048
+    smp: int = 2
+    cpu: str = "max"
+    snapshot: bool = True              # the guest's writes go to a throw-away overlay
+    kvm: bool = False                  # use KVM when /dev/kvm works (else TCG)
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def uefi(self) -> bool:
+        return self.kernel is None
+
+    def with_(self, **changes) -> Machine:
+        return dataclasses.replace(self, **changes)
+
+
+def firmware(arch: archmod.Arch) -> tuple[Path, Path]:
+    """The UEFI firmware code and variable-store template for ``arch`` (Debian's ovmf / AAVMF)."""
+    for code, vars_ in zip(arch.firmware_code, arch.firmware_vars):
+        if os.path.isfile(code) and os.path.isfile(vars_):
+            return Path(code), Path(vars_)
+    package = "ovmf" if arch is archmod.X86_64 else "qemu-efi-aarch64"
+    raise HostError(f"no UEFI firmware for {arch.name} ({arch.firmware_code[0]}): install {package}; {SETUP_HINT}")
+
+
+def kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def qemu_argv(machine: Machine, *, efi_vars: Path | None = None, qmp: Path | None = None) -> list[str]:
+    """QEMU's command line for ``machine``; ``efi_vars`` is the variable store this run uses."""
+    m = machine
+    accel = "kvm" if m.kvm and kvm_usable() and m.arch.uname == os.uname().machine else "tcg"
+    argv = [m.arch.qemu, *m.arch.qemu_machine, "-accel", accel, "-cpu", "host" if accel == "kvm" else m.cpu,
+            "-m", str(m.memory), "-smp", str(m.smp), "-nodefaults", "-no-user-config", "-display", "none",
+            "-serial", "stdio", "-no-reboot"]
+    if m.uefi:
+        if m.disk is None:
+            raise HostError("a UEFI machine needs a disk to boot")
+        code, _template = firmware(m.arch)
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}"]
+        if efi_vars is not None:
+            argv += ["-drive", f"if=pflash,format=raw,unit=1,file={efi_vars}"]
+    else:
+        argv += ["-kernel", str(m.kernel), "-append", m.append]
+        if m.initrd is not None:
+            argv += ["-initrd", str(m.initrd)]
+    if m.disk is not None:
+        argv += ["-drive", f"file={m.disk},format={m.disk_format},if=virtio,cache=unsafe"]
+    if m.snapshot:
         argv.append("-snapshot")
-    if "-nic" not in extra_args and "-netdev" not in extra_args:
+    if qmp is not None:
+        argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+    if "-nic" not in m.extra_args and "-netdev" not in m.extra_args:
         # Always a network card (QEMU's user network): the root's network-online.target, which
         # containers may want, is reached at once instead of after wait-online's timeout.
         argv += ["-nic", "user,model=virtio-net-pci"]
-    return argv + list(extra_args)
+    return argv + list(m.extra_args)
 
 
-def boot(kernel: str | os.PathLike[str], initrd: str | os.PathLike[str] | None,
-         disk: str | os.PathLike[str] | None, append: str | None = None, *,
-         timeout: float = DEFAULT_TIMEOUT, serial_log: str | os.PathLike[str] | None = None,
-         memory: int = 2048, smp: int = 2, cpu: str = "max", snapshot: bool = True,
-         poweroff_grace: float = 30.0,
-         emergency_grace: float = 3.0, extra_args: Sequence[str] = (), binary: str = QEMU,
-         marker: re.Pattern[str] = MARKER_RE) -> BootResult:
-    """Boot ``kernel`` + ``initrd`` with ``disk`` as a virtio disk and watch the console.
+def boot(machine: Machine, *, timeout: float = DEFAULT_TIMEOUT, serial_log: str | os.PathLike[str] | None = None,
+         marker: re.Pattern[str] | None = None, powers_off: bool = False, poweroff_grace: float = 30.0,
+         emergency_grace: float = 3.0) -> BootResult:
+    """Boot ``machine`` and watch the console until the run is conclusive (see the module doc).
 
-    ``append`` defaults to ``baseline_cmdline()``. With ``snapshot`` (the default) the guest's
-    writes go to a throw-away overlay, so every boot sees the same disk. ``serial_log`` gets the
-    raw console output. The watchdog kills QEMU after ``timeout`` seconds.
+    ``marker``: the console line that means "ready" (without one, the run lasts until QEMU
+    exits, a panic, an emergency shell or the timeout); ``powers_off``: the guest powers itself
+    off after the marker (wait up to ``poweroff_grace`` for it). ``serial_log`` gets the raw console.
     """
-    run = Run(kernel, initrd, disk, append, memory=memory, smp=smp, cpu=cpu, snapshot=snapshot,
-              extra_args=extra_args, binary=binary, marker=marker, serial_log=serial_log)
+    run = Run(machine, marker=marker, powers_off=powers_off, serial_log=serial_log)
     try:
         run.watch(timeout=timeout, poweroff_grace=poweroff_grace, emergency_grace=emergency_grace)
     finally:
@@ -224,25 +268,31 @@ def boot(kernel: str | os.PathLike[str], initrd: str | os.PathLike[str] | None,
 class Run:
     """One QEMU run: started by the constructor, watched by ``watch()``, ended by ``stop()``.
 
-    ``boot()`` is watch-then-stop; ``session.running()`` keeps the machine up after the marker
-    (``watch(stay_up=True)``) and stops it when the caller is done with it."""
+    ``boot()`` is watch-then-stop; ``session.running()`` keeps the machine up after it is ready
+    and stops it when the caller is done with it."""
 
-    def __init__(self, kernel: str | os.PathLike[str], initrd: str | os.PathLike[str] | None,
-                 disk: str | os.PathLike[str] | None, append: str | None = None, *,
-                 memory: int = 2048, smp: int = 2, cpu: str = "max", snapshot: bool = True,
-                 extra_args: Sequence[str] = (), binary: str = QEMU,
-                 marker: re.Pattern[str] = MARKER_RE,
+    def __init__(self, machine: Machine, *, marker: re.Pattern[str] | None = None, powers_off: bool = False,
                  serial_log: str | os.PathLike[str] | None = None):
-        check_qemu(binary)
-        kernel = Path(kernel)
-        for label, path in (("kernel", kernel), ("initrd", initrd), ("disk", disk)):
+        check_qemu(machine.arch.qemu)
+        for label, path in (("kernel", machine.kernel), ("initrd", machine.initrd), ("disk", machine.disk)):
             if path is not None and not Path(path).is_file():
                 raise HostError(f"{label} not found", file=str(path))
-        self.append = baseline_cmdline() if append is None else append
+        self.machine = machine
+        self.append = machine.append if not machine.uefi else ""
         self.marker = marker
-        self.argv = qemu_argv(kernel, Path(initrd) if initrd else None, Path(disk) if disk else None,
-                              self.append, memory=memory, smp=smp, snapshot=snapshot, cpu=cpu,
-                              extra_args=extra_args, binary=binary)
+        self.powers_off = powers_off
+        self._scratch = tempfile.TemporaryDirectory(prefix="bootimg-qemu-")
+        scratch = Path(self._scratch.name)
+        efi_vars = None
+        if machine.uefi:
+            efi_vars = machine.efi_vars
+            if efi_vars is None:
+                efi_vars = scratch / "efivars.fd"
+                shutil.copyfile(firmware(machine.arch)[1], efi_vars)
+            elif not Path(efi_vars).is_file():
+                shutil.copyfile(firmware(machine.arch)[1], efi_vars)
+        self.qmp_path = scratch / "qmp.sock"
+        self.argv = qemu_argv(machine, efi_vars=efi_vars, qmp=self.qmp_path)
         self.reason, self.found, self.t_found, self.stage = "", None, None, "firmware"
         self.wall = 0.0
         self._error = ""
@@ -267,9 +317,13 @@ class Run:
         return self.proc.poll() is None
 
     def watch(self, *, timeout: float = DEFAULT_TIMEOUT, poweroff_grace: float = 30.0,
-              emergency_grace: float = 3.0, stay_up: bool = False) -> str:
+              emergency_grace: float = 3.0, stay_up: bool = False,
+              ready: Callable[[], bool] | None = None, ready_every: float = 2.0) -> str:
         """Follow the console until the run is conclusive; return the reason (see the module
-        doc). With ``stay_up`` it returns at the marker and leaves the machine running."""
+        doc). With ``stay_up`` it returns at the marker and leaves the machine running.
+        ``ready`` (called every ``ready_every`` s, e.g. an ssh probe) is a readiness test besides
+        the marker: when it answers True the run is "ready"."""
+        next_probe = time.monotonic() + ready_every
         reader, proc = self.reader, self.proc
         deadline = self.t0 + timeout
         stop_at: float | None = None
@@ -285,14 +339,13 @@ class Run:
                 self._follow_stage(line)
                 if self.reason:
                     continue
-                m = self.marker.search(line)
+                m = self.marker.search(line) if self.marker is not None else None
                 if m:
                     self.reason, self.found, self.t_found = "ready", m.group(0).strip(), t
                     self.stage = "root"
                     if stay_up:
                         return self.reason
-                    stop_at = (time.monotonic() + poweroff_grace) if POWEROFF_ARG in self.append.split() \
-                        else time.monotonic()
+                    stop_at = (time.monotonic() + poweroff_grace) if self.powers_off else time.monotonic()
                 elif PANIC_RE.search(line):
                     self.reason, self.t_found = "panic", t
                     stop_at = time.monotonic() + 5.0  # the rest of the panic report; panic=-1 exits
@@ -315,6 +368,13 @@ class Run:
                 continue
             if stop_at is not None and now >= stop_at:
                 return self.reason
+            if ready is not None and not self.reason and now >= next_probe:
+                if ready():
+                    self.reason, self.t_found, self.stage = "ready", time.monotonic() - self.t0, "root"
+                    if stay_up:
+                        return self.reason
+                    stop_at = time.monotonic()
+                next_probe = time.monotonic() + ready_every
             if not self.reason and now >= deadline:
                 self.reason = "timeout"
                 return self.reason
@@ -339,9 +399,29 @@ class Run:
         except subprocess.TimeoutExpired:
             return False
 
+    def powerdown(self, timeout: float = 60.0) -> bool:
+        """Press the ACPI power button (QMP ``system_powerdown``) and wait for QEMU to end."""
+        if not self.running:
+            return True
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(str(self.qmp_path))
+                f = sock.makefile("rw")
+                f.readline()                                            # the greeting
+                for cmd in ("qmp_capabilities", "system_powerdown"):
+                    f.write(json.dumps({"execute": cmd}) + "\n")
+                    f.flush()
+                    while "return" not in json.loads(f.readline() or "{}") and self.running:
+                        pass
+        except (OSError, ValueError):
+            return False
+        return self.wait_exit(timeout)
+
     def stop(self) -> None:
         """Kill QEMU (if still running) and collect its stderr. Idempotent."""
         _kill(self.proc)
+        self._scratch.cleanup()
         self.reader.join(timeout=5)
         self.wall = time.monotonic() - self.t0
         if not self._stderr.closed:

@@ -1,0 +1,317 @@
+"""``bootimg disk``: a release on a GPT disk that boots by UEFI, made without root or loop devices.
+
+Partitions::
+
+    1  ESP           FAT32, systemd-boot + the release's boot entry (esp.py)
+    2  bootimg-data  ext4 with the verity feature: the release and the state of the boot contract
+                     (docs/boot-design.md): /bootimg/release, /bootimg/state/var
+
+The tools are the ecosystem's own: ``sfdisk`` for the partition table, ``mke2fs -d`` from a tar
+for the data partition, ``mkfs.vfat`` + ``mcopy`` for the ESP, ``qemu-img`` for qcow2. Every
+UUID derives from the release, every time from its SOURCE_DATE_EPOCH, so the same release and
+options give the same bytes. The file is written under a temporary name and renamed when done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..boot.initramfs import RELEASE_PATH, STATE_PATH
+from ..composefs.tree import Node
+from ..errors import BootimgError
+from ..host import HostError, Log, need_tools, run, scratch_dir, stderr_log
+from ..release.description import parse_release
+from ..release.layout import ReleaseDir
+from . import esp as espmod
+from . import fs
+from .initramfs import BootFiles, build_initramfs, root_arch
+
+MiB = fs.MiB
+SECTOR = 512
+ALIGN = MiB
+DATA_LABEL = "bootimg-data"
+FORMATS = ("raw", "qcow2")
+DEFAULT_HEADROOM = 512 * MiB
+
+
+@dataclass(frozen=True)
+class DiskOptions:
+    format: str = "raw"
+    size: int | None = None              # the whole disk, bytes (default: content + headroom)
+    esp_size: int | None = None
+    headroom: int = DEFAULT_HEADROOM     # free space on the data partition (default size)
+    uki: bool = False
+    secureboot_key: Path | None = None
+    secureboot_cert: Path | None = None
+    boot: BootFiles | None = None        # kernel + initramfs (default: built from the release)
+    force: bool = False
+
+
+@dataclass
+class DiskResult:
+    path: Path
+    format: str
+    size: int
+    arch: str
+    disk_guid: str
+    esp_partuuid: str
+    data_partuuid: str
+    entry: str
+    cmdline: str
+    partitions: dict = field(default_factory=dict)
+    boot: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"disk": str(self.path), "format": self.format, "size": self.size, "arch": self.arch,
+                "disk_guid": self.disk_guid, "esp_partuuid": self.esp_partuuid,
+                "data_partuuid": self.data_partuuid, "entry": self.entry, "cmdline": self.cmdline,
+                "partitions": self.partitions, "boot": self.boot, "seconds": round(self.seconds, 2)}
+
+
+def _align(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def _read_release(rel: ReleaseDir) -> dict:
+    try:
+        data = rel.release_json.read_bytes()
+    except OSError as err:
+        raise BootimgError(f"cannot read: {err.strerror}", file=str(rel.release_json)) from None
+    return parse_release(data, str(rel.release_json))
+
+
+def node_entries(node: Node, prefix: str, rel: ReleaseDir) -> Iterator[fs.Entry]:
+    """The entries of an image subtree (owners, modes, times, xattrs, contents through the
+    object store) for the data partition, e.g. the root's /var as the persistent /var."""
+    first_path: dict[int, str] = {}
+    stack = [(prefix, node)]
+    while stack:
+        path, n = stack.pop()
+        t = n.target()
+        xattrs = {k.decode("utf-8", "surrogateescape"): v for k, v in sorted(t.xattrs.items())}
+        common = dict(mode=stat.S_IMODE(t.mode), uid=t.uid, gid=t.gid, mtime=t.mtime_sec, xattrs=xattrs)
+        if t.is_dir():
+            yield fs.Entry(path, "dir", **common)
+            stack.extend((f"{path}/{name.decode('utf-8', 'surrogateescape')}", child)
+                         for name, child in sorted(t.children.items(), reverse=True))
+        elif t.is_reg():
+            if n.link_to is not None and id(t) in first_path:
+                yield fs.Entry(path, "hardlink", target=first_path[id(t)])
+                continue
+            first_path[id(t)] = path
+            data = rel.read_file(t)
+            if data is None:
+                raise BootimgError(f"{t.path().decode('utf-8', 'replace')}: its object is missing from the release",
+                                   file=str(rel.path))
+            yield fs.Entry(path, "file", data=data, **common)
+        elif t.is_symlink():
+            yield fs.Entry(path, "symlink", target=(t.payload or b"").decode("utf-8", "surrogateescape"), **common)
+        elif stat.S_ISCHR(t.mode) or stat.S_ISBLK(t.mode):
+            yield fs.Entry(path, "chr" if stat.S_ISCHR(t.mode) else "blk", rdev=t.rdev, **common)
+        elif stat.S_ISFIFO(t.mode):
+            yield fs.Entry(path, "fifo", **common)
+
+
+def data_entries(rel: ReleaseDir, release: dict, root: Node, epoch: int) -> Iterator[fs.Entry]:
+    """The data partition: the release directory and the initial state (docs/boot-design.md)."""
+    top = RELEASE_PATH.strip("/").split("/")[0]
+    yield fs.Entry(top, "dir", 0o755, mtime=epoch)
+    yield from fs.host_tree(rel.path, RELEASE_PATH.strip("/"), mtime=epoch)
+    state = STATE_PATH.strip("/")
+    yield fs.Entry(state, "dir", 0o755, mtime=epoch)
+    if release.get("boot", {}).get("var") == "persistent":
+        var = root.lookup(b"var")
+        if var is not None and var.target().is_dir():
+            yield from node_entries(var, f"{state}/var", rel)
+        else:
+            yield fs.Entry(f"{state}/var", "dir", 0o755, mtime=epoch)
+
+
+def _copy_sparse(src: Path, dst_fd: int, offset: int) -> None:
+    """Copy ``src`` into ``dst_fd`` at ``offset``, skipping holes (the images are sparse)."""
+    with open(src, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            n = hole - data
+            done = 0
+            while done < n:
+                done += os.copy_file_range(fd, dst_fd, n - done, data + done, offset + data + done)
+            pos = hole
+
+
+def make_disk(release_dir: str | os.PathLike[str], out: str | os.PathLike[str], options: DiskOptions = DiskOptions(),
+              *, log: Log = stderr_log) -> DiskResult:
+    t_start = time.monotonic()
+    if options.format not in FORMATS:
+        raise BootimgError(f"unknown disk format {options.format!r} (raw or qcow2)")
+    if (options.secureboot_key is None) != (options.secureboot_cert is None):
+        raise BootimgError("--secureboot-key and --secureboot-cert go together")
+    if options.secureboot_key is not None and not options.uki:
+        raise BootimgError("Secure Boot signing is for a UKI: add --uki")
+    out = Path(out).absolute()
+    if out.exists() or out.is_symlink():
+        if not options.force:
+            raise BootimgError("already exists (use --force to replace it)", file=str(out))
+        if not out.is_file() or out.is_symlink():
+            raise BootimgError("exists and is not a regular file; refusing to replace it", file=str(out))
+    need_tools("sfdisk", "mkfs.vfat", "mcopy", "mke2fs", *(["qemu-img"] if options.format == "qcow2" else []))
+    rel = ReleaseDir(release_dir)
+    release = _read_release(rel)
+    root = rel.load_image(release["root"]["image"]).root
+    arch = root_arch(rel, root)
+    boot = options.boot or build_initramfs(rel.path, log=log)
+    if boot.arch != arch.name:
+        raise BootimgError(f"the kernel and initramfs are for {boot.arch}, the release's root is {arch.name}")
+    if options.uki and release.get("trust") != "sealed":
+        log("note: a UKI seals composefs.digest= into a signed image; with trust 'signed' the release "
+            "signature is checked as well")
+    epoch = int(release["source_date_epoch"])
+    seed = f"bootimg/{release['name']}/{release['root']['digest']}"
+    disk_guid, esp_uuid, data_uuid = (fs.seeded_uuid(f"{seed}/{p}") for p in ("disk", "esp", "data"))
+    cmdline = espmod.kernel_cmdline(release, data_uuid, RELEASE_PATH)
+    spec = espmod.entry_spec(release, cmdline)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with scratch_dir(out.parent, f".{out.name}.tmp-") as work:
+        # -- the ESP ----------------------------------------------------------------------
+        tree = work / "esp"
+        (tree / "EFI/BOOT").mkdir(parents=True)
+        (tree / "EFI/systemd").mkdir()
+        (tree / "loader/entries").mkdir(parents=True)
+        sd_boot_from = espmod.systemd_boot_binary(arch, rel, root, tree / "EFI/systemd" / arch.systemd_boot)
+        (tree / "EFI/BOOT" / arch.efi_boot_name).write_bytes((tree / "EFI/systemd" / arch.systemd_boot).read_bytes())
+        (tree / "loader/loader.conf").write_text(espmod.loader_conf(f"{spec.sort_key}-*"))
+        if options.uki:
+            (tree / "EFI/Linux").mkdir()
+            stub = work / "stub.efi"
+            espmod.efi_stub(arch, rel, root, stub)
+            os_release = rel.read_file(root.lookup(b"usr/lib/os-release") or root.lookup(b"etc/os-release") or Node())
+            uki = tree / "EFI/Linux" / f"{spec.entry_id}.efi"
+            espmod.make_uki(stub, boot, cmdline, os_release or b"", uki, work / "uki")
+            if options.secureboot_key is not None:
+                for image in (uki, tree / "EFI/systemd" / arch.systemd_boot, tree / "EFI/BOOT" / arch.efi_boot_name):
+                    espmod.sbsign(image, options.secureboot_key, options.secureboot_cert)
+            payload = uki.stat().st_size
+        else:
+            kdir = tree / "bootimg" / release["name"] / release["version"]
+            kdir.mkdir(parents=True)
+            (kdir / "vmlinuz").write_bytes(boot.kernel.read_bytes())
+            (kdir / "initrd.img").write_bytes(boot.initrd.read_bytes())
+            base = f"/bootimg/{release['name']}/{release['version']}"
+            (tree / "loader/entries" / f"{spec.entry_id}.conf").write_text(
+                espmod.type1_entry(spec, f"{base}/vmlinuz", f"{base}/initrd.img"))
+            payload = boot.kernel.stat().st_size + boot.initrd.stat().st_size
+        # Room for two more kernels + initramfs (the next release while this one stays bootable).
+        esp_size = options.esp_size or max(128 * MiB, _align(3 * payload + 32 * MiB))
+        esp_img = work / "esp.img"
+        fs.vfat_from_dir(tree, esp_img, esp_size, label="ESP", seed=f"{seed}/esp", epoch=epoch)
+
+        # -- the data partition -------------------------------------------------------------
+        archive = work / "data.tar"
+        content, count = fs.write_tar(data_entries(rel, release, root, epoch), archive)
+        data_min = _align(content + content // 8 + count * 4096 + 64 * MiB)
+        if options.size is not None:
+            data_size = options.size - esp_size - 2 * ALIGN
+            if data_size < data_min:
+                raise BootimgError(f"--size {options.size // MiB} MiB is too small: the release needs "
+                                   f"{(data_min + esp_size + 2 * ALIGN + MiB - 1) // MiB} MiB")
+            data_size = data_size // ALIGN * ALIGN
+        else:
+            data_size = _align(data_min + options.headroom)
+        data_img = work / "data.img"
+        fs.ext4_from_tar(archive, data_img, data_size, label=DATA_LABEL, seed=f"{seed}/data", epoch=epoch,
+                         inodes=max(count * 2, data_size // 16384, 16384))
+        archive.unlink()
+
+        # -- the partition table and the image --------------------------------------------------
+        total = ALIGN + esp_size + data_size + ALIGN
+        raw = work / "disk.raw"
+        esp_start = ALIGN // SECTOR
+        data_start = esp_start + esp_size // SECTOR
+        script = (f"label: gpt\nlabel-id: {disk_guid}\nunit: sectors\nsector-size: {SECTOR}\nfirst-lba: 2048\n"
+                  f"start={esp_start}, size={esp_size // SECTOR}, type={espmod.ESP_TYPE}, uuid={esp_uuid}, name=\"esp\"\n"
+                  f"start={data_start}, size={data_size // SECTOR}, type={arch.root_type}, uuid={data_uuid}, "
+                  f"name=\"{DATA_LABEL}\"\n")
+        with open(raw, "wb") as f:
+            f.truncate(total)
+        proc_in = work / "sfdisk.script"
+        proc_in.write_text(script)
+        run(["sh", "-c", 'exec sfdisk --quiet --no-reread --no-tell-kernel "$1" < "$2"', "sfdisk", str(raw), str(proc_in)],
+            what="sfdisk (partition table)")
+        fd = os.open(raw, os.O_WRONLY)
+        try:
+            _copy_sparse(esp_img, fd, esp_start * SECTOR)
+            _copy_sparse(data_img, fd, data_start * SECTOR)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if options.format == "qcow2":
+            final = work / "disk.qcow2"
+            run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(final)], what="qemu-img convert")
+        else:
+            final = raw
+        os.replace(final, out)
+    result = DiskResult(
+        path=out, format=options.format, size=total, arch=arch.name, disk_guid=disk_guid, esp_partuuid=esp_uuid,
+        data_partuuid=data_uuid, entry=spec.entry_id, cmdline=cmdline,
+        partitions={"esp": {"start": esp_start * SECTOR, "size": esp_size, "payload": payload},
+                    "data": {"start": data_start * SECTOR, "size": data_size, "content": content, "entries": count}},
+        boot={"kver": boot.kver, "kernel_size": boot.kernel.stat().st_size, "initrd_size": boot.initrd.stat().st_size,
+              "uki": options.uki, "signed": options.secureboot_key is not None, "systemd_boot": sd_boot_from},
+        seconds=time.monotonic() - t_start)
+    return result
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    offset: int          # bytes from the start of the disk
+    size: int
+    type: str
+    uuid: str
+
+
+def partitions(disk: str | os.PathLike[str]) -> dict[str, Partition]:
+    """The GPT partitions of a raw disk image, by name (``sfdisk --json``); {} for a disk with no
+    partition table (a bare file system)."""
+    need_tools("sfdisk")
+    proc = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {}
+    table = json.loads(proc.stdout).get("partitiontable", {})
+    sector = int(table.get("sectorsize", SECTOR))
+    return {p.get("name", ""): Partition(p.get("name", ""), int(p["start"]) * sector, int(p["size"]) * sector,
+                                         p["type"].lower(), p.get("uuid", "").lower())
+            for p in table.get("partitions", [])}
+
+
+def data_partition_offset(disk: str | os.PathLike[str]) -> int:
+    """Where the data partition's file system starts: the ``bootimg-data`` partition of a disk
+    ``make_disk`` wrote, or 0 for a bare ext4 image."""
+    parts = partitions(disk)
+    if not parts:
+        return 0
+    if DATA_LABEL not in parts:
+        raise HostError(f"no {DATA_LABEL} partition on this disk", file=str(disk))
+    return parts[DATA_LABEL].offset
+
+
+def describe(result: DiskResult) -> str:
+    return json.dumps(result.to_json(), indent=2, sort_keys=True)
+
+
+__all__ = ["DiskOptions", "DiskResult", "make_disk", "partitions", "data_partition_offset", "FORMATS", "DATA_LABEL"]
