@@ -821,7 +821,7 @@ def test_kernel_command_line_must_fit_the_kernels_buffer():
     assert check(_kernel_args("quiet", "x" * (n + 1), "loglevel=3")) == [
         (7, 26, "boot.kernel_args[1]",
          f"the kernel command line would be {limits.CMDLINE_MAX + 1} bytes with this argument, over the 2047 the kernel "
-         f"keeps (COMMAND_LINE_SIZE 2048 on x86_64, with its NUL); {added} of them are the build's and boot chain's "
+         f"keeps (COMMAND_LINE_SIZE 2048 on x86_64 and arm64, with its NUL); {added} of them are the build's and boot chain's "
          "(composefs.digest=v1-sha256-12:<64 hex digits>, bootimg.release=/bootimg/release, root=PARTUUID=<uuid>, rw)")]
     # An argument the manifest sets itself is not counted twice; a huge one is reported once, in one line.
     without_root = added - len(" root=PARTUUID=") - 36
@@ -942,8 +942,8 @@ def test_add_files_that_bootimg_writes_itself():
         "itself (the containers' digests, the trusted keys and boot.conf)",
         "rootfs.add_files[1].path: '/usr/lib/bootimg/keys/extra.pub' is inside /usr/lib/bootimg, which bootimg fills "
         "itself (the containers' digests, the trusted keys and boot.conf)",
-        "rootfs.add_files[2].path: bootimg writes /usr/libexec/bootimg itself (bootimg-provision and "
-        "bootimg-mount-image) and would replace this file",
+        "rootfs.add_files[2].path: /usr/libexec/bootimg is bootimg's own directory (bootimg-provision and "
+        "bootimg-mount-image); a file cannot take its place",
         "rootfs.add_files[3].path: bootimg writes /usr/lib/systemd/system/app.service itself (the unit of container "
         "'app') and would replace this file",
         "rootfs.add_files[4].path: bootimg writes /usr/lib/systemd/system/bootimg-image-app.service itself (the image "

@@ -34,8 +34,8 @@ ID_MAX = 2**32 - 2
 INVALID_IDS = {65535: "the 16-bit -1", 2**32 - 1: "the 32-bit -1"}
 
 # The kernel keeps the command line in a buffer of COMMAND_LINE_SIZE bytes including its NUL
-# and silently cuts what does not fit: 2048 on x86_64 (arch/x86/include/asm/setup.h) and on
-# arm64 before Linux 6.x, 4096 on current arm64. The smaller one is the limit.
+# and silently cuts what does not fit: 2048 on x86_64 (arch/x86/include/asm/setup.h) and arm64
+# (arch/arm64/include/uapi/asm/setup.h; the newest kernels raise arm64's to 4096).
 COMMAND_LINE_SIZE = 2048
 CMDLINE_MAX = COMMAND_LINE_SIZE - 1
 # What the build and the boot chain add to the manifest's kernel_args, at their longest (as

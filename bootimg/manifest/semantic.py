@@ -394,6 +394,8 @@ def reserved_path_problem(path: str, owned: list[reserved.ReservedPath]) -> str 
     """Why bootimg's own files rule out adding a file at ``path``: it would replace it, or the file
     would sit where bootimg needs a directory, or under one of bootimg's files."""
     for entry in owned:
+        if path == entry.path and entry.tree:
+            return f"{entry.path} is bootimg's own directory ({entry.what}); a file cannot take its place"
         if path == entry.path:
             return f"bootimg writes {entry.path} itself ({entry.what}) and would replace this file"
         if entry.covers(path):
@@ -408,7 +410,7 @@ def reserved_path_problem(path: str, owned: list[reserved.ReservedPath]) -> str 
 def cmdline_message(args: list[str], length: int) -> str:
     added = ", ".join(shown for shown, _ in limits.build_kernel_args(args))
     return (f"the kernel command line would be {length} bytes with this argument, over the {limits.CMDLINE_MAX} "
-            f"the kernel keeps (COMMAND_LINE_SIZE {limits.COMMAND_LINE_SIZE} on x86_64, with its NUL); "
+            f"the kernel keeps (COMMAND_LINE_SIZE {limits.COMMAND_LINE_SIZE} on x86_64 and arm64, with its NUL); "
             f"{limits.added_length(args)} of them are the build's and boot chain's ({added})")
 
 
