@@ -19,7 +19,7 @@ PKG = Path(__file__).resolve().parent.parent / "bootimg"
 SHARED = {"errors", "fsutil", "_perf"}
 ALLOWED = {
     "composefs": set(),
-    "manifest": set(),
+    "manifest": {"composefs"},
     "signing": {"composefs"},
     "sources": {"composefs", "manifest"},
     "release": {"composefs", "manifest", "signing", "sources"},
@@ -50,12 +50,21 @@ def bootimg_imports(path: Path) -> set[str]:
                     out.update(a.name for a in node.names)
     return out
 
+# Modules allowed more than their package, and why.
+MODULE_ALLOWED = {
+    # `validate --check-inputs` reads the inputs the way the build will (the exclude semantics,
+    # tar members, the keys), so that what it accepts the build accepts.
+    "manifest/inputs.py": {"signing", "sources"},
+    "manifest/rootview.py": {"sources"},
+}
+
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_imports_go_down_the_data_flow(package):
     bad = []
     for path in sorted((PKG / package).rglob("*.py")):
-        for imported in sorted(bootimg_imports(path) - ALLOWED[package] - SHARED - {package}):
+        allowed = ALLOWED[package] | MODULE_ALLOWED.get(str(path.relative_to(PKG)), set())
+        for imported in sorted(bootimg_imports(path) - allowed - SHARED - {package}):
             bad.append(f"{path.relative_to(PKG.parent)} imports bootimg.{imported}")
     assert not bad, "\n".join(bad)
 

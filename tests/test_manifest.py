@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,15 +20,18 @@ import yaml
 from bootimg.manifest import (
     ManifestError,
     ManifestUnreadable,
+    limits,
     load_manifest,
     load_schema,
     model,
     osbuild_options_schema,
+    reserved,
     validate_file,
     validate_text,
 )
 from bootimg.manifest.messages import PATTERN_HINTS
 from bootimg.manifest.schema import patterns, resolve, walk_refs
+from bootimg.signing import generate_keypair
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
@@ -700,7 +705,18 @@ def test_check_inputs_reports_missing_inputs_at_their_lines(tmp_path):
         (tmp_path / directory).mkdir(parents=True)
     for file in ("files/x", "images/a/index.json", "images/b.tar", "keys/k.pub"):
         (tmp_path / file).write_text("")
+    # A trusted key must be a minisign public key (the build puts it in the root).
+    assert [(d.line, d.message.split(":")[0]) for d in validate_file(manifest, check_inputs=True).diagnostics] == [
+        (10, "malformed public key file")]
+    (tmp_path / "keys" / "k.pub").write_bytes(generate_keypair()[1].to_bytes())
     assert validate_file(manifest, check_inputs=True).lines() == []
+    # A FIFO is no file to read.
+    (tmp_path / "files" / "x").unlink()
+    os.mkfifo(tmp_path / "files" / "x")
+    assert [d.message for d in validate_file(manifest, check_inputs=True).diagnostics] == [
+        f"not a regular file: {tmp_path}/files/x"]
+    (tmp_path / "files" / "x").unlink()
+    (tmp_path / "files" / "x").write_text("")
     assert load_manifest(manifest, check_inputs=True).container("b").image.path == tmp_path / "images" / "b.tar"
 
 
@@ -712,3 +728,404 @@ def test_paths_are_relative_to_the_manifest_as_named_not_a_symlink_target(tmp_pa
     m = load_manifest(tmp_path / "link" / "m.yaml")
     assert m.rootfs.source.path == tmp_path / "link" / "root"
     assert m.source_file == tmp_path / "link" / "m.yaml"
+
+
+# -- what the target cannot use: reserved names, limits of systemd 252 and the kernel -----------
+
+def test_reserved_container_names_are_refused_at_their_line():
+    names = ["root", "bootimg", "bootimg-image-a", "systemd-journald", "dbus", "ssh", "emergency", "default",
+             "multi-user", "rooty", "cluster", "journald"]
+    text = containers("".join(f"- {{name: {n}, image: {{type: oci, path: a, ref: x}}}}\n" for n in names))
+    got = check(text)
+    assert [(line, col, path) for line, col, path, _ in got] == [(7 + i, 12, f"containers[{i}].name") for i in range(9)]
+    assert [m for *_, m in got][:5] == [
+        "container name 'root' is reserved: the root image is images/root.cfs",
+        "container name 'bootimg' is reserved: bootimg names its own units bootimg-* "
+        "(bootimg-image-NAME.service, bootimg-containers.target)",
+        "container name 'bootimg-image-a' is reserved: bootimg names its own units bootimg-* "
+        "(bootimg-image-NAME.service, bootimg-containers.target)",
+        "container name 'systemd-journald' is reserved: systemd-* units are systemd's own",
+        "container name 'dbus' is reserved: it names a system unit (dbus.*), which the container's dbus.service "
+        "would replace or shadow",
+    ]
+
+
+def test_reserved_names_cover_the_units_of_the_installed_systemd():
+    """Every unit the systemd package ships (Debian bookworm: systemd 252, as on the target) whose name a
+    container could take is reserved."""
+    listing = subprocess.run(["dpkg", "-L", "systemd", "dbus"], capture_output=True, text=True)
+    if listing.returncode != 0 and "systemd" not in listing.stdout:
+        pytest.skip("no dpkg database with systemd")
+    units = {Path(p).name for p in listing.stdout.splitlines()
+             if re.search(r"/lib/systemd/system/[^/]+\.(service|socket|target|mount|automount|swap|path|timer|slice)$", p)}
+    bases = {u.rsplit(".", 1)[0] for u in units}
+    assert len(bases) > 100, "expected systemd's units"
+    nameable = {b for b in bases if re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", b)}
+    assert {b for b in nameable if reserved.container_name_problem(b) is None} == set()
+
+
+def test_numeric_limits_are_in_the_schema():
+    defs = load_schema()["definitions"]
+    assert defs["container"]["properties"]["deadline_ms"]["maximum"] == limits.MAX_DURATION_MS
+    assert defs["resources"]["properties"]["memory_max_mib"]["maximum"] == limits.MAX_MEMORY_MIB
+    for key in ("kpi_warn_ms", "kpi_fail_ms", "kpi_max_ms"):
+        assert defs[key]["maximum"] == limits.MAX_DURATION_MS
+    # TimeoutStartSec=2 x deadline, written in whole seconds when it is, stays a time span systemd takes.
+    assert 2 * limits.MAX_DURATION_MS // 1000 <= limits.MAX_TIMESPAN_S
+    assert 2 * (limits.MAX_DURATION_MS + 500) // 1000 > limits.MAX_TIMESPAN_S
+
+
+def test_numbers_the_target_cannot_use():
+    big = "99999999999999999999"
+    text = containers(f"""\
+        - {{name: a, image: {{type: oci, path: a, ref: x}}, deadline_ms: {limits.MAX_DURATION_MS},
+           resources: {{memory_max_mib: {limits.MAX_MEMORY_MIB}}}, user: "4294967294:0"}}
+        - {{name: b, image: {{type: oci, path: a, ref: x}}, deadline_ms: {big}, resources: {{memory_max_mib: {big}}},
+           user: "{big}"}}
+        - {{name: c, image: {{type: oci, path: a, ref: x}}, deadline_ms: {limits.MAX_DURATION_MS + 1},
+           resources: {{memory_max_mib: {limits.MAX_MEMORY_MIB + 1}}}, user: "65535"}}
+        - {{name: d, image: {{type: oci, path: a, ref: x}}, user: "1000:4294967295"}}
+        - {{name: e, image: {{type: oci, path: a, ref: x}}, user: "0100"}}
+        - {{name: f, image: {{type: oci, path: a, ref: x}}, user: "0:0"}}
+        """) + textwrap.dedent(f"""\
+        kpis:
+          - {{name: k, measure: initrd, statistic: max, warn_ms: {big}, fail_ms: {limits.MAX_DURATION_MS},
+             max_ms: {limits.MAX_DURATION_MS + 1}}}
+        """)
+    assert messages(text) == [
+        f"containers[1].deadline_ms: must be <= {limits.MAX_DURATION_MS}, got {big}",
+        f"containers[1].resources.memory_max_mib: must be <= {limits.MAX_MEMORY_MIB}, got {big}",
+        f"containers[1].user: uid {big} is not a 32-bit id (at most 4294967294)",
+        f"containers[2].deadline_ms: must be <= {limits.MAX_DURATION_MS}, got {limits.MAX_DURATION_MS + 1}",
+        f"containers[2].resources.memory_max_mib: must be <= {limits.MAX_MEMORY_MIB}, got {limits.MAX_MEMORY_MIB + 1}",
+        "containers[2].user: uid 65535 is not a valid id for systemd (the 16-bit -1)",
+        "containers[3].user: gid 4294967295 is not a valid id for systemd (the 32-bit -1)",
+        "containers[4].user: uid 0100 has a leading zero, which systemd does not read as a number",
+        f"kpis[0].warn_ms: must be <= {limits.MAX_DURATION_MS}, got {big}",
+        f"kpis[0].warn_ms: warn_ms {big} is above fail_ms {limits.MAX_DURATION_MS}; a KPI warns before it fails",
+        f"kpis[0].max_ms: must be <= {limits.MAX_DURATION_MS}, got {limits.MAX_DURATION_MS + 1}",
+    ]
+
+
+def _kernel_args(*args: str) -> str:
+    return BASE + "boot:\n  kernel_args: [" + ", ".join(json.dumps(a) for a in args) + "]\n"
+
+
+def test_kernel_command_line_must_fit_the_kernels_buffer():
+    added = limits.added_length([])
+    assert added == len("composefs.digest=v1-sha256-12:") + 64 + 1 + len("bootimg.release=/bootimg/release") + 1 \
+        + len("root=PARTUUID=") + 36 + 1 + len("rw")
+    # The build's arguments, " quiet", " xxx...": exactly the 2047 bytes the kernel keeps.
+    n = limits.CMDLINE_MAX - added - len(" quiet") - len(" ")
+    assert messages(_kernel_args("quiet", "x" * n)) == []
+    assert check(_kernel_args("quiet", "x" * (n + 1), "loglevel=3")) == [
+        (7, 26, "boot.kernel_args[1]",
+         f"the kernel command line would be {limits.CMDLINE_MAX + 1} bytes with this argument, over the 2047 the kernel "
+         f"keeps (COMMAND_LINE_SIZE 2048 on x86_64 and arm64, with its NUL); {added} of them are the build's and boot chain's "
+         "(composefs.digest=v1-sha256-12:<64 hex digits>, bootimg.release=/bootimg/release, root=PARTUUID=<uuid>, rw)")]
+    # An argument the manifest sets itself is not counted twice; a huge one is reported once, in one line.
+    without_root = added - len(" root=PARTUUID=") - 36
+    assert limits.added_length(["root=/dev/vda2"]) == without_root
+    n = limits.CMDLINE_MAX - without_root - len(" root=/dev/vda2") - len(" ")
+    assert messages(_kernel_args("root=/dev/vda2", "x" * n)) == []
+    assert len(messages(_kernel_args("root=/dev/vda2", "x" * (n + 1)))) == 1
+    huge = messages(_kernel_args("x" * 3_000_000, "quiet"))
+    assert len(huge) == 1 and huge[0].startswith("boot.kernel_args[0]: the kernel command line would be 3000") \
+        and len(huge[0]) < 400
+
+
+def test_kernel_arguments_that_break_the_command_line():
+    assert messages(_kernel_args('a="b c"', 'opt="x', "nul\0", "ok=\"q\"")) == [
+        "boot.kernel_args[0]: invalid value 'a=\"b c\"': must be one argument without whitespace",
+        "boot.kernel_args[1]: has an unbalanced '\"': the kernel would read the rest of the command line into this "
+        "argument",
+        "boot.kernel_args[2]: contains a control character",
+    ]
+
+
+def test_commands_environment_and_binds_systemd_cannot_take():
+    text = containers("""\
+        - name: a
+          image: {type: oci, path: a, ref: x}
+          command: [rel/x, "nul\\0"]
+          environment: {A: "x\\0y", B: fine}
+          binds: [{source: "/a b", target: /x}, {source: /ok, target: "/c:d"}]
+        - {name: b, image: {type: oci, path: a, ref: x}, command: ["-x"]}
+        - {name: c, image: {type: oci, path: a, ref: x}, command: [app, "-x", "$HOME"]}
+        """)
+    assert messages(text) == [
+        "containers[0].command[0]: 'rel/x' cannot be an executable for systemd (an absolute path or a bare name, "
+        "without quotes, backslashes, '$', control characters or a leading '-@:+!')",
+        "containers[0].command[1]: 'nul\\x00' contains a NUL byte, which no command line can hold",
+        "containers[0].environment.A: contains a NUL byte, which no environment variable can hold",
+        "containers[0].binds[0].source: '/a b' contains whitespace, ':', a quote, a backslash or a control character, "
+        "which systemd and podman cannot take in a bind",
+        "containers[0].binds[1].target: '/c:d' contains whitespace, ':', a quote, a backslash or a control character, "
+        "which systemd and podman cannot take in a bind",
+        "containers[1].command[0]: '-x' cannot be an executable for systemd (an absolute path or a bare name, "
+        "without quotes, backslashes, '$', control characters or a leading '-@:+!')",
+    ]
+
+
+def test_lone_surrogates_are_unreadable_but_pairs_are_one_character():
+    text = BASE + '  add_files:\n    - {path: "/etc/a", text: "x\\ud800"}\n    - {path: "/etc/\\ud83d\\ude00", text: ok}\n'
+    text = text.replace("integrity: {trust: sealed}\n", "") + "integrity: {trust: sealed}\n"
+    result = validate_text(text, "m.yaml", "/base")
+    assert result.lines() == ["m.yaml:6:30: rootfs.add_files[0].text: cannot read value: \\ud800 is a lone UTF-16 "
+                              "surrogate, not a character"]
+    assert result.normalized["rootfs"]["add_files"][1]["path"] == "/etc/\U0001F600"
+
+
+# -- add_files and excludes: what the build would refuse or silently override ----------------------
+
+def _rootfs(extra: str, containers_yaml: str = "") -> str:
+    text = BASE.replace("integrity: {trust: sealed}\n", "") + textwrap.indent(textwrap.dedent(extra), "  ")
+    if containers_yaml:
+        text += "containers:\n" + textwrap.indent(textwrap.dedent(containers_yaml), "  ")
+    return text + "integrity: {trust: sealed}\n"
+
+
+def test_add_files_paths_no_tree_can_hold():
+    long_name = "é" * 128  # 128 characters, 256 bytes
+    text = _rootfs(f"""\
+        add_files:
+          - {{path: "/etc/a\\0b", text: x}}
+          - {{path: /etc/{long_name}, text: x}}
+          - {{path: /etc/{"a" * 255}, text: x}}
+          - {{path: {"/" + "/".join(["d" * 200] * 21)}, text: x}}
+        """)
+    got = check(text)
+    assert [(line, col, path) for line, col, path, _ in got] == [
+        (6, 14, "rootfs.add_files[0].path"), (7, 14, "rootfs.add_files[1].path"), (9, 14, "rootfs.add_files[3].path")]
+    assert [m for *_, m in got] == [
+        "contains a NUL byte, which no file name can hold",
+        f"has a name of 256 bytes ('{long_name[:56]}...'); a file name has at most 255",
+        "is 4221 bytes long; a path has at most 4096",
+    ]
+
+
+def test_add_files_under_another_added_file():
+    text = _rootfs("""\
+        add_files:
+          - {path: /etc/a/b, text: x}
+          - {path: /etc/a, text: x}
+          - {path: /etc/c, text: x}
+          - {path: /etc/c/d/e, text: x}
+          - {path: /etc/cd, text: x}
+          - {path: "/etc/n\\nl", text: x}
+          - {path: "/etc/n\\nl/x", text: x}
+        """)
+    assert check(text) == [
+        (6, 14, "rootfs.add_files[0].path", "'/etc/a/b' is under '/etc/a', which add_files[1] adds as a file"),
+        (9, 14, "rootfs.add_files[3].path", "'/etc/c/d/e' is under '/etc/c', which add_files[2] adds as a file"),
+        (12, 14, "rootfs.add_files[6].path", "'/etc/n\\x0al/x' is under '/etc/n\\x0al', which add_files[5] adds as a "
+                                             "file"),
+    ]
+
+
+def test_add_files_that_bootimg_writes_itself():
+    text = _rootfs("""\
+        add_files:
+          - {path: /usr/lib/bootimg/containers.json, text: x}
+          - {path: /usr/lib/bootimg/keys/extra.pub, text: x}
+          - {path: /usr/libexec/bootimg, text: x}
+          - {path: /usr/lib/systemd/system/app.service, text: x}
+          - {path: /usr/lib/systemd/system/bootimg-image-app.service, text: x}
+          - {path: /usr/share/containers/systemd/app.container, text: x}
+          - {path: /usr/lib/systemd/system/other.service, text: x}
+          - {path: /usr/lib/systemd/system/app.service.d/10-mine.conf, text: x}
+          - {path: /etc/dracut.conf.d/90-bootimg.conf/x, text: x}
+          - {path: /sysroot/x, text: x}
+        """, "- {name: app, image: {type: oci, path: a, ref: x}}\n")
+    assert messages(text) == [
+        "rootfs.add_files[0].path: '/usr/lib/bootimg/containers.json' is inside /usr/lib/bootimg, which bootimg fills "
+        "itself (the containers' digests, the trusted keys and boot.conf)",
+        "rootfs.add_files[1].path: '/usr/lib/bootimg/keys/extra.pub' is inside /usr/lib/bootimg, which bootimg fills "
+        "itself (the containers' digests, the trusted keys and boot.conf)",
+        "rootfs.add_files[2].path: /usr/libexec/bootimg is bootimg's own directory (bootimg-provision and "
+        "bootimg-mount-image); a file cannot take its place",
+        "rootfs.add_files[3].path: bootimg writes /usr/lib/systemd/system/app.service itself (the unit of container "
+        "'app') and would replace this file",
+        "rootfs.add_files[4].path: bootimg writes /usr/lib/systemd/system/bootimg-image-app.service itself (the image "
+        "mount unit of container 'app') and would replace this file",
+        "rootfs.add_files[5].path: bootimg writes /usr/share/containers/systemd/app.container itself (the podman "
+        "quadlet of container 'app') and would replace this file",
+        "rootfs.add_files[8].path: '/etc/dracut.conf.d/90-bootimg.conf/x' is under /etc/dracut.conf.d/90-bootimg.conf, "
+        "a file bootimg writes itself (the dracut configuration that enables that module)",
+        "rootfs.add_files[9].path: '/sysroot/x' is inside /sysroot, which bootimg fills itself (an empty directory "
+        "the physical root is mounted on at boot)",
+    ]
+    assert messages(_rootfs("add_files: [{path: /usr/lib/systemd, text: x}]\n")) == [
+        "rootfs.add_files[0].path: '/usr/lib/systemd' must stay a directory: bootimg writes /usr/lib/systemd/system/"
+        "bootimg-containers.target there (the target that starts the containers)"]
+
+
+def test_exclude_must_name_more_than_the_root():
+    assert messages(_rootfs("exclude: [/, //, ///, /**, //a]\n")) == [
+        "rootfs.exclude[0]: invalid value '/': must be an absolute path glob (starting with '/') naming more than the root",
+        "rootfs.exclude[1]: invalid value '//': must be an absolute path glob (starting with '/') naming more than "
+        "the root",
+        "rootfs.exclude[2]: invalid value '///': must be an absolute path glob (starting with '/') naming more than "
+        "the root",
+    ]
+
+
+# -- validate reports it at its place; build refuses it in one line and leaves nothing -----------
+
+BUILD_BASE = """\
+apiVersion: bootimg/v1
+identity: {name: t, version: "1", source_date_epoch: 0}
+rootfs:
+  source: {type: directory, path: root}
+  exclude: [/var/cache/**]
+  add_files:
+    - {path: /etc/motd, text: hi}
+containers:
+  - {name: app, image: {type: directory, path: img}, command: [/bin/app]}
+integrity: {trust: sealed}
+boot:
+  kernel_args: [quiet]
+"""
+
+ADD = "- {path: /etc/motd, text: hi}"
+APP = "command: [/bin/app]}"
+ADD_MSG = "rootfs.add_files[0].path"
+
+# (id, replace this, by that, where the error is (the first occurrence of this text), its path, its message)
+REFUSED = [
+    ("name-root", "name: app", "name: root", "root, image", "containers[0].name", "container name 'root' is reserved"),
+    ("name-systemd", "name: app", "name: systemd-journald", "systemd-", "containers[0].name",
+     "container name 'systemd-journald' is reserved"),
+    ("name-unit", "name: app", "name: dbus", "dbus", "containers[0].name", "container name 'dbus' is reserved"),
+    ("name-bootimg", "name: app", "name: bootimg-containers", "bootimg-", "containers[0].name",
+     "container name 'bootimg-containers' is reserved"),
+    ("deadline", APP, "command: [/bin/app], deadline_ms: 99999999999999999999}", "999", "containers[0].deadline_ms",
+     "must be <= 9223372036854000"),
+    ("memory", APP, "command: [/bin/app], resources: {memory_max_mib: 99999999999999999999}}", "999",
+     "containers[0].resources.memory_max_mib", "must be <= 17592186044415"),
+    ("uid", APP, 'command: [/bin/app], user: "99999999999999999999"}', '"999', "containers[0].user",
+     "uid 99999999999999999999 is not a 32-bit id"),
+    ("uid-16bit", APP, 'command: [/bin/app], user: "1000:65535"}', '"1000', "containers[0].user",
+     "gid 65535 is not a valid id for systemd"),
+    ("command", APP, "command: [bin/app]}", "bin/app", "containers[0].command[0]",
+     "'bin/app' cannot be an executable for systemd"),
+    ("command-nul", APP, 'command: [/bin/app, "a\\0"]}', '"a', "containers[0].command[1]", "'a\\x00' contains a NUL"),
+    ("bind", APP, 'command: [/bin/app], binds: [{source: "/a b", target: /x}]}', '"/a b', "containers[0].binds[0].source",
+     "'/a b' contains whitespace"),
+    ("cmdline", "kernel_args: [quiet]", "kernel_args: [quiet, " + "x" * 3000 + "]", "xxx", "boot.kernel_args[1]",
+     "the kernel command line would be 3188 bytes"),
+    ("cmdline-quote", "kernel_args: [quiet]", "kernel_args: [quiet, 'a=\"b']", "'a=", "boot.kernel_args[1]",
+     "has an unbalanced '\"'"),
+    ("add-nul", ADD, '- {path: "/etc/m\\0otd", text: hi}', '"/etc', ADD_MSG, "contains a NUL byte"),
+    ("add-name", ADD, "- {path: /etc/" + "m" * 256 + ", text: hi}", "/etc/m", ADD_MSG, "has a name of 256 bytes"),
+    ("add-under-added", ADD, ADD + "\n    - {path: /etc/motd/x, text: y}", "/etc/motd/x", "rootfs.add_files[1].path",
+     "'/etc/motd/x' is under '/etc/motd', which add_files[0] adds as a file"),
+    ("add-bootimg-file", ADD, "- {path: /usr/lib/bootimg/containers.json, text: x}", "/usr", ADD_MSG,
+     "'/usr/lib/bootimg/containers.json' is inside /usr/lib/bootimg, which bootimg fills itself"),
+    ("add-container-unit", ADD, "- {path: /usr/lib/systemd/system/app.service, text: x}", "/usr", ADD_MSG,
+     "bootimg writes /usr/lib/systemd/system/app.service itself (the unit of container 'app')"),
+    ("add-bootimg-parent", ADD, "- {path: /usr/libexec, text: x}", "/usr", ADD_MSG,
+     "'/usr/libexec' must stay a directory: bootimg writes /usr/libexec/bootimg there"),
+    ("add-surrogate", ADD, '- {path: /etc/motd, text: "\\ud800"}', '"\\ud', "rootfs.add_files[0].text",
+     "cannot read value: \\ud800 is a lone UTF-16 surrogate"),
+    ("exclude-root", "exclude: [/var/cache/**]", "exclude: [/var/cache/**, //]", "//", "rootfs.exclude[1]",
+     "invalid value '//': must be an absolute path glob"),
+    # Against the root source (directory or tar), when inputs are checked (build always checks them).
+    ("root-unit-etc", "name: app", "name: web", "web", "containers[0].name",
+     "the root source already has /etc/systemd/system/web.socket, which this container's web.service would replace"),
+    ("root-unit-usr", "name: app", "name: cache", "cache, image", "containers[0].name",
+     "the root source already has /usr/lib/systemd/system/cache.service"),
+    ("root-symlink", ADD, "- {path: /etc/lnk/x, text: x}", "/etc/lnk", ADD_MSG,
+     "'/etc/lnk/x' is under /etc/lnk, which is a symlink in the root source (the build never writes through symlinks)"),
+    ("root-file", ADD, "- {path: /etc/file/x, text: x}", "/etc/file", ADD_MSG,
+     "'/etc/file/x' is under /etc/file, which is a file in the root source (not a directory)"),
+    ("root-dir", ADD, "- {path: /etc/dir, text: x}", "/etc/dir", ADD_MSG,
+     "'/etc/dir' is a directory in the root source; a file cannot replace it"),
+    ("root-sysroot", "path: root}", "path: root-sysroot}", "root-sysroot", "rootfs.source.path",
+     "the root source's /sysroot must be an empty directory (the physical root is mounted on it at boot); "
+     "it holds: leftover"),
+    ("root-libexec", "path: root}", "path: root-libexec}", "root-libexec", "rootfs.source.path",
+     "the root source's /usr/libexec is a symlink; bootimg writes /usr/libexec/bootimg below it"),
+]
+
+
+def _make_root(top: Path, name: str, tar: bool) -> None:
+    import tarfile
+
+    root = top / name
+    for d in ("etc/systemd/system", "etc/dir", "usr/lib/systemd/system", "var/cache/old"):
+        (root / d).mkdir(parents=True)
+    (root / "etc/dir/f").write_text("f\n")
+    (root / "etc/file").write_text("x\n")
+    (root / "etc/lnk").symlink_to("/tmp")
+    (root / "etc/systemd/system/web.socket").write_text("[Socket]\nListenStream=80\n")
+    (root / "usr/lib/systemd/system/cache.service").write_text("[Service]\nExecStart=/bin/true\n")
+    (root / "var/cache/old/x").write_text("x\n")
+    if name == "root-sysroot":
+        (root / "sysroot").mkdir()
+        (root / "sysroot/leftover").write_text("x\n")
+    if name == "root-libexec":
+        (root / "usr/libexec").symlink_to("lib")
+    if tar:  # only files and symlinks: the directories are implied by their members
+        with tarfile.open(top / f"{name}.tar.gz", "w:gz") as t:
+            for path in sorted(root.rglob("*")):
+                if path.is_symlink() or not path.is_dir():
+                    t.add(path, str(path.relative_to(root)), recursive=False)
+        shutil.rmtree(root)
+
+
+@pytest.fixture(scope="module", params=["directory", "tar"])
+def refusal_workspace(request, tmp_path_factory) -> tuple[Path, str]:
+    top = tmp_path_factory.mktemp(f"refuse-{request.param}")
+    for name in ("root", "root-sysroot", "root-libexec"):
+        _make_root(top, name, request.param == "tar")
+    (top / "img" / "bin").mkdir(parents=True)
+    (top / "img" / "bin" / "app").write_text("#!/bin/sh\n")
+    (top / "img" / "bin" / "app").chmod(0o755)
+    base = BUILD_BASE
+    if request.param == "tar":
+        base = re.sub(r"\{type: directory, path: (root[-a-z]*)\}", r"{type: tar, path: \1.tar.gz}", base)
+    return top, base
+
+
+def _build_in_process(manifest: Path, out: Path, capsys) -> tuple[int, list[str]]:
+    from bootimg.cli import main
+
+    code = main(["build", str(manifest), "-o", str(out)])
+    return code, capsys.readouterr().err.splitlines()
+
+
+def test_the_refusal_workspace_itself_is_valid_and_builds(refusal_workspace, capsys):
+    top, base = refusal_workspace
+    manifest = top / "base.yaml"
+    manifest.write_text(base)
+    assert validate_file(manifest, check_inputs=True).lines() == []
+    code, err = _build_in_process(manifest, top / "out-base", capsys)
+    assert (code, err) == (0, [])
+    # What an exclude removes from the root source does not collide.
+    manifest.write_text(base.replace(ADD, ADD + "\n    - {path: /var/cache/old, text: x}")
+                        .replace("name: app", "name: web").replace("[/var/cache/**]", "[/var/cache/**, /etc/systemd/**]"))
+    assert validate_file(manifest, check_inputs=True).lines() == []
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=[c[0] for c in REFUSED])
+def test_validate_reports_and_build_refuses(refusal_workspace, case, capsys):
+    top, base = refusal_workspace
+    name, old, new, marker, path, message = case
+    if "path: root}" in old and "type: tar" in base:
+        old, new = old.replace("root}", "root.tar.gz}"), new.replace("}", ".tar.gz}")
+    assert old in base
+    text = base.replace(old, new, 1)
+    offset = text.index(marker)
+    line = text.count("\n", 0, offset) + 1
+    column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    manifest = top / f"{name}.yaml"
+    manifest.write_text(text)
+    result = validate_file(manifest, check_inputs=True)
+    assert len(result.errors) == 1, result.lines()
+    first = result.lines()[0]
+    assert first.startswith(f"{manifest}:{line}:{column}: {path}: {message}"), first
+    before = sorted(p.name for p in top.iterdir())
+    code, err = _build_in_process(manifest, top / f"out-{name}", capsys)
+    assert (code, err) == (1, [f"bootimg build: {first}"])
+    assert sorted(p.name for p in top.iterdir()) == before  # no output, no temp dir

@@ -197,3 +197,37 @@ def test_fsverity_pkcs7_signatures(workspace, tmp_path):
     _flip(out / "images" / "cluster.cfs.p7s", 40)
     res = run_cli("verify", str(out))
     assert res.returncode == 1 and b"cluster.cfs.p7s" in res.stderr
+
+
+def test_every_path_the_build_injects_is_reserved(workspace, release):
+    """What the build writes into the root of its own accord is covered by the manifest layer's list
+    (bootimg.manifest.reserved), which validate holds add_files against: the two cannot drift apart."""
+    from bootimg.manifest import limits, load_manifest, reserved
+
+    m = load_manifest(workspace / "manifests" / "ivi-demo.yaml", on_warning=None)
+    source = m.rootfs.source.path
+    added = {a.path for a in m.rootfs.add_files}
+    root = load_image(release / "images" / "root.cfs").root
+    injected = []
+    for node in root.walk():
+        path = node.path().decode("utf-8", "surrogateescape")
+        host = source / path.lstrip("/")
+        if path == "/" or path in added:
+            continue
+        if node.is_dir():
+            if not os.path.lexists(host) and not node.children:
+                injected.append(path)  # an empty directory of bootimg's (/sysroot)
+        elif not os.path.lexists(host):
+            injected.append(path)
+        elif node.is_reg() and host.is_file() and not host.is_symlink():
+            data = node.content if node.content is not None else \
+                (release / "objects" / node.payload.decode()).read_bytes() if node.size else b""
+            if bytes(data) != host.read_bytes():
+                injected.append(path)
+    owned = reserved.root_paths(c.name for c in m.containers)
+    assert {"/usr/lib/bootimg/containers.json", "/sysroot", "/usr/lib/systemd/system/cluster.service",
+            "/usr/libexec/bootimg/bootimg-mount-image"} <= set(injected)
+    assert [p for p in injected if not any(e.covers(p) for e in owned)] == []
+    # The kernel argument is as long as the command-line budget assumes.
+    rel = json.loads((release / "release.json").read_bytes())
+    assert len(rel["root"]["kernel_argument"]) == limits.BUILD_KERNEL_ARGS["composefs.digest"][1]

@@ -10,6 +10,7 @@ systemd-nspawn is available, the units boot for real."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from bootimg.composefs.reader import load_image
 from bootimg.composefs.store import ObjectStore
 from bootimg.composefs.tree import Node
 from bootimg.errors import BootimgError
-from bootimg.manifest import load_manifest
+from bootimg.manifest import Bind, ManifestError, limits, load_manifest
 from bootimg.sources import treeops
 
 DIGEST = "ab" * 32
@@ -207,7 +208,10 @@ def test_binds(tmp_path):
                      f"b {DIGEST}")
     vols = [x for x in section(f[f"{units.QUADLET_DIR}/b.container"], "Container") if x.startswith("Volume=")]
     assert vols == ["Volume=/run/vsomeip:/run/vsomeip:ro", "Volume=/etc/ca%%1.pem:/data/ca.pem:ro"]
-    bad = make_manifest(tmp_path, [box("b", binds=[{"source": "/a b", "target": "/x"}])], name="bad.yaml")
+    with pytest.raises(ManifestError, match=r"binds\[0\]\.source: '/a b' contains whitespace"):
+        make_manifest(tmp_path, [box("b", binds=[{"source": "/a b", "target": "/x"}])], name="bad.yaml")
+    # The units refuse it as well (a manifest made without validation).
+    bad = dataclasses.replace(m, containers=(dataclasses.replace(m.containers[0], binds=(Bind("/a b", "/x"),)),))
     with pytest.raises(BootimgError, match="container 'b': bind source '/a b'"):
         generate(bad)
 
@@ -291,11 +295,15 @@ def test_command_is_checked_in_the_image(tmp_path):
     assert "ExecStart=/usr/local/bin/tool -v" in f[f"{UNIT}/b.service"]    # a bare name, found on PATH
     for command, message in ((["/usr/bin/missing"], "command /usr/bin/missing is not in its image"),
                              (["/usr/bin/data"], "command /usr/bin/data is not an executable file in its image"),
-                             (["nothere"], "command 'nothere' is not on the image's PATH"),
-                             (["rel/x"], "command 'rel/x' is a relative path")):
+                             (["nothere"], "command 'nothere' is not on the image's PATH")):
         bad = make_manifest(tmp_path, [box("a", command=command)], name="bad.yaml")
         with pytest.raises(BootimgError, match=f"container 'a': {re.escape(message)}"):
             generate(bad, images={"a": img})
+    with pytest.raises(ManifestError, match=r"command\[0\]: 'rel/x' cannot be an executable for systemd"):
+        make_manifest(tmp_path, [box("a", command=["rel/x"])], name="bad.yaml")
+    bad = dataclasses.replace(ok, containers=(dataclasses.replace(ok.containers[0], command=("rel/x",)),))
+    with pytest.raises(BootimgError, match="container 'a': command 'rel/x' is a relative path"):
+        generate(bad, images={"a": img})
 
 
 TRICKY = ["plain", "two words", "", 'dq"uote', "sq'uote", "back\\slash", "100%", "%n", "$HOME", "${X}", "$$",
@@ -363,6 +371,42 @@ def test_every_generated_unit_passes_systemd_analyze_verify(tmp_path):
     f = generate(variants)
     res = verify(f, ["/usr/bin/e", "/usr/bin/b", "/usr/bin/d"])
     assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+
+
+@needs_analyze
+def test_the_manifests_limits_are_what_systemd_accepts(tmp_path):
+    """The largest deadline, memory limit and ids validate lets through give units systemd 252 takes
+    without a word; one step further, systemd refuses the setting (what validate reports instead)."""
+    top = [box("a", deadline_ms=limits.MAX_DURATION_MS, resources={"memory_max_mib": limits.MAX_MEMORY_MIB},
+               user=f"{limits.ID_MAX}:{limits.ID_MAX}"),
+           box("b", deadline_ms=limits.MAX_DURATION_MS - 1, user="65534:65536")]
+    m = make_manifest(tmp_path, top)
+    f = generate(m)
+    assert "TimeoutStartSec=18446744073708s" in section(f[f"{UNIT}/a.service"], "Service")
+    assert "TimeoutStartSec=18446744073707998ms" in section(f[f"{UNIT}/b.service"], "Service")
+    res = verify(f, ["/usr/bin/a", "/usr/bin/b"])
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+    # One step further: validate refuses the manifest, and systemd would have refused the unit.
+    mem, ids = limits.MAX_MEMORY_MIB, limits.ID_MAX
+    assert units.timespan_ms(units.start_timeout_ms(limits.MAX_DURATION_MS + 500)) == "18446744073709s"
+    for key, value, old, new, complaint in [
+        ("deadline_ms", limits.MAX_DURATION_MS + 500, "TimeoutStartSec=18446744073708s", "TimeoutStartSec=18446744073709s",
+         "Failed to parse TimeoutStartSec="),
+        ("resources", {"memory_max_mib": mem + 1}, f"MemoryMax={mem}M", f"MemoryMax={mem + 1}M", "Invalid memory limit"),
+        ("user", "65535", f"User={ids}", "User=65535", "Invalid user/group name or numeric ID: 65535"),
+        ("user", str(ids + 1), f"User={ids}", f"User={ids + 1}", f"Invalid user/group name or numeric ID: {ids + 1}"),
+        ("user", "0100", f"User={ids}", "User=0100", "Invalid user/group name or numeric ID: 0100"),
+    ]:
+        with pytest.raises(ManifestError):
+            make_manifest(tmp_path, [{**top[0], key: value}], name="beyond.yaml")
+        unit = f[f"{UNIT}/a.service"]
+        assert old in unit
+        res = verify({**f, f"{UNIT}/a.service": unit.replace(old, new)}, ["/usr/bin/a", "/usr/bin/b"])
+        assert complaint in res.stderr, (key, value, res.stderr)
+    # The units refuse such an id too (one from an image's /etc/passwd, say).
+    bad = dataclasses.replace(m, containers=(dataclasses.replace(m.containers[0], user="65535"),))
+    with pytest.raises(BootimgError, match="container 'a': user or group 65535 is not a valid id for systemd"):
+        generate(bad)
 
 
 @needs_analyze

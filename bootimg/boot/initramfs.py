@@ -16,7 +16,8 @@ digest covers them:
 The trusted keys are already in the root (``/usr/lib/bootimg/keys/KEYID.pub``, release/build.py);
 ``module-setup.sh`` installs them as ``/etc/bootimg/keys/KEYID.pub``. Everything here is plain
 text derived from the manifest alone, so it is deterministic. The contract is
-docs/boot-design.md.
+docs/boot-design.md. The paths are defined in ``bootimg.manifest.reserved``, whose list the
+manifest checks hold ``add_files`` against.
 """
 
 from __future__ import annotations
@@ -26,14 +27,11 @@ from importlib import resources
 
 from ..errors import BootimgError
 from ..manifest.model import Manifest
+from ..manifest.reserved import BOOT_CONF, DRACUT_CONF, PROVISION_IN_ROOT, RELEASE_PATH
+from ..manifest.reserved import DRACUT_MODULE_DIR as MODULE_DIR
 from ..release.build import BuildContext, InjectedFile
 
 MODULE_NAME = "bootimg"
-MODULE_DIR = "/usr/lib/dracut/modules.d/90bootimg"
-BOOT_CONF = "/usr/lib/bootimg/boot.conf"
-DRACUT_CONF = "/etc/dracut.conf.d/90-bootimg.conf"
-PROVISION_IN_ROOT = "/usr/libexec/bootimg/bootimg-provision"
-RELEASE_PATH = "/bootimg/release"      # on the data partition (docs/boot-design.md)
 STATE_PATH = "/bootimg/state"
 
 # template name -> (mode in the root)

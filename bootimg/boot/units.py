@@ -20,6 +20,9 @@ the containers run as (systemd looks User=/Group= up in the system's user databa
 fails a unit whose id is not there), and the mount helper
 ``/usr/libexec/bootimg/bootimg-mount-image``.
 
+The unit names and paths are defined in ``bootimg.manifest.reserved``, whose lists the
+manifest checks hold container names and ``add_files`` against.
+
 Everything is a pure function of the manifest, the image digests, the images' OCI configs
 and (for checks and name lookups) the container trees, so builds stay byte-identical. The
 file skeletons are templates in ``bootimg/boot/templates/`` (``units/`` at the top of the
@@ -54,21 +57,26 @@ from pathlib import Path
 
 from ..composefs.tree import Node
 from ..errors import BootimgError
+from ..manifest import limits
 from ..manifest.model import Container, Manifest
+from ..manifest.reserved import (
+    CONTAINERS_TARGET,
+    DROPIN_NAME,
+    PHASE_TARGETS,
+    QUADLET_DIR,
+    SYSROOT,
+    SYSUSERS_FILE,
+    UNIT_DIR,
+    image_unit,
+    service_unit,
+)
+from ..manifest.reserved import MOUNT_HELPER as HELPER
 from ..release.build import BuildContext, InjectedFile
 from ..release.layout import ReleaseDir
 from ..sources import treeops
 from . import quadlet
 
-UNIT_DIR = "/usr/lib/systemd/system"
-QUADLET_DIR = "/usr/share/containers/systemd"
-HELPER = "/usr/libexec/bootimg/bootimg-mount-image"
-CONTAINERS_TARGET = "bootimg-containers.target"
 CONTAINERS_MOUNT_DIR = "/run/bootimg/containers"
-SYSUSERS_FILE = "/usr/lib/sysusers.d/bootimg-containers.conf"
-SYSROOT = "/sysroot"
-DROPIN_NAME = "50-bootimg.conf"
-PHASE_TARGETS = {"early": "sysinit.target", "basic": "basic.target"}
 # What a runtime searches for a bare command name when the image sets no PATH (runc/crun).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MIN_START_TIMEOUT_MS = 5000
@@ -78,16 +86,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NEEDS_QUOTES = re.compile(r"[\s\"'\\;]|[\x00-\x1f\x7f]")
 _C_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r", "\a": "\\a",
               "\b": "\\b", "\f": "\\f", "\v": "\\v"}
-_UNSAFE_PATH = re.compile(r"[\s:\"'\\]|[\x00-\x1f\x7f]")
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
-
-
-def image_unit(name: str) -> str:
-    return f"bootimg-image-{name}.service"
-
-
-def service_unit(name: str) -> str:
-    return f"{name}.service"
 
 
 # -- templates -----------------------------------------------------------------------------------
@@ -149,12 +148,9 @@ def exec_line(argv: Iterable[str], *, container: str = "?") -> str:
     """A whole command line. argv[0] is the executable: systemd reads prefix characters
     (``-@:+!``) off its front, and expands no variables in it, so those are refused."""
     argv = list(argv)
-    first = argv[0]
-    if not first or first[0] in "-@:+!" or "$" in first or re.search(r"[\"'\\]|[\x00-\x1f\x7f]", first) \
-            or first.endswith("/") or ("/" in first and not first.startswith("/")):
-        raise BootimgError(f"container '{container}': command {first!r} cannot be an executable for systemd "
-                           "(an absolute path or a bare name, without quotes, backslashes, '$', control "
-                           "characters or a leading '-@:+!')")
+    problem = limits.executable_problem(argv[0])
+    if problem is not None:
+        raise BootimgError(f"container '{container}': command {argv[0]!r} {problem}")
     return " ".join(exec_word(a) for a in argv)
 
 
@@ -170,9 +166,9 @@ def check_path(path: str, *, container: str, what: str) -> str:
     """A path that goes into a list-valued setting (BindReadOnlyPaths=, quadlet Volume=, the
     helper's --bind=): ':' and whitespace separate there, so such paths are refused rather
     than escaped."""
-    if _UNSAFE_PATH.search(path):
-        raise BootimgError(f"container '{container}': {what} {path!r} contains whitespace, ':', a quote, "
-                           "a backslash or a control character, which systemd and podman cannot take here")
+    problem = limits.list_path_problem(path)
+    if problem is not None:
+        raise BootimgError(f"container '{container}': {what} {path!r} {problem}")
     return path
 
 
@@ -362,6 +358,9 @@ def _user_group(manifest: Manifest, c: Container, spec: str, image: ContainerIma
     for value in (user, out_group):
         if value is not None and not re.fullmatch(r"[0-9]+|[a-z_][a-z0-9_-]{0,31}", value):
             raise _fail(manifest, f"container '{c.name}': invalid user or group {value!r}")
+        problem = limits.id_problem(value) if value is not None and value.isdigit() else None
+        if problem is not None:
+            raise _fail(manifest, f"container '{c.name}': user or group {problem}")
     return user, out_group
 
 

@@ -10,6 +10,7 @@ other YAML tool would read it), while mapping keys keep their source text.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,7 @@ class Document:
         return Diagnostic(line, column, tuple(path), message, severity)  # type: ignore[arg-type]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _COLLECTION_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 # Aliases are expanded into copies; this bounds the work a "billion laughs" file can cause.
 MAX_NODES = 200_000
@@ -124,9 +126,18 @@ class _Builder:
 
     def _scalar(self, node: yaml.Node, path: Path) -> Any:
         try:
-            return self.loader.construct_object(node, deep=True)
+            value = self.loader.construct_object(node, deep=True)
         except yaml.constructor.ConstructorError as err:
             return self._unreadable(node, path, f"cannot read value: {err.problem}")
+        if isinstance(value, str) and _SURROGATE.search(value):
+            # "\ud83d\ude00" escapes (as JSON writes them) are one character in UTF-16 form; a lone
+            # half is no character at all, and UTF-8 cannot encode it.
+            value = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+            lone = _SURROGATE.search(value)
+            if lone is not None:
+                return self._unreadable(node, path, f"cannot read value: \\u{ord(lone.group()):04x} is a lone "
+                                                    "UTF-16 surrogate, not a character")
+        return value
 
     def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[str, Any]:
         result: dict[str, Any] = {}

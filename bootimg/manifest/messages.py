@@ -35,7 +35,7 @@ PATTERN_HINTS: dict[str, str] = {
                                             "letter or digit",
     r"^[A-Za-z0-9]+([-._:@+/]+[A-Za-z0-9]+)*$": "must be an OCI ref name such as 'latest' or a digest "
                                                 "'sha256:<64 hex digits>'",
-    r"^/.": "must be an absolute path glob (starting with '/')",
+    r"^/.*[^/]": "must be an absolute path glob (starting with '/') naming more than the root",
     r"^0?[0-7]{3}$": "must be octal permission bits as a string, e.g. \"0644\"",
     r"^[A-Za-z_][A-Za-z0-9_]*$": "environment variable names use letters, digits and '_', not starting with a digit",
     r"^([a-z_][a-z0-9_-]{0,31}|[0-9]+(:[0-9]+)?)$": "must be a user name or UID[:GID], e.g. \"1000:1000\"",

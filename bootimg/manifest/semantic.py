@@ -12,13 +12,13 @@ import difflib
 import re
 from typing import Any, Iterator
 
+from ..composefs.tree import NAME_MAX, PATH_MAX
+from . import limits, reserved
 from .diagnostics import Diagnostic, Path
 from .document import Document
 
 PHASES = ("early", "basic", "default")
 CONTAINER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-# Kernel arguments the build derives from the image digests; a user value would fight them.
-RESERVED_KERNEL_ARGS = ("composefs", "composefs.digest")
 # Milestones reached before the switch to the real root: meaningless against userspace_start.
 BEFORE_USERSPACE = ("initrd", "root_mounted", "userspace")
 
@@ -68,12 +68,14 @@ class Checker:
 
     def run(self) -> list[Diagnostic]:
         self.unique_names()
+        self.reserved_names()
         edges = self.references()
         cycles = self.cycles(edges)
         self.phases(edges)
         if not cycles:
             self.deadlines(edges)
         self.commands()
+        self.users()
         self.binds()
         self.add_files()
         self.integrity()
@@ -89,6 +91,13 @@ class Checker:
             if isinstance(name, str) and self.names.get(name) != i:
                 first = self.doc.place(("containers", self.names[name], "name")).line
                 self.error(("containers", i, "name"), f"duplicate container name '{name}' (first defined at line {first})")
+
+    def reserved_names(self) -> None:
+        for i, c in self.containers:
+            name = c.get("name")
+            problem = reserved.container_name_problem(name) if isinstance(name, str) else None
+            if problem is not None:
+                self.error(("containers", i, "name"), problem)
 
     def _unknown(self, ref: str) -> str:
         message = f"unknown container '{ref}'"
@@ -211,12 +220,42 @@ class Checker:
             kind = image.get("type") if isinstance(image, dict) else None
             if kind in ("directory", "tar") and "command" not in c:
                 self.error(("containers", i), f"missing required key 'command' (a {kind} image has no default command)")
+            command = c.get("command")
+            for j, arg in enumerate(command if isinstance(command, list) else []):
+                if not isinstance(arg, str):
+                    continue
+                problem = limits.executable_problem(arg) if j == 0 else None
+                if problem is None and "\0" in arg:
+                    problem = "contains a NUL byte, which no command line can hold"
+                if problem is not None:
+                    self.error(("containers", i, "command", j), f"{_short(arg)} {problem}")
+            environment = c.get("environment")
+            for key, value in (environment.items() if isinstance(environment, dict) else []):
+                if isinstance(value, str) and "\0" in value:
+                    self.error(("containers", i, "environment", key), "contains a NUL byte, which no environment "
+                                                                       "variable can hold")
+
+    def users(self) -> None:
+        """A numeric UID[:GID] becomes User=/Group=: systemd refuses ids it cannot use (a fatal unit error)."""
+        for i, c in self.containers:
+            user = c.get("user")
+            if not isinstance(user, str) or not re.fullmatch(r"[0-9]+(:[0-9]+)?", user):
+                continue
+            for what, value in zip(("uid", "gid"), user.split(":")):
+                problem = limits.id_problem(value)
+                if problem is not None:
+                    self.error(("containers", i, "user"), f"{what} {problem}")
 
     def binds(self) -> None:
         for i, c in self.containers:
             seen: dict[str, int] = {}
             binds = c.get("binds")
             for j, bind in enumerate(binds if isinstance(binds, list) else []):
+                for end in ("source", "target"):
+                    value = bind.get(end) if isinstance(bind, dict) else None
+                    problem = limits.list_path_problem(value) if isinstance(value, str) else None
+                    if problem is not None:
+                        self.error(("containers", i, "binds", j, end), f"{_short(value)} {problem}")
                 target = bind.get("target") if isinstance(bind, dict) else None
                 if not isinstance(target, str):
                     continue
@@ -228,14 +267,28 @@ class Checker:
     # -- rootfs, integrity, boot --------------------------------------------
 
     def add_files(self) -> None:
+        """What treeops.add_file would refuse, and paths bootimg writes itself (it would replace them)."""
         seen: dict[str, int] = {}
+        names = [n for n in self.names if isinstance(n, str)]
+        owned = reserved.root_paths(names)
         for j, item in enumerate(self._list("rootfs", "add_files")):
             path = item.get("path") if isinstance(item, dict) else None
-            if not isinstance(path, str):
+            if not isinstance(path, str) or not IMAGE_PATH.match(path):
                 continue
+            where = ("rootfs", "add_files", j, "path")
             if path in seen:
-                self.error(("rootfs", "add_files", j, "path"), f"'{path}' is already added (add_files[{seen[path]}])")
+                self.error(where, f"'{shown(path)}' is already added (add_files[{seen[path]}])")
             seen.setdefault(path, j)
+            problem = image_path_problem(path) or reserved_path_problem(path, owned)
+            if problem is not None:
+                self.error(where, problem)
+        for path, j in seen.items():
+            for parent in parents(path):
+                if parent in seen:
+                    self.error(("rootfs", "add_files", j, "path"),
+                               f"'{shown(path)}' is under '{shown(parent)}', which add_files[{seen[parent]}] adds "
+                               "as a file")
+                    break
 
     def integrity(self) -> None:
         integrity = self.data.get("integrity")
@@ -252,10 +305,19 @@ class Checker:
             self.warning(("boot", "on_verification_failure"),
                          "a failed verification opens an emergency shell on an unverified system; "
                          "development images only (use reboot)")
-        for j, arg in enumerate(self._list("boot", "kernel_args")):
-            if isinstance(arg, str) and arg.split("=", 1)[0] in RESERVED_KERNEL_ARGS:
+        indexed = [(j, a) for j, a in enumerate(self._list("boot", "kernel_args")) if isinstance(a, str)]
+        args = [a for _, a in indexed]
+        too_long = False
+        for (j, arg), length in zip(indexed, limits.cmdline_lengths(args)):
+            if arg.split("=", 1)[0] in reserved.DERIVED_KERNEL_ARGS:
                 self.error(("boot", "kernel_args", j),
                            f"'{arg.split('=', 1)[0]}=' is set by the build from the image digest; remove it")
+            problem = None if re.search(r"\s", arg) else limits.kernel_arg_problem(arg)  # whitespace: the schema's
+            if problem is not None:
+                self.error(("boot", "kernel_args", j), problem)
+            if length > limits.CMDLINE_MAX and not too_long:  # reported at the argument that crosses it
+                too_long = True
+                self.error(("boot", "kernel_args", j), cmdline_message(args, length))
 
     # -- kpis -----------------------------------------------------------------
 
@@ -287,6 +349,69 @@ class Checker:
         if _is_int(hard) and _is_int(fail) and hard < fail:
             yield self.doc.at_value(("kpis", j, "max_ms"), f"max_ms {hard} (every boot) is below fail_ms {fail} "
                                                              "(the statistic); the per-boot limit must be looser")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+IMAGE_PATH = re.compile(r"^(/(?!\.\.?(/|$))[^/]+)+$")  # schema.json's image_path: checked there
+
+
+def _short(value: str) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "...'"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def shown(path: str) -> str:
+    """A path for a one-line message: control characters escaped, a long one cut."""
+    path = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", path)
+    return path if len(path) <= 80 else path[:77] + "..."
+
+
+def parents(path: str) -> Iterator[str]:
+    """The proper ancestors of an absolute path, nearest first ('/a/b/c' -> '/a/b', '/a')."""
+    while (path := path.rpartition("/")[0]):
+        yield path
+
+
+def image_path_problem(path: str) -> str | None:
+    """Why an absolute image path cannot name a file in a composefs tree (what treeops refuses)."""
+    raw = path.encode("utf-8", "surrogateescape")
+    if b"\0" in raw:
+        return "contains a NUL byte, which no file name can hold"
+    if len(raw) > PATH_MAX:
+        return f"is {len(raw)} bytes long; a path has at most {PATH_MAX}"
+    for name in raw.split(b"/"):
+        if len(name) > NAME_MAX:
+            return (f"has a name of {len(name)} bytes ({_short(name.decode('utf-8', 'backslashreplace'))}); "
+                    f"a file name has at most {NAME_MAX}")
+    return None
+
+
+def reserved_path_problem(path: str, owned: list[reserved.ReservedPath]) -> str | None:
+    """Why bootimg's own files rule out adding a file at ``path``: it would replace it, or the file
+    would sit where bootimg needs a directory, or under one of bootimg's files."""
+    for entry in owned:
+        if path == entry.path and entry.tree:
+            return f"{entry.path} is bootimg's own directory ({entry.what}); a file cannot take its place"
+        if path == entry.path:
+            return f"bootimg writes {entry.path} itself ({entry.what}) and would replace this file"
+        if entry.covers(path):
+            return f"'{shown(path)}' is inside {entry.path}, which bootimg fills itself ({entry.what})"
+        if entry.path.startswith(path + "/"):
+            return f"'{shown(path)}' must stay a directory: bootimg writes {entry.path} there ({entry.what})"
+        if path.startswith(entry.path + "/"):
+            return f"'{shown(path)}' is under {entry.path}, a file bootimg writes itself ({entry.what})"
+    return None
+
+
+def cmdline_message(args: list[str], length: int) -> str:
+    added = ", ".join(shown for shown, _ in limits.build_kernel_args(args))
+    return (f"the kernel command line would be {length} bytes with this argument, over the {limits.CMDLINE_MAX} "
+            f"the kernel keeps (COMMAND_LINE_SIZE {limits.COMMAND_LINE_SIZE} on x86_64 and arm64, with its NUL); "
+            f"{limits.added_length(args)} of them are the build's and boot chain's ({added})")
 
 
 def check(doc: Document, data: Any) -> list[Diagnostic]:

@@ -20,6 +20,16 @@ from pathlib import Path
 from ..composefs.reader import Image, load_image
 from ..composefs.tree import Node
 
+# The root image's name and the paths bootimg writes inside it are defined with the manifest,
+# whose checks refuse a container name or added file that would collide with them.
+from ..manifest.reserved import (  # noqa: F401  (part of this module's names)
+    KERNEL_DIGEST_PREFIX,
+    ROOT_CONTAINERS_JSON,
+    ROOT_DATA_DIR,
+    ROOT_IMAGE_NAME,
+    ROOT_KEYS_DIR,
+)
+
 RELEASE_FORMAT = "bootimg-release/1"
 RELEASE_JSON = "release.json"
 RELEASE_SIG = "release.json.minisig"
@@ -28,11 +38,6 @@ OBJECTS_DIR = "objects"
 KEYS_DIR = "keys"
 VERITY_CERT = "keys/fsverity-cert.pem"
 SHARING_JSON = "sharing.json"
-ROOT_IMAGE_NAME = "root"
-
-# Inside the root image: what the generator adds so that the root's digest covers it.
-ROOT_CONTAINERS_JSON = "/usr/lib/bootimg/containers.json"
-ROOT_KEYS_DIR = "/usr/lib/bootimg/keys"
 
 
 def image_file(name: str) -> str:
@@ -42,7 +47,7 @@ def image_file(name: str) -> str:
 def kernel_argument(digest_hex: str) -> str:
     """The root's kernel argument in the self-describing form composefs-rs and bootc read:
     EROFS format v1, fs-verity with SHA-256 and 2^12-byte blocks."""
-    return f"composefs.digest=v1-sha256-12:{digest_hex}"
+    return f"{KERNEL_DIGEST_PREFIX}{digest_hex}"
 
 
 class ReleaseDir:

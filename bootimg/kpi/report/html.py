@@ -13,7 +13,8 @@ from .document import results_of
 
 COLORS = {"pass": "#1a7f37", "warn": "#b26b00", "fail": "#c62828", "not_reached": "#c62828",
           "not_measurable": "#6a1b9a"}
-PHASE_COLORS = {"kernel": "#90caf9", "initrd": "#ffcc80", "userspace": "#a5d6a7"}
+PHASE_COLORS = {"firmware": "#cfd8dc", "loader": "#b39ddb", "kernel": "#90caf9", "initrd": "#ffcc80",
+                "userspace": "#a5d6a7"}
 MILESTONE_LABELS = {"initrd_start": "initrd", "root_mounted": "root mounted", "switch_root": "switch-root",
                     "default_target": "default target", "boot_finished": "finished"}
 
@@ -67,6 +68,11 @@ def _timeline(doc: dict[str, Any], results: list, boot: dict[str, Any]) -> str:
         return value_ms / 1000 if not host else float("nan")
 
     ms = boot.get("milestones", {})
+    ph = boot.get("phases", {})
+    # UEFI boots: firmware and loader run before kernel start (negative x); QEMU's direct kernel
+    # boot and containers have neither.
+    pre = {k: ph[k]["usec"] for k in ("firmware", "loader") if not host and ph.get(k, {}).get("state") == "ok"}
+    start = -(sum(pre.values()) / 1e6)
     end = 0.0
     for v in ms.values():
         if v.get("state") == "ok" and v.get("usec") is not None:
@@ -85,15 +91,15 @@ def _timeline(doc: dict[str, Any], results: list, boot: dict[str, Any]) -> str:
                 end = max(end, x)
     end = max(end * 1.06, 0.5)
     left, width, row_h, top = 190, 900, 26, 34
-    sx = lambda x: left + width * max(0.0, x) / end  # noqa: E731
+    sx = lambda x: left + width * (max(start, x) - start) / (end - start)  # noqa: E731
     kpi_rows = [r for r in results]
     height = top + row_h * (2 + len(kpi_rows)) + 40
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 170}" height="{height}" '
            f'viewBox="0 0 {left + width + 170} {height}" style="max-width:100%;height:auto" '
            f'font-family="system-ui,sans-serif" font-size="12" role="img" aria-label="boot timeline">']
     # grid
-    step = next(s for s in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120) if end / s <= 14)
-    t = 0.0
+    step = next(s for s in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120) if (end - start) / s <= 14)
+    t = -(-start // step) * -step if start < 0 else 0.0
     while t <= end + 1e-9:
         X = sx(t)
         out.append(f'<line x1="{X:.1f}" y1="{top - 6}" x2="{X:.1f}" y2="{height - 30}" stroke="#eaeef2"/>')
@@ -107,6 +113,10 @@ def _timeline(doc: dict[str, Any], results: list, boot: dict[str, Any]) -> str:
     initrd_us = ms.get("initrd_start", {}).get("usec") if ms.get("initrd_start", {}).get("state") == "ok" else None
     finish_us = ms.get("boot_finished", {}).get("usec") if ms.get("boot_finished", {}).get("state") == "ok" else None
     segs = []
+    if "firmware" in pre:
+        segs.append(("firmware", -sum(pre.values()), -pre.get("loader", 0)))
+    if "loader" in pre:
+        segs.append(("loader", -pre["loader"], 0))
     if not host:
         kd = initrd_us if initrd_us else us
         segs.append(("kernel", 0, kd))
@@ -261,13 +271,14 @@ def render_html(doc: dict[str, Any]) -> str:
                         for k in ("n", "min", "median", "mean", "p90", "p95", "max", "stdev"))
         parts.append(f"<tr><td>{_e(r.name)}</td>{cells}<td class='msg'>{_e('; '.join(r.sources))}</td></tr>")
     parts.append(f"</table><div class='msg'>Milliseconds. Percentiles: {_e(doc.get('percentile_method'))}.</div>")
-    parts.append("<h2>Boots</h2><table><tr><th>boot id</th><th>label</th><th>kernel</th><th>initrd</th><th>userspace</th>"
-                 "<th>systemd-analyze time</th><th>image</th><th>source</th></tr>")
+    parts.append("<h2>Boots</h2><table><tr><th>boot id</th><th>label</th><th>firmware</th><th>loader</th><th>kernel</th>"
+                 "<th>initrd</th><th>userspace</th><th>systemd-analyze time</th><th>image</th><th>source</th></tr>")
     for b in boots:
         ph = b.get("phases", {})
         cell = lambda k: _sec(ph[k]["usec"] / 1000) if ph.get(k, {}).get("state") == "ok" else _e(ph.get(k, {}).get("state", "–"))  # noqa: E731
         digest = (b.get("booted") or {}).get("digest")
         parts.append(f"<tr><td><code>{_e((b.get('boot_id') or '?')[:12])}</code></td><td>{_e(b.get('label') or '')}</td>"
+                     f"<td class='num'>{cell('firmware')}</td><td class='num'>{cell('loader')}</td>"
                      f"<td class='num'>{cell('kernel')}</td><td class='num'>{cell('initrd')}</td>"
                      f"<td class='num'>{cell('userspace')}</td><td class='small'>{_e(b.get('analyze_time') or 'not finished')}</td>"
                      f"<td><code>{_e((digest or 'not recorded')[:20])}</code></td><td class='msg'>{_e(b.get('source'))}</td></tr>")

@@ -38,12 +38,14 @@ def render_markdown(doc: dict[str, Any]) -> str:
     notes = [r for r in results if r.verdict != "pass"]
     if notes:
         lines += [""] + [f"- **{r.name}** ({ICON[r.verdict]}): {r.message}" for r in notes]
-    lines += ["", "| boot | label | kernel | initrd | userspace | `systemd-analyze time` |", "|---|---|---|---|---|---|"]
+    lines += ["", "| boot | label | firmware | loader | kernel | initrd | userspace | `systemd-analyze time` |",
+              "|---|---|---|---|---|---|---|---|"]
     for b in boots:
         ph = b.get("phases", {})
         cell = lambda k: _s(ph[k]["usec"] / 1000) if ph.get(k, {}).get("state") == "ok" else ph.get(k, {}).get("state", "–")  # noqa: E731
         at = (b.get("analyze_time") or "not finished").replace("\n", " ")
-        lines.append(f"| `{(b.get('boot_id') or '?')[:12]}` | {b.get('label') or ''} | {cell('kernel')} | "
+        lines.append(f"| `{(b.get('boot_id') or '?')[:12]}` | {b.get('label') or ''} | {cell('firmware')} | "
+                     f"{cell('loader')} | {cell('kernel')} | "
                      f"{cell('initrd')} | {cell('userspace')} | {at} |")
     lines += ["", f"Percentiles: {doc.get('percentile_method')}.", ""]
     return "\n".join(lines)
