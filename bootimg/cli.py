@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         # `bootimg composefs-info dump IMG | head`: not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:
+        # The environment refused something (permissions, a full disk, a vanished file) where no
+        # step turned it into a BootimgError of its own: still one line naming the file.
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"bootimg {args.cmd}: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

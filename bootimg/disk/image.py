@@ -88,15 +88,23 @@ def _read_release(rel: ReleaseDir) -> dict:
     return parse_release(data, str(rel.release_json))
 
 
-def node_entries(node: Node, prefix: str, rel: ReleaseDir) -> Iterator[fs.Entry]:
+# What ``mke2fs -d ARCHIVE.tar`` (e2fsprogs 1.47) carries into the file system: other xattrs
+# of a tar member are dropped, so they are reported instead of silently lost.
+KEPT_XATTRS = frozenset({"security.capability"})
+
+
+def node_entries(node: Node, prefix: str, rel: ReleaseDir, dropped: list[str] | None = None) -> Iterator[fs.Entry]:
     """The entries of an image subtree (owners, modes, times, xattrs, contents through the
-    object store) for the data partition, e.g. the root's /var as the persistent /var."""
+    object store) for the data partition, e.g. the root's /var as the persistent /var.
+    ``dropped`` collects ``path (xattr)`` for xattrs the data partition cannot take."""
     first_path: dict[int, str] = {}
     stack = [(prefix, node)]
     while stack:
         path, n = stack.pop()
         t = n.target()
         xattrs = {k.decode("utf-8", "surrogateescape"): v for k, v in sorted(t.xattrs.items())}
+        if dropped is not None:
+            dropped.extend(f"/{path} ({k})" for k in xattrs if k not in KEPT_XATTRS)
         common = dict(mode=stat.S_IMODE(t.mode), uid=t.uid, gid=t.gid, mtime=t.mtime_sec, xattrs=xattrs)
         if t.is_dir():
             yield fs.Entry(path, "dir", **common)
@@ -120,7 +128,8 @@ def node_entries(node: Node, prefix: str, rel: ReleaseDir) -> Iterator[fs.Entry]
             yield fs.Entry(path, "fifo", **common)
 
 
-def data_entries(rel: ReleaseDir, release: dict, root: Node, epoch: int) -> Iterator[fs.Entry]:
+def data_entries(rel: ReleaseDir, release: dict, root: Node, epoch: int,
+                 dropped: list[str] | None = None) -> Iterator[fs.Entry]:
     """The data partition: the release directory and the initial state (docs/boot-design.md)."""
     top = RELEASE_PATH.strip("/").split("/")[0]
     yield fs.Entry(top, "dir", 0o755, mtime=epoch)
@@ -130,7 +139,7 @@ def data_entries(rel: ReleaseDir, release: dict, root: Node, epoch: int) -> Iter
     if release.get("boot", {}).get("var") == "persistent":
         var = root.lookup(b"var")
         if var is not None and var.target().is_dir():
-            yield from node_entries(var, f"{state}/var", rel)
+            yield from node_entries(var, f"{state}/var", rel, dropped)
         else:
             yield fs.Entry(f"{state}/var", "dir", 0o755, mtime=epoch)
 
@@ -222,7 +231,12 @@ def make_disk(release_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
 
         # -- the data partition -------------------------------------------------------------
         archive = work / "data.tar"
-        content, count = fs.write_tar(data_entries(rel, release, root, epoch), archive)
+        dropped: list[str] = []
+        content, count = fs.write_tar(data_entries(rel, release, root, epoch, dropped), archive)
+        if dropped:
+            log(f"note: {len(dropped)} xattrs of the root's /var are not carried into the data partition's initial "
+                f"/var (mke2fs from a tar keeps only {', '.join(sorted(KEPT_XATTRS))}): {', '.join(dropped[:3])}"
+                + (" ..." if len(dropped) > 3 else ""))
         data_min = _align(content + content // 8 + count * 4096 + 64 * MiB)
         if options.size is not None:
             data_size = options.size - esp_size - 2 * ALIGN
