@@ -102,7 +102,7 @@ def ensure_tree(board: Board, build: Path, *, log: Log = stderr_log) -> Path:
         stamp.write_text(board.rootfs.key + "\n")
         log(f"extracted the board root to {tree} in {time.monotonic() - t0:.1f} s")
     keys = top / "authorized_keys"
-    want = authorized_keys(board.cache)
+    want = authorized_keys()
     if not keys.is_file() or keys.read_text() != want:
         keys.write_text(want)
     return tree
