@@ -18,6 +18,7 @@ import pytest
 from conftest import REPO, run_cli
 
 from bootimg.boot import initramfs, preflight
+from bootimg.composefs.reader import load_image
 from bootimg.composefs.store import ObjectStore
 from bootimg.manifest.model import Source
 from bootimg.release.layout import ReleaseDir
@@ -64,10 +65,10 @@ def make_root(top: Path, kver: str = KVER, *, fedora: bool = False, config: str 
     return top
 
 
-def write_manifest(top: Path, source: dict, trust: str = "sealed") -> Path:
+def write_manifest(top: Path, source: dict, trust: str = "sealed", exclude: tuple[str, ...] = ()) -> Path:
     doc = {"apiVersion": "bootimg/v1",
            "identity": {"name": "pf", "version": "1", "source_date_epoch": EPOCH},
-           "rootfs": {"source": source},
+           "rootfs": {"source": source, **({"exclude": list(exclude)} if exclude else {})},
            "integrity": {"trust": trust, "fsverity": "required"}}
     if trust == "signed":
         pub = top / "k.pub"
@@ -81,8 +82,9 @@ def write_manifest(top: Path, source: dict, trust: str = "sealed") -> Path:
     return path
 
 
-def build(top: Path, root: Path, *extra: str, trust: str = "sealed", source: dict | None = None):
-    manifest = write_manifest(top, source or {"type": "directory", "path": str(root)}, trust)
+def build(top: Path, root: Path, *extra: str, trust: str = "sealed", source: dict | None = None,
+          exclude: tuple[str, ...] = ()):
+    manifest = write_manifest(top, source or {"type": "directory", "path": str(root)}, trust, exclude)
     out = top / "out" / "release"
     key = ["--key", str(top / "k.key")] if trust == "signed" else []
     return out, run_cli("build", str(manifest), "-o", str(out), *key, *extra)
@@ -146,6 +148,16 @@ def test_every_missing_piece_is_reported(tmp_path):
     assert_refused_with(tmp_path, out, res, "the root has no kernel", "no systemd", "no dracut",
                         "no fsverity (/usr/bin/fsverity or /usr/sbin/fsverity), which the initramfs runs: install the "
                         "fsverity package")
+
+
+def test_the_root_is_checked_as_loaded_before_excludes(tmp_path):
+    """The kernel and initramfs are made from the root filesystem, not its image: a manifest that
+    leaves /boot and the dracut out of the image (manifests/board.yaml leaves /boot out) builds."""
+    root = make_root(tmp_path / "root")
+    out, res = build(tmp_path, root, exclude=("/boot/**", "/usr/bin/dracut"))
+    assert res.returncode == 0, res.stderr.decode()
+    image = load_image(out / "images" / "root.cfs").root
+    assert image.lookup(f"/boot/vmlinuz-{KVER}".encode()) is None and image.lookup(b"/usr/bin/dracut") is None
 
 
 def test_no_boot_check_builds_a_root_that_cannot_boot(tmp_path):

@@ -2,9 +2,11 @@
 
 A release whose root lacks the initramfs generator, the kernel features or the tools the
 initramfs hook needs builds fine and only fails on the target, at boot. So the build checks
-the root tree it has loaded (``check_hook``, a tree hook the pipeline puts first in the boot
-layer's steps, before any image is written) and ``bootimg validate --root`` checks the rootfs
-source on its own. Files are read through the tree and its object store, never from the host.
+the root tree it has loaded from its source (``check_hook``, the check the pipeline adds to the
+boot layer's steps: before the manifest's excludes, since the kernel and the initramfs are made
+from the root filesystem, not from its image, and before any image is written), and ``bootimg
+validate --root`` checks the rootfs source on its own. Files are read through the tree and its
+object store, never from the host.
 
 What the root needs:
 
@@ -126,7 +128,8 @@ def source_label(source_path: object) -> str:
 
 
 def check_hook(ctx: BuildContext, root: Node) -> None:
-    """The build's tree hook: refuse a root that cannot boot before any of it is written."""
+    """The build's check of the root as loaded: refuse one that cannot boot before any of it is
+    written."""
     require_bootable(root, ctx.out, ctx.manifest.integrity.trust, source_label(ctx.manifest.rootfs.source.path))
 
 
