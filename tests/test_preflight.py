@@ -150,14 +150,23 @@ def test_every_missing_piece_is_reported(tmp_path):
                         "fsverity package")
 
 
-def test_the_root_is_checked_as_loaded_before_excludes(tmp_path):
-    """The kernel and initramfs are made from the root filesystem, not its image: a manifest that
-    leaves /boot and the dracut out of the image (manifests/board.yaml leaves /boot out) builds."""
-    root = make_root(tmp_path / "root")
-    out, res = build(tmp_path, root, exclude=("/boot/**", "/usr/bin/dracut"))
+def test_the_root_is_checked_as_its_image_holds_it(tmp_path):
+    """The kernel and the initramfs are made from the root image (dracut runs inside it): what
+    the manifest excludes from the image is missing, what it adds is there."""
+    root = make_root(tmp_path / "root", drop=("usr/bin/sed",))
+    (tmp_path / "sed").write_bytes(b"\x7fELF sed" * 10)
+    manifest = write_manifest(tmp_path, {"type": "directory", "path": str(root)}, exclude=("/boot/**",))
+    doc = json.loads(manifest.read_text())
+    doc["rootfs"]["add_files"] = [{"path": "/usr/bin/sed", "source_path": str(tmp_path / "sed"), "mode": "0755"}]
+    manifest.write_text(json.dumps(doc))
+    out = tmp_path / "out" / "release"
+    res = run_cli("build", str(manifest), "-o", str(out))
+    assert_refused_with(tmp_path, out, res, "the root has no kernel")      # /boot/vmlinuz-KVER excluded
+    doc["rootfs"]["exclude"] = ["/boot/System.map-*"]
+    manifest.write_text(json.dumps(doc))
+    res = run_cli("build", str(manifest), "-o", str(out))
     assert res.returncode == 0, res.stderr.decode()
-    image = load_image(out / "images" / "root.cfs").root
-    assert image.lookup(f"/boot/vmlinuz-{KVER}".encode()) is None and image.lookup(b"/usr/bin/dracut") is None
+    assert load_image(out / "images" / "root.cfs").root.lookup(b"/usr/bin/sed").is_reg()
 
 
 def test_no_boot_check_builds_a_root_that_cannot_boot(tmp_path):
@@ -255,6 +264,14 @@ def test_modules_built_in_per_config_or_builtin_list(tmp_path):
 def test_no_config_skips_the_fsverity_check(tmp_path):
     result = check(make_root(tmp_path / "root", config=None), tmp_path)
     assert result.problems == [] and result.fsverity.startswith("not checked")
+
+
+def test_a_kernel_without_its_modules_directory(tmp_path):
+    root = make_root(tmp_path / "root")
+    shutil.rmtree(root / "usr/lib/modules")
+    result = check(root, tmp_path)
+    assert result.problems == [f"the root's kernel {KVER} (/boot/vmlinuz-{KVER}) has no modules directory "
+                               f"(/usr/lib/modules/{KVER}): install the kernel package's modules"]
 
 
 def test_kernel_features_need_their_dracut_module(tmp_path):

@@ -1,17 +1,18 @@
 """Pre-flight check: can this root tree boot a verified composefs root?
 
 A release whose root lacks the initramfs generator, the kernel features or the tools the
-initramfs hook needs builds fine and only fails on the target, at boot. So the build checks
-the root tree it has loaded from its source (``check_hook``, the check the pipeline adds to the
-boot layer's steps: before the manifest's excludes, since the kernel and the initramfs are made
-from the root filesystem, not from its image, and before any image is written), and ``bootimg
-validate --root`` checks the rootfs source on its own. Files are read through the tree and its
-object store, never from the host.
+initramfs hook needs builds fine and only fails on the target, at boot. The kernel and the
+initramfs are made from the root image (dracut runs inside it), so the build checks the root
+tree as its image will hold it (``check_hook``, a tree hook the pipeline puts first in the boot
+layer's steps: after the manifest's excludes and added files, before the image is written; the
+root is not loaded a second time), and ``bootimg validate --root`` checks the same tree alone.
+Files are read through the tree and its object store, never from the host.
 
 What the root needs:
 
-- a kernel: ``/boot/vmlinuz-KVER`` (Debian) or ``/usr/lib/modules/KVER/vmlinuz`` (Fedora, UKI
-  builds); the newest one is checked (the one a boot loader picks by default). It must be
+- a kernel: ``/usr/lib/modules/KVER/vmlinuz`` (Fedora, UKI builds) or ``/boot/vmlinuz-KVER``
+  (Debian) for a KVER with a modules directory; the newest one is checked (the one the
+  initramfs is built for). It must be
   Linux 6.6 or newer (overlayfs data-only lower layers and ``verity=`` are new in 6.6: a 6.1
   kernel does not mount a composefs root), have every module the initramfs module installs
   (``initramfs.KERNEL_MODULES``) built in (``modules.builtin``) or as a module file, and, when
@@ -161,17 +162,26 @@ def kernel_version(kver: str) -> tuple[int, int, int] | None:
     return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else None
 
 
-def find_kernels(view: ContainerImage) -> dict[str, str]:
-    """Every kernel of the root: release string -> path of its image."""
-    found: dict[str, str] = {}
-    for name in _listdir(view, "/boot"):
-        if name.startswith("vmlinuz-") and len(name) > 8 and _is_file(view, f"/boot/{name}"):
-            found.setdefault(name[8:], f"/boot/{name}")
-    for base in MODULES_DIRS:
-        for kver in _listdir(view, base):
-            if _is_file(view, f"{base}/{kver}/vmlinuz"):
-                found.setdefault(kver, f"{base}/{kver}/vmlinuz")
-    return found
+def _version_key(kver: str) -> tuple:
+    return (kernel_version(kver) or (0, 0, 0), kver)
+
+
+def find_kernel(view: ContainerImage) -> tuple[str, str] | None:
+    """(KVER, path of its image) of the kernel the root boots: the newest KVER with a modules
+    directory and a ``/usr/lib/modules/KVER/vmlinuz`` or ``/boot/vmlinuz-KVER``."""
+    kvers = {kver for base in MODULES_DIRS for kver in _listdir(view, base)
+             if (node := view.resolve(f"{base}/{kver}")) is not None and node.is_dir()}
+    for kver in sorted(kvers, key=_version_key, reverse=True):
+        for path in (f"/usr/lib/modules/{kver}/vmlinuz", f"/lib/modules/{kver}/vmlinuz", f"/boot/vmlinuz-{kver}"):
+            if _is_file(view, path):
+                return kver, path
+    return None
+
+
+def _unmatched_kernel(view: ContainerImage) -> str | None:
+    """A ``/boot/vmlinuz-KVER`` without its modules directory, if the root has one."""
+    names = [n for n in _listdir(view, "/boot") if n.startswith("vmlinuz-") and _is_file(view, f"/boot/{n}")]
+    return max((n[8:] for n in names), key=_version_key, default=None)
 
 
 def _modules_dir(view: ContainerImage, kver: str) -> str | None:
@@ -224,17 +234,22 @@ def _config(view: ContainerImage, kver: str, moddir: str | None) -> tuple[str | 
 
 
 def _check_kernel(view: ContainerImage, result: BootCheck) -> None:
-    kernels = find_kernels(view)
-    if not kernels:
-        result.problems.append("the root has no kernel (/boot/vmlinuz-KVER or /usr/lib/modules/KVER/vmlinuz): "
-                               f"install {KERNEL_PACKAGE}")
+    found = find_kernel(view)
+    if found is None:
+        orphan = _unmatched_kernel(view)
+        if orphan is not None:
+            result.problems.append(f"the root's kernel {orphan} (/boot/vmlinuz-{orphan}) has no modules directory "
+                                   f"(/usr/lib/modules/{orphan}): install the kernel package's modules")
+        else:
+            result.problems.append("the root has no kernel (/usr/lib/modules/KVER/vmlinuz or /boot/vmlinuz-KVER): "
+                                   f"install {KERNEL_PACKAGE}")
         return
-    kver = max(kernels, key=lambda k: (kernel_version(k) or (0, 0, 0), k))
+    kver, path = found
     result.kernel = kver
     version = kernel_version(kver)
     if version is None or version[:2] < MIN_KERNEL:
         why = "its version cannot be read" if version is None else "it is older than Linux 6.6"
-        result.problems.append(f"the root's kernel {kver} ({kernels[kver]}) cannot mount a composefs root: {why}, "
+        result.problems.append(f"the root's kernel {kver} ({path}) cannot mount a composefs root: {why}, "
                                "and overlayfs data-only layers and verity= need 6.6 or newer: "
                                f"install {NEW_KERNEL}")
     moddir = _modules_dir(view, kver)
@@ -246,10 +261,6 @@ def _check_kernel(view: ContainerImage, result: BootCheck) -> None:
             result.problems.append(f"the root's kernel {kver} has no fs-verity ({config_path}: CONFIG_FS_VERITY="
                                    f"{config.get('CONFIG_FS_VERITY', 'n')}; it cannot be a module): install a kernel "
                                    "built with CONFIG_FS_VERITY=y")
-    if moddir is None:
-        result.problems.append(f"the root's kernel {kver} has no modules directory (/usr/lib/modules/{kver}): "
-                               "install the kernel package's modules")
-        return
     builtin, files = _builtin(view, moddir), _module_files(view, moddir)
     for module in initramfs.KERNEL_MODULES:
         what, symbol, where = KERNEL_FEATURES.get(module, (module, None, "kernel"))

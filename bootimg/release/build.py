@@ -69,14 +69,11 @@ RootTreeHook = Callable[[BuildContext, Node], None]
 
 @dataclass(frozen=True)
 class RootSteps:
-    """What layers above the release check in and add to the root tree before its image is
-    written, in order; passed explicitly by the caller (``bootimg.pipeline``). ``checks`` see
-    the root as loaded from its source (before the manifest's excludes and added files) and
-    raise to refuse it (the boot layer's pre-flight check)."""
+    """What layers above the release add to the root tree before its image is written, in
+    order; passed explicitly by the caller (``bootimg.pipeline``)."""
 
     contributors: tuple[RootContributor, ...] = ()
     tree_hooks: tuple[RootTreeHook, ...] = ()
-    checks: tuple[RootTreeHook, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -173,8 +170,6 @@ def _root_tree(ctx: BuildContext, steps: RootSteps) -> Node:
     manifest = ctx.manifest
     rootfs = manifest.rootfs
     root = load_source(rootfs.source, ctx.store, policy=SourcePolicy(allow_devices=True), label="rootfs").root
-    for check in steps.checks:
-        check(ctx, root)
     if rootfs.exclude:
         treeops.exclude(root, list(rootfs.exclude))
     epoch = manifest.identity.source_date_epoch
