@@ -19,10 +19,9 @@ from .errors import BootimgError
 # signing modules cost ~0.3 s of imports that `bootimg mkcomposefs` has no use for).
 COMMAND_MODULES = {
     "bootimg.composefs.commands": ("mkcomposefs", "composefs-info"),
-    "bootimg.manifest.commands": ("validate",),
+    "bootimg.pipeline.commands": ("validate", "build"),
     "bootimg.signing.commands": ("keygen", "sign", "verify-signature"),
-    "bootimg.release.commands": ("verify",),
-    "bootimg.pipeline.commands": ("build",),
+    "bootimg.release.commands": ("verify", "mount", "umount"),
     "bootimg.disk.commands": ("disk", "initramfs"),
     "bootimg.vm.commands": ("qemu",),
     "bootimg.board.commands": ("board",),
@@ -51,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
         return code
     except BootimgError as err:
-        print(f"bootimg {args.cmd}: {err}", file=sys.stderr)
+        for line in str(err).splitlines() or [""]:     # an error of several problems: each line prefixed
+            print(f"bootimg {args.cmd}: {line}", file=sys.stderr)
         return err.exit_code
     except BrokenPipeError:
         # `bootimg composefs-info dump IMG | head`: not an error worth a traceback.

@@ -75,6 +75,7 @@ def test_good_options_validate(validator, workspace):
     (lambda o: o["manifest"]["identity"].update(source_date_epoch="yesterday"), "is not of type"),
     (lambda o: o.pop("manifest"), "'manifest' is a required property"),
     (lambda o: o.update(output={"repository": "../escape"}), "does not match"),
+    (lambda o: o.update({"boot-check": "no"}), "is not of type 'boolean'"),
 ])
 def test_bad_options_are_rejected(validator, workspace, mutate, expected):
     options = {"manifest": normalized(workspace), "output": {"repository": "/composefs"}}
@@ -96,7 +97,8 @@ def test_main_builds_release_from_input_tree(workspace, tmp_path):
             "tree": {"path": str(rootfs), "data": {}},
             "signing-key": {"path": str(workspace / "build" / "keys"), "data": {"files": {"release-2026.key": {}}}},
         },
-        "options": {"manifest": normalized(workspace), "output": {"repository": "/composefs"}},
+        # The example root has no kernel, systemd or dracut: a release that is never booted.
+        "options": {"manifest": normalized(workspace), "output": {"repository": "/composefs"}, "boot-check": False},
         "meta": {"source-epoch": 1767225600},
     }
     assert stage.main(args) == 0
@@ -114,6 +116,22 @@ def test_main_builds_release_from_input_tree(workspace, tmp_path):
     for p in sorted(out.rglob("*")):
         if p.is_file():
             assert (tree2 / "composefs" / p.relative_to(out)).read_bytes() == p.read_bytes()
+
+
+def test_main_refuses_a_tree_that_cannot_boot(workspace, tmp_path, capsys):
+    """The boot check is on by default, as in bootimg build: every missing piece, one line each."""
+    stage = load_stage()
+    rootfs = tmp_path / "input-os"
+    shutil.copytree(workspace / "build" / "ivi-rootfs", rootfs, symlinks=True)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    args = {"tree": str(tree), "inputs": {"tree": {"path": str(rootfs), "data": {}}},
+            "options": {"manifest": normalized(workspace, "minimal.yaml")}, "meta": {}}
+    assert stage.main(args) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(ln.startswith(f"org.bootimg.build: rootfs: {rootfs}: the root") for ln in lines), lines
+    assert any("no dracut (/usr/bin/dracut)" in ln for ln in lines) and any("no kernel" in ln for ln in lines)
+    assert list(tree.iterdir()) == []
 
 
 def test_main_reports_invalid_manifest(workspace, tmp_path, capsys):

@@ -42,6 +42,16 @@ TEMPLATES = {
     "bootimg-provision.sh": 0o755,
 }
 
+# What module-setup.sh takes from the root into the initramfs, in one place: the template gets
+# these lists through its placeholders, and the build's preflight (``preflight``) checks that the
+# root has every one of them.
+DRACUT_DEPENDS = ("systemd",)                     # dracut modules 90bootimg depends on
+KERNEL_MODULES = ("erofs", "overlay", "loop")     # built in or modules of the root's kernel
+HOOK_TOOLS = ("cat", "sed", "mkdir", "rm", "mount", "umount", "losetup", "fsverity")
+SIGNED_TOOLS = ("minisign",)                      # trust profile "signed" only
+_WORD = re.compile(r"[A-Za-z0-9._+-]+")
+assert all(_WORD.fullmatch(w) for w in DRACUT_DEPENDS + KERNEL_MODULES + HOOK_TOOLS + SIGNED_TOOLS)
+
 # Besides the hook's own parameters, variables that would change what the hook's tools do.
 _UNSET_ALSO = ("LD_PRELOAD", "LD_LIBRARY_PATH")
 _PLACEHOLDER = re.compile(r"@[A-Z_]+@")
@@ -62,6 +72,11 @@ def hook_parameters() -> list[str]:
     return sorted(names)
 
 
+def hook_tools(trust: str) -> tuple[str, ...]:
+    """The programs the initramfs needs from the root for trust profile ``trust``."""
+    return HOOK_TOOLS + (SIGNED_TOOLS if trust == "signed" else ())
+
+
 def failure_policy(manifest: Manifest) -> str:
     """The unit lines for boot.on_verification_failure."""
     policy = manifest.boot.on_verification_failure
@@ -80,6 +95,10 @@ def render(name: str, manifest: Manifest) -> str:
         "TRUST": manifest.integrity.trust,
         "FAILURE_POLICY": failure_policy(manifest),
         "UNSET_ENVIRONMENT": " ".join(hook_parameters() + list(_UNSET_ALSO)),
+        "DRACUT_DEPENDS": " ".join(DRACUT_DEPENDS),
+        "KERNEL_MODULES": " ".join(KERNEL_MODULES),
+        "HOOK_TOOLS": " ".join(HOOK_TOOLS),
+        "SIGNED_TOOLS": " ".join(SIGNED_TOOLS),
     }
     text = _PLACEHOLDER.sub(lambda m: values.get(m.group(0)[1:-1], m.group(0)), template(name))
     left = _PLACEHOLDER.findall(text)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import arch as archmod
+from ..boot import preflight
+from ..boot.units import ContainerImage
 from ..composefs.tree import Node
 from ..errors import BootimgError
 from ..host import (
@@ -72,27 +74,17 @@ class KernelInRoot:
     path: str          # absolute path of the kernel image in the root
 
 
-def _version_key(kver: str) -> list:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", kver)]
-
-
-def find_kernel(root: Node, *, file: str = "root image") -> KernelInRoot:
-    """The kernel a root boots: ``/usr/lib/modules/KVER/vmlinuz`` (the layout of UKI-era
-    distributions) or ``/boot/vmlinuz-KVER`` (Debian) for a KVER with a modules directory; the
-    newest when there are several."""
-    modules = root.lookup(b"usr/lib/modules") or root.lookup(b"lib/modules")
-    kvers = sorted((n.decode("utf-8", "replace") for n, node in (modules.target().children or {}).items()
-                    if node.target().is_dir()) if modules is not None else [], key=_version_key)
-    for kver in reversed(kvers):
-        for path in (f"/usr/lib/modules/{kver}/vmlinuz", f"/boot/vmlinuz-{kver}"):
-            node = root.lookup(path.lstrip("/").encode())
-            if node is not None and node.target().is_reg():
-                if not _KVER.match(kver):
-                    raise BootimgError(f"kernel version {kver!r} has characters dracut cannot take", file=file)
-                return KernelInRoot(kver, path)
-    where = f"modules for {', '.join(kvers)}" if kvers else "no /usr/lib/modules/KVER"
-    raise BootimgError(f"no kernel to boot: neither /usr/lib/modules/KVER/vmlinuz nor /boot/vmlinuz-KVER ({where})",
-                       file=file)
+def find_kernel(release: ReleaseDir, root: Node, *, file: str = "root image") -> KernelInRoot:
+    """The kernel a root boots (the boot check's rule: the newest KVER with a modules directory
+    and a ``/usr/lib/modules/KVER/vmlinuz`` or ``/boot/vmlinuz-KVER``)."""
+    found = preflight.find_kernel(ContainerImage(root, release))
+    if found is None:
+        raise BootimgError("no kernel to boot: neither /usr/lib/modules/KVER/vmlinuz nor /boot/vmlinuz-KVER "
+                           "with its modules directory", file=file)
+    kver, path = found
+    if not _KVER.match(kver):
+        raise BootimgError(f"kernel version {kver!r} has characters dracut cannot take", file=file)
+    return KernelInRoot(kver, path)
 
 
 def root_arch(release: ReleaseDir, root: Node) -> archmod.Arch:
@@ -161,7 +153,7 @@ def build_initramfs(release_dir: str | os.PathLike[str], *, cache: str | os.Path
             return BootFiles(out / "vmlinuz", out / "initrd.img", info["kver"], info["arch"], key, True,
                              time.monotonic() - start, info)
         root = rel.load_image(release["root"]["image"]).root
-        kernel = find_kernel(root, file=str(rel.image_path(release["root"]["image"])))
+        kernel = find_kernel(rel, root, file=str(rel.image_path(release["root"]["image"])))
         arch = root_arch(rel, root)
         if root.lookup(b"usr/bin/dracut") is None and root.lookup(b"bin/dracut") is None:
             raise BootimgError("the root has no dracut (/usr/bin/dracut): install the dracut package in it",

@@ -1,4 +1,6 @@
-"""Sub-command `bootimg validate FILE [--json]`.
+"""What `bootimg validate FILE [--json]` prints about a manifest (the command itself is
+registered by ``bootimg.pipeline.commands``, which adds ``--root``: checking the root needs the
+layers above this one).
 
 Prints every problem as ``FILE:LINE:COL: json.path: message`` on stderr (the
 format compilers use, so editors and CI annotate the right line) and exits 0
@@ -36,7 +38,8 @@ def summary(m: Manifest) -> str:
             f"fs-verity {m.integrity.fsverity}")
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
+def validate_command(args: argparse.Namespace) -> tuple[int, Manifest | None]:
+    """Validate ``args.file`` and print the result; (exit code, the manifest when valid)."""
     from .diagnostics import ManifestUnreadable
     from .loader import validate_file
 
@@ -44,31 +47,24 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         result = validate_file(args.file, check_inputs=args.check_inputs)
     except ManifestUnreadable as err:
         print(str(err), file=sys.stderr)
-        return err.exit_code
+        return err.exit_code, None
     for line in result.lines():
         print(line, file=sys.stderr)
     if result.manifest is None:
         n = len(result.errors)
         print(f"{args.file}: invalid: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
-        return 1
+        return 1, None
     if args.json:
         json.dump(result.manifest.to_dict(), sys.stdout, indent=2, sort_keys=True, ensure_ascii=False)
         sys.stdout.write("\n")
     else:
         print(f"{args.file}: valid: {summary(result.manifest)}")
-    return 0
+    return 0, result.manifest
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "validate",
-        help="check a manifest and report every problem with its line",
-        description="Check a bootimg manifest (apiVersion bootimg/v1) against its schema and "
-                    "cross-references. Exit 0 valid, 1 invalid, 2 unreadable.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="manifest YAML file")
     p.add_argument("--check-inputs", action="store_true",
                    help="also require the sources, files and keys it names to exist on this host")
     p.add_argument("--json", action="store_true",
                    help="print the normalized manifest (defaults filled in, absolute paths) as JSON")
-    p.set_defaults(func=_cmd_validate)

@@ -105,7 +105,7 @@ def build_release(manifest: Manifest, options: BuildOptions, steps: RootSteps = 
     try:
         (tmp / layout.IMAGES_DIR).mkdir(parents=True)
         # fs-verity is enabled where the release is installed (the target's filesystem);
-        # whether the build host can enable it too does not matter, so no notice about it.
+        # the build host need not have it (`bootimg build` notes it once, about the finished release).
         # Objects are not fsynced one by one (106k journal commits for a /usr root); the
         # whole release is synced once before it is renamed into place.
         store = ObjectStore(tmp / layout.OBJECTS_DIR, fsync=False, on_notice=lambda _msg: None)

@@ -1,9 +1,11 @@
-"""`bootimg verify`."""
+"""`bootimg verify`, `bootimg mount`, `bootimg umount`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from ..errors import BootimgError
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -21,6 +23,30 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mount(args: argparse.Namespace) -> int:
+    from .mount import mount_release, unmount_release
+
+    if args.unmount:
+        if args.dir is not None:
+            raise BootimgError("--unmount takes one argument: the directory (bootimg mount --unmount DIR)")
+        print(f"{unmount_release(args.release)}: unmounted")
+        return 0
+    if args.dir is None:
+        raise BootimgError("needs RELEASE and DIR (bootimg mount RELEASE DIR)")
+    m = mount_release(args.release, args.dir, image=args.image, verity=not args.no_verity)
+    how = "verity=require" if m.verity else "without runtime verification (--no-verity)"
+    print(f"{m.target}: image '{m.image}' of {args.release} (fs-verity digest {m.digest}), read-only, {how}; "
+          f"bootimg umount {m.target} undoes it")
+    return 0
+
+
+def _cmd_umount(args: argparse.Namespace) -> int:
+    from .mount import unmount_release
+
+    print(f"{unmount_release(args.dir)}: unmounted")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check a release: digests, objects, signatures",
                        description="Recompute every digest of a release and check its signatures.")
@@ -28,3 +54,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key", action="append", metavar="PUB", help="trusted public key (repeatable); "
                    "default: the keys the release's root image carries")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("mount", help="mount an image of a release to look inside it (root)",
+                       description="Mount an image of a release read-only the composefs way: its EROFS image "
+                                   "(loop) under an overlay with the release's objects/ as the data-only layer "
+                                   "and verity=require. The image's digest must be the one release.json records. "
+                                   "`bootimg mount --unmount DIR` (or `bootimg umount DIR`) undoes it.")
+    p.add_argument("release", metavar="RELEASE", help="release directory (bootimg build -o RELEASE); with --unmount: DIR")
+    p.add_argument("dir", metavar="DIR", nargs="?", help="an existing directory to mount it on")
+    p.add_argument("--image", default="root", metavar="NAME", help="which image: root (default) or a container's name")
+    p.add_argument("--no-verity", action="store_true",
+                   help="mount without verity=require (for a build host whose filesystem has no fs-verity): "
+                        "objects are read without runtime verification")
+    p.add_argument("--unmount", action="store_true", help="undo a bootimg mount at the directory given")
+    p.set_defaults(func=_cmd_mount)
+    p = sub.add_parser("umount", help="undo bootimg mount", description="Unmount what `bootimg mount` mounted at DIR.")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=_cmd_umount)

@@ -14,12 +14,12 @@ check() {
 }
 
 depends() {
-    echo systemd
+    echo @DRACUT_DEPENDS@
     return 0
 }
 
 installkernel() {
-    instmods erofs overlay loop
+    instmods @KERNEL_MODULES@
 }
 
 install() {
@@ -28,9 +28,9 @@ install() {
     inst_simple "$moddir/bootimg-root.service" "$systemdsystemunitdir/bootimg-root.service" || return 1
     inst_simple /usr/lib/bootimg/boot.conf /etc/bootimg/boot.conf || return 1
     # Every tool the hook and bootimg-provision run (mount sets up the loop device itself).
-    inst_multiple cat sed mkdir rm mount umount losetup fsverity || return 1
+    inst_multiple @HOOK_TOOLS@ || return 1
     if [ "$BOOTIMG_TRUST" = signed ]; then
-        inst_multiple minisign || return 1
+        inst_multiple @SIGNED_TOOLS@ || return 1
         # The trusted release keys, named KEYID.pub in the root: the file name is the key id.
         nkeys=0
         for key in "${dracutsysrootdir-}"/usr/lib/bootimg/keys/*.pub; do
