@@ -9,6 +9,8 @@ Sources, all structured fields (never message text):
   (manager_notify_finished()). They give back the Manager timestamps exactly:
   InitRD = KERNEL_USEC (when INITRD_USEC is there), Userspace = KERNEL_USEC + INITRD_USEC,
   Finish = Userspace + USERSPACE_USEC.
+* Unit starting (``MESSAGE_ID=7d4958e842da4a758f6c1cdc7b36dcc5``) of ``bootimg-root.service``: when
+  the initramfs hook started, so that its own time (``root_hook``: started to done) is known.
 * Job done (``MESSAGE_ID=39f53479d3a045ac8e11786248231fbf``, JOB_TYPE=start, JOB_RESULT=done):
   ``__MONOTONIC_TIMESTAMP`` of the message is when a unit became active (logged right after
   the state change; microseconds later than ActiveEnterTimestamp). The initrd's messages are
@@ -29,12 +31,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import BootimgError
-from .collect import record_from_properties, units_to_read
+from .collect import ROOT_UNIT, record_from_properties, units_to_read
 from .model import BootRecord, Value
 
 STARTUP_FINISHED = "b07a249cd024414a82dd00cd181378ff"
 USER_STARTUP_FINISHED = "eed00a68ffd84e31882105fd973abdd1"
 JOB_DONE = "39f53479d3a045ac8e11786248231fbf"
+UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"
 DEFAULT_TARGETS = ("graphical.target", "multi-user.target")
 
 Runner = Callable[[Sequence[str]], subprocess.CompletedProcess]
@@ -97,6 +100,10 @@ def history(run: Runner, *, directory: str | None = None, units: Iterable[str] =
     want = units_to_read([*units, *(u for _, u in containers)])
     starts = _journal(run, base, [f"MESSAGE_ID={STARTUP_FINISHED}", f"MESSAGE_ID={USER_STARTUP_FINISHED}"], where)
     jobs = _journal(run, base, [f"MESSAGE_ID={JOB_DONE}", "JOB_TYPE=start", "JOB_RESULT=done"], where)
+    hook_starts: dict[str, int] = {}
+    for e in _journal(run, base, [f"MESSAGE_ID={UNIT_STARTING}", f"UNIT={ROOT_UNIT}"], where):
+        if e.get("_BOOT_ID"):
+            hook_starts.setdefault(e["_BOOT_ID"], _int(e, "__MONOTONIC_TIMESTAMP"))
     by_boot_start: dict[str, dict[str, Any]] = {}
     first_seen: dict[str, int] = {}
     for e in starts:
@@ -129,6 +136,9 @@ def history(run: Runner, *, directory: str | None = None, units: Iterable[str] =
         rec = record_from_properties(manager, unit_props, {"/proc/sys/kernel/random/boot_id": bid},
                                      source=where, containers=containers)
         rec = _journal_provenance(rec, start is not None)
+        if bid in hook_starts:
+            rec.milestones["root_hook_start"] = Value(
+                "ok", hook_starts[bid], rec.clock, f"journal:unit-starting {ROOT_UNIT} __MONOTONIC_TIMESTAMP")
         records.append(rec)
     return records
 
@@ -149,6 +159,24 @@ def _journal_provenance(rec: BootRecord, finished: bool) -> BootRecord:
     if not finished:
         rec.analyze_time = None
     return rec
+
+
+def with_journal(record: BootRecord, run: Runner) -> BootRecord:
+    """``record`` (collected live, over D-Bus) completed from the same boot's journal: the exact
+    time the verified root was mounted and the hook's start, which the manager no longer knows
+    after switch-root (its initrd units are gone). Unchanged when the journal has neither."""
+    try:
+        past = history(run, units=[ROOT_UNIT])
+    except BootimgError:
+        return record
+    this = next((r for r in past if r.boot_id == record.boot_id), None)
+    if this is None:
+        return record
+    for name in ("root_mounted", "root_hook_start"):
+        v = this.milestones.get(name)
+        if v is not None and v.state == "ok" and ROOT_UNIT in v.source:
+            record.milestones[name] = v
+    return record
 
 
 def local_runner(argv: Sequence[str]) -> subprocess.CompletedProcess:

@@ -85,8 +85,24 @@ def milestone_for(record: BootRecord, budget: KpiBudget, manifest: Manifest | No
     return v, None
 
 
+def hook_sample(record: BootRecord) -> Sample:
+    """``root_hook``: the initramfs hook's own time, bootimg-root.service started -> done, both
+    from the boot's journal (the manager forgets initrd units at switch-root)."""
+    start, done = record.milestones.get("root_hook_start"), record.milestones.get("root_mounted")
+    if start is None or done is None or start.state != "ok" or done.state != "ok" or "journal" not in done.source:
+        return Sample(record.boot_id, record.label, "not_measurable", None, "journal:bootimg-root.service",
+                      "the hook's start and end come from the boot's journal (kpi run reads it; kpi collect --history)")
+    src = f"{done.source} - {start.source}"
+    ms = round((done.usec - start.usec) / 1000.0, 3)
+    if ms < 0:
+        return Sample(record.boot_id, record.label, "implausible", ms, src, "done before started")
+    return Sample(record.boot_id, record.label, "ok", ms, src)
+
+
 def sample(record: BootRecord, budget: KpiBudget, manifest: Manifest | None) -> tuple[Sample, str | None]:
     """One boot's value of a KPI in ms since the KPI's base, with its state and provenance."""
+    if budget.measure == "root_hook":
+        return hook_sample(record), None
     v, unit = milestone_for(record, budget, manifest)
     mk = lambda state, ms, note, src=v.source: Sample(record.boot_id, record.label, state, ms, src, note)  # noqa: E731
     if v.state != "ok":

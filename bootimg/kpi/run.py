@@ -18,6 +18,7 @@ from typing import Callable, ContextManager, Iterator, Sequence
 
 from ..errors import BootimgError
 from .collect import collect
+from .history import with_journal
 from .model import BootRecord
 from .transport import MANAGER_PATH, Transport, TransportError, open_transport
 
@@ -53,6 +54,7 @@ def run_boots(times: int, booter: Booter, units: Sequence[str], *, containers: S
             try:
                 wait_finished(transport, finish_timeout)
                 rec = collect(transport, units, label="first" if i == 1 else kind, containers=containers)
+                rec = with_journal(rec, lambda argv: transport.run(argv))
             finally:
                 transport.close()
         rec.system.update(info)

@@ -30,7 +30,7 @@ Trust = Literal["sealed", "signed"]
 EtcPolicy = Literal["transient", "readonly"]
 VarPolicy = Literal["persistent", "transient"]
 VerificationFailure = Literal["reboot", "emergency"]
-Measure = Literal["unit_active", "initrd", "root_mounted", "userspace", "default_target", "boot_finished"]
+Measure = Literal["unit_active", "initrd", "root_mounted", "root_hook", "userspace", "default_target", "boot_finished"]
 Since = Literal["kernel_start", "userspace_start", "power_on"]
 Statistic = Literal["median", "p90", "p95", "max"]
 

@@ -20,7 +20,7 @@ from .document import Document
 PHASES = ("early", "basic", "default")
 CONTAINER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # Milestones reached before the switch to the real root: meaningless against userspace_start.
-BEFORE_USERSPACE = ("initrd", "root_mounted", "userspace")
+BEFORE_USERSPACE = ("initrd", "root_mounted", "root_hook", "userspace")
 
 
 def _is_int(value: Any) -> bool:

@@ -92,7 +92,7 @@ def _timeline(doc: dict[str, Any], results: list, boot: dict[str, Any]) -> str:
     end = max(end * 1.06, 0.5)
     left, width, row_h, top = 190, 900, 26, 34
     sx = lambda x: left + width * (max(start, x) - start) / (end - start)  # noqa: E731
-    kpi_rows = [r for r in results]
+    kpi_rows = [r for r in results if r.measure != "root_hook"]   # a duration: in the tables, not on the time axis
     height = top + row_h * (2 + len(kpi_rows)) + 40
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 170}" height="{height}" '
            f'viewBox="0 0 {left + width + 170} {height}" style="max-width:100%;height:auto" '
