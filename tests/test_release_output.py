@@ -122,18 +122,22 @@ def test_force_replaces_a_release_and_an_empty_directory(workspace, reference, t
     assert os.listdir(tmp_path) == ["r"]
 
 
-@pytest.mark.parametrize("where", ["read-only", "proc", "root", "parent-is-a-file"])
+@pytest.mark.parametrize("where", ["read-only", "full", "proc", "root", "parent-is-a-file"])
 def test_unwritable_output_is_one_line(workspace, tmp_path, where):
-    if where == "read-only":
+    if where in ("read-only", "full"):
         if os.geteuid() != 0:
-            pytest.skip("needs root to mount a read-only tmpfs")
-        ro = tmp_path / "ro"
-        ro.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "none", str(ro)], check=True)
+            pytest.skip("needs root to mount a tmpfs")
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m" if where == "read-only" else "size=1m", "none",
+                        str(mnt)], check=True)
         try:
-            results = [build(workspace, ro / "out"), build(workspace, ro / "sub" / "out")]
+            results = [build(workspace, mnt / "out"), build(workspace, mnt / "sub" / "out")]
+            if where == "full":
+                assert os.listdir(mnt) == ["sub"]         # no partial release, no temporary, no lock file
+                assert os.listdir(mnt / "sub") == []
         finally:
-            subprocess.run(["umount", str(ro)], check=True)
+            subprocess.run(["umount", str(mnt)], check=True)
     elif where == "proc":
         results = [build(workspace, Path("/proc/bootimg-out")), build(workspace, Path("/proc/self/out"))]
     elif where == "root":

@@ -44,7 +44,7 @@ from . import layout
 
 
 def _print_notice(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    print(msg, file=sys.stderr, flush=True)
 
 
 class Output:
@@ -62,7 +62,7 @@ class Output:
         if sync:
             fsutil.sync_filesystem(self.tmp)
         try:
-            if not os.path.lexists(self.out):
+            if not self.force or not os.path.lexists(self.out):
                 _rename_noreplace(self.tmp, self.out)
                 self.committed = True
                 fsutil.fsync_dir(self.out.parent)
@@ -174,8 +174,9 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
             if not stat.S_ISDIR(os.lstat(path).st_mode) or not set(os.listdir(path)) <= layout.RELEASE_ENTRIES:
                 continue
             shutil.rmtree(path)
-        except OSError as err:
-            raise BootimgError(f"cannot remove what a killed build left: {err.strerror}", file=str(path)) from None
+        except (OSError, RecursionError) as err:
+            why = err.strerror if isinstance(err, OSError) else "nested too deeply"
+            raise BootimgError(f"cannot remove what a killed build left: {why}", file=str(path)) from None
         removed.append(path)
     return removed
 
