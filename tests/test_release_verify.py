@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -252,7 +253,8 @@ def test_huge_sparse_image_is_not_read_into_memory(workspace, copy):
     assert rss < 250, rss
 
 
-@pytest.mark.parametrize("case", ["deep", "digest", "size", "fsverity", "certificate", "signature-path", "name"])
+@pytest.mark.parametrize("case", ["deep", "digest", "size", "fsverity", "certificate", "signature-path", "name",
+                                  "root-image"])
 def test_malformed_release_json_is_one_line(workspace, copy, case):
     rel = json.loads((copy / "release.json").read_bytes())
     if case == "deep":
@@ -268,6 +270,8 @@ def test_malformed_release_json_is_one_line(workspace, copy, case):
             rel["fsverity"]["certificate"] = "../../../../../../etc/passwd"
         elif case == "signature-path":
             rel["images"]["cluster"]["fsverity_signature"] = "/dev/zero"
+        elif case == "root-image":
+            rel["root"]["image"] = ["root"]
         else:
             rel["images"]["evil\nname"] = rel["images"]["cluster"]
         (copy / "release.json").write_bytes(canonical_json(rel))
@@ -275,3 +279,34 @@ def test_malformed_release_json_is_one_line(workspace, copy, case):
     assert res.returncode == 1
     lines = problems(res)
     assert len(lines) == 1 and lines[0].startswith(f"bootimg verify: {copy}/release.json: "), lines
+
+
+def _leaves(doc, path=()):
+    yield path
+    children = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for key, value in children:
+        yield from _leaves(value, path + (key,))
+
+
+def test_any_field_of_release_json_of_any_type_is_a_report_or_one_line(workspace, copy):
+    """60 fields of release.json (fixed seed) each set to a value of another type: verify
+    returns a report or raises one line, never anything else."""
+    from bootimg.errors import BootimgError
+    from bootimg.release.verify import verify_release
+
+    original = json.loads((copy / "release.json").read_bytes())
+    fields = [p for p in _leaves(original) if p]
+    rng = random.Random(7)
+    for path in rng.sample(fields, min(60, len(fields))):
+        rel = json.loads(json.dumps(original))
+        parent = rel
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = rng.choice([None, [], {}, "x", -1, 1.5, True, "../../x", "/etc/passwd", 10**30])
+        (copy / "release.json").write_bytes(canonical_json(rel))
+        try:
+            report = verify_release(copy)
+        except BootimgError as err:
+            assert "\n" not in str(err), (path, str(err))
+            continue
+        assert all("\n" not in problem for problem in report.problems), path

@@ -71,7 +71,8 @@ def parse_release(data: bytes, file: str) -> dict:
         raise BootimgError(f"not a {layout.RELEASE_FORMAT} description", file=file)
     images = release.get("images")
     root = release.get("root")
-    if not isinstance(images, dict) or not images or not isinstance(root, dict) or root.get("image") not in images:
+    if (not isinstance(images, dict) or not images or not isinstance(root, dict) or not isinstance(root.get("image"), str)
+            or root["image"] not in images):
         raise BootimgError("malformed: 'images' and 'root' are missing or disagree", file=file)
     for name, entry in images.items():
         if not name or len(name) > 255 or not name.isprintable():
