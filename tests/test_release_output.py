@@ -4,8 +4,10 @@ behind is cleaned by the next build, and an output it cannot write is one line."
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -157,11 +159,7 @@ def test_concurrent_builds_without_force_exactly_one_wins(workspace, reference, 
         parent = tmp_path / f"round{round_}"
         parent.mkdir()
         out = parent / "rel"
-        procs = [popen_build(workspace, out) for _ in range(4)]
-        results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
-        for p in procs:
-            p.stdout.close()
-            p.stderr.close()
+        results = _finish([popen_build(workspace, out) for _ in range(4)])
         winners = [err for rc, err in results if rc == 0]
         losers = [err for rc, err in results if rc != 0]
         assert len(winners) == 1, results
@@ -174,18 +172,42 @@ def test_concurrent_builds_without_force_exactly_one_wins(workspace, reference, 
         assert os.listdir(parent) == ["rel"]
 
 
-def test_concurrent_builds_with_force_take_turns(workspace, reference, tmp_path):
-    out = tmp_path / "rel"
-    procs = [popen_build(workspace, out, "--force") for _ in range(4)]
+def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
     results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
     for p in procs:
         p.stdout.close()
         p.stderr.close()
+    return results
+
+
+def test_concurrent_builds_with_force_take_turns(workspace, reference, tmp_path):
+    """While another build holds OUT's lock (here: this test, the way a build holds it), builds
+    with --force wait for it, each saying so in one line, then replace the release one after
+    another; started all at once, the same without a holder."""
+    out = tmp_path / "rel"
+    lock_path = tmp_path / ".rel.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    procs = [popen_build(workspace, out, "--force") for _ in range(4)]
+    try:
+        for p in procs:               # each is waiting for the lock, and says whose it is
+            ready, _, _ = select.select([p.stderr], [], [], 120)
+            assert ready, "no build said it waits"
+            line = p.stderr.readline().decode()
+            assert line == f"{out}: waiting for another bootimg build (process {os.getpid()}) of it to finish\n", line
+        assert not out.exists()
+    finally:
+        os.unlink(lock_path)
+        os.close(fd)
+    results = _finish(procs)
+    assert [rc for rc, _ in results] == [0] * 4, results
+    assert [err for _, err in results] == [""] * 4, results
+    results = _finish([popen_build(workspace, out, "--force") for _ in range(4)])
     for rc, err in results:
         assert rc == 0, err
         assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, err
         assert not err or "waiting for another bootimg build" in err
-    assert sum(1 for _, err in results if err) >= 1       # they did wait for each other
     report = verify_release(out, trusted_keys(workspace))
     assert report.ok and report.authenticated, report.problems
     assert tree_bytes(out) == reference
