@@ -29,6 +29,7 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def build_args(ws: Path, out: Path, *extra: str) -> list[str]:
+    """`bootimg build` of the example (the one place its command line is made here)."""
     return ["build", str(ws / "manifests" / "ivi-demo.yaml"), "-o", str(out),
             "--key", str(ws / "build" / "keys" / "release-2026.key"), *extra]
 

@@ -23,6 +23,11 @@ from bootimg.release.build import IMAGE_OPTIONS
 from bootimg.release.description import canonical_json
 
 
+def build(manifest: Path, out: Path, key: Path | None = None) -> subprocess.CompletedProcess:
+    """`bootimg build` of an example manifest (the one place its command line is made here)."""
+    return run_cli("build", str(manifest), "-o", str(out), *(["--key", str(key)] if key else []))
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     return example_workspace(tmp_path_factory.mktemp("ws"))
@@ -31,8 +36,7 @@ def workspace(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def release(workspace, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("out") / "release"
-    res = run_cli("build", str(workspace / "manifests" / "ivi-demo.yaml"), "-o", str(out),
-                  "--key", str(workspace / "build" / "keys" / "release-2026.key"))
+    res = build(workspace / "manifests" / "ivi-demo.yaml", out, workspace / "build" / "keys" / "release-2026.key")
     assert res.returncode == 0, res.stderr.decode()
     return out
 
@@ -115,7 +119,7 @@ def test_release_rebuilt_and_signed_by_an_attacker(workspace, tmp_path):
     text = manifest.read_text().replace("../build/keys/release-2026.pub", str(tmp_path / "evil.pub"))
     manifest.write_text(text.replace("    - ../build/keys/release-2027.pub", ""))
     out = tmp_path / "evil-release"
-    res = run_cli("build", str(manifest), "-o", str(out), "--key", str(tmp_path / "evil.key"))
+    res = build(manifest, out, tmp_path / "evil.key")
     assert res.returncode == 0, res.stderr.decode()
     res = verify(out)
     assert res.returncode == 3 and b"NOT AUTHENTICATED" in res.stdout
@@ -127,8 +131,7 @@ def test_release_rebuilt_and_signed_by_an_attacker(workspace, tmp_path):
 
 def test_sealed_release_signed_with_key_passes_its_own_verify(workspace, tmp_path):
     out = tmp_path / "sealed"
-    res = run_cli("build", str(workspace / "manifests" / "minimal.yaml"), "-o", str(out),
-                  "--key", str(workspace / "build" / "keys" / "release-2026.key"))
+    res = build(workspace / "manifests" / "minimal.yaml", out, workspace / "build" / "keys" / "release-2026.key")
     assert res.returncode == 0, res.stderr.decode()
     assert (out / "release.json.minisig").exists()
     ok = verify(out, "--key", pub(workspace))
@@ -137,7 +140,7 @@ def test_sealed_release_signed_with_key_passes_its_own_verify(workspace, tmp_pat
     assert alone.returncode == 3 and json.loads(alone.stdout)["problems"] == []
     # Unsigned sealed release with keys given: nothing to check them against.
     unsigned = tmp_path / "unsigned"
-    assert run_cli("build", str(workspace / "manifests" / "minimal.yaml"), "-o", str(unsigned)).returncode == 0
+    assert build(workspace / "manifests" / "minimal.yaml", unsigned).returncode == 0
     res = verify(unsigned, "--key", pub(workspace))
     assert res.returncode == 1 and "release.json.minisig: missing" in problems(res)[0]
 
