@@ -47,7 +47,8 @@ def main() -> int:
             wall, peak, _ = run(cmd)
             times.append(wall)
             rss = max(rss, peak)
-        vwall = run([sys.executable, "-m", "bootimg", "verify", str(work / "out")]).wall
+        vwall = run([sys.executable, "-m", "bootimg", "verify", str(work / "out"),
+                     "--key", str(work / "build" / "keys" / "release-2026.pub")]).wall
         share = json.loads((work / "out" / "sharing.json").read_text())
         release = json.loads((work / "out" / "release.json").read_text())
         print(f"manifest: ivi-demo.yaml, root: {args.rootfs or 'build/ivi-rootfs'}, "

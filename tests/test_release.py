@@ -83,10 +83,12 @@ def test_two_builds_are_byte_identical(workspace, release, tmp_path):
     assert tree_bytes(tmp_path / "again") == tree_bytes(release)
 
 
-def test_verify_passes(release):
-    res = run_cli("verify", str(release))
+def test_verify_passes(workspace, release):
+    res = run_cli("verify", str(release), "--key", str(workspace / "build" / "keys" / "release-2026.pub"))
     assert res.returncode == 0, res.stderr.decode()
     assert b"OK" in res.stdout
+    res = run_cli("verify", str(release))       # consistent, but nothing says who signed it
+    assert res.returncode == 3 and res.stderr == b"", res.stderr.decode()
     res = run_cli("verify", str(release), "--key", str(release.parent.parent / "x.pub"))
     assert res.returncode == 1 and b"Traceback" not in res.stderr
 
@@ -98,7 +100,7 @@ def _flip(path: Path, offset: int = -1) -> None:
 
 
 @pytest.mark.parametrize("target", ["object", "image", "release", "signature", "container-image"])
-def test_verify_names_a_flipped_byte(release, tmp_path, target):
+def test_verify_names_a_flipped_byte(workspace, release, tmp_path, target):
     copy = tmp_path / "rel"
     shutil.copytree(release, copy)
     rel = json.loads((copy / "release.json").read_bytes())
@@ -113,11 +115,15 @@ def test_verify_names_a_flipped_byte(release, tmp_path, target):
     else:
         victim = copy / "release.json.minisig"
     _flip(victim, offset=len(victim.read_bytes()) // 2)
-    res = run_cli("verify", str(copy))
-    err = res.stderr.decode()
-    assert res.returncode == 1
-    assert "Traceback" not in err
-    assert str(victim.relative_to(copy)) in err, err
+    for keys in ([], ["--key", str(workspace / "build" / "keys" / "release-2026.pub")]):
+        res = run_cli("verify", str(copy), *keys)
+        err = res.stderr.decode()
+        assert res.returncode == 1
+        assert "Traceback" not in err
+        assert str(victim.relative_to(copy)) in err, err
+        if target in ("release", "signature"):      # said first, and not blamed on an image
+            assert err.startswith(f"{copy}/release.json: the signature does not verify"), err
+            assert "image modified or replaced" not in err
 
 
 def test_verify_with_explicit_keys_and_rotation(workspace, tmp_path):
@@ -145,7 +151,7 @@ def test_sealed_minimal_manifest_builds_unsigned(workspace, tmp_path):
     res = build(workspace, out, "minimal.yaml", None)
     assert res.returncode == 0, res.stderr.decode()
     assert not (out / "release.json.minisig").exists()
-    assert run_cli("verify", str(out)).returncode == 0
+    assert run_cli("verify", str(out)).returncode == 3      # consistent; sealed: the UKI vouches for it
 
 
 def test_failed_build_leaves_nothing(workspace, tmp_path):
@@ -194,9 +200,10 @@ def test_fsverity_pkcs7_signatures(workspace, tmp_path):
                 "--verity-key", str(tmp_path / "v.key"), "--verity-cert", str(tmp_path / "v.crt"))
     assert res.returncode == 0, res.stderr.decode()
     assert (out / "images" / "root.cfs.p7s").exists()
-    assert run_cli("verify", str(out)).returncode == 0
+    key = str(workspace / "build" / "keys" / "release-2026.pub")
+    assert run_cli("verify", str(out), "--key", key).returncode == 0
     _flip(out / "images" / "cluster.cfs.p7s", 40)
-    res = run_cli("verify", str(out))
+    res = run_cli("verify", str(out), "--key", key)
     assert res.returncode == 1 and b"cluster.cfs.p7s" in res.stderr
 
 

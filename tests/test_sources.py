@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import tarfile
@@ -722,6 +723,43 @@ def test_oci_diff_ids_and_layout_checks(tmp_path):
 
     (layout / "oci-layout").unlink()
     assert "not an OCI image layout (no oci-layout file)" in oci_error(layout, tmp_path)
+
+
+def test_oci_deep_json_and_fifos_are_one_line(simple_layout, tmp_path):
+    """A deeply nested index.json or config (RecursionError in json), and FIFOs where the
+    layout's files belong (a blocking open): one line each."""
+    layout, mdesc, manifest = simple_layout
+    index = layout / "index.json"
+    good_index = index.read_bytes()
+    index.write_text("[" * 100000 + "]" * 100000)
+    assert "index.json is not valid JSON (nested too deeply)" in oci_error(layout, tmp_path)
+    index.write_bytes(good_index)
+    m = json.loads(json.dumps(manifest))
+    m["config"] = {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   **write_blob(layout, b'{"config": ' + b"[" * 100000 + b"]" * 100000 + b"}")}
+    rewrite_manifest(layout, m)
+    assert "config is not valid JSON (nested too deeply)" in oci_error(layout, tmp_path)
+    rewrite_manifest(layout, manifest)
+
+    def alarm(signum, frame):
+        raise TimeoutError("hangs on a FIFO")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(20)
+    try:
+        layer = layout / "blobs" / "sha256" / manifest["layers"][0]["digest"][7:]
+        data = layer.read_bytes()
+        layer.unlink()
+        os.mkfifo(layer)
+        assert "blob is not a regular file" in oci_error(layout, tmp_path)
+        layer.unlink()
+        layer.write_bytes(data)
+        (layout / "oci-layout").unlink()
+        os.mkfifo(layout / "oci-layout")
+        assert "oci-layout is not a regular file" in oci_error(layout, tmp_path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_oci_devices_refused_for_containers(tmp_path):

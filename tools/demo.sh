@@ -36,8 +36,8 @@ $BOOTIMG build manifests/ivi-demo.yaml -o "$OUT" --key build/keys/release-2026.k
 echo "== bootimg build manifests/ivi-demo.yaml -o $OUT --key build/keys/release-2026.key --no-boot-check"
 $BOOTIMG build manifests/ivi-demo.yaml -o "$OUT" --key build/keys/release-2026.key --no-boot-check
 
-echo "== bootimg verify $OUT"
-$BOOTIMG verify "$OUT"
+echo "== bootimg verify $OUT --key build/keys/release-2026.pub"
+$BOOTIMG verify "$OUT" --key build/keys/release-2026.pub
 
 echo "== the root image, mounted as the initramfs will mount it"
 if [ "$(id -u)" = 0 ]; then

@@ -57,8 +57,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(f"  kernel argument: {rel['root']['kernel_argument']}")
     print(f"  objects: {share['objects']} ({share['object_bytes']} bytes); shared between images: "
           f"{share['shared_objects']} objects, {share['shared_bytes']} bytes; sharing ratio {share['sharing_ratio']}")
-    if (result.out / "release.json.minisig").exists():
-        print(f"  signed by {key.keyid}")
+    if key is not None:
+        sealed = rel["trust"] == "sealed"
+        print(f"  signed by {key.keyid}" + (" (trust profile 'sealed': the boot checks the root digest on the kernel "
+                                           "command line; the signature is for `bootimg verify --key`)" if sealed else ""))
     if disk is not None:
         from ..disk.commands import print_disk
 
@@ -112,7 +114,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key", metavar="SECRET.key", help="release signing key (trust profile 'signed')")
     p.add_argument("--verity-key", metavar="KEY.pem", help="key for fs-verity PKCS#7 image signatures")
     p.add_argument("--verity-cert", metavar="CERT.pem", help="certificate for --verity-key")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--force", action="store_true", help="replace OUT if it is a release (waits for another build "
+                   "of OUT to finish first)")
     p.add_argument("--no-boot-check", action="store_true",
                    help="skip the check that the root can boot a verified composefs root (kernel, systemd, "
                         "dracut, initramfs tools): for a release that is never booted as a root")

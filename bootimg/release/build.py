@@ -9,7 +9,8 @@ The pipeline, in order (each step a function below):
    units and initramfs module, see ``bootimg.pipeline``);
 3. write the root image;
 4. describe the release (release.json) and sign it; fs-verity PKCS#7 signatures per image;
-5. report what the images share; move the finished directory into place atomically.
+5. report what the images share; put the finished directory in place (``output``: one build
+   per output at a time, atomic, and only ever replacing a release).
 
 Everything derives from the manifest and its inputs (timestamps from source_date_epoch,
 canonical JSON, deterministic signatures), so the same inputs give the same bytes.
@@ -17,12 +18,11 @@ canonical JSON, deterministic signatures), so the same inputs give the same byte
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .. import fsutil
 from ..composefs import fsverity
 from ..composefs.store import ObjectStore
 from ..composefs.tree import Node
@@ -31,10 +31,12 @@ from ..errors import BootimgError
 from ..manifest.model import Container, Manifest
 from ..signing import PublicKey, SecretKey, fsverity_pkcs7_sign, make_trusted_comment, sign
 from ..sources import SourcePolicy, load_source, treeops
-from . import layout
+from . import layout, output
 from .description import ImageRecord, canonical_json, describe_release
 from .sharing import external_objects, sharing_report
 
+KEY_FILE_MAX = 64 << 10         # a minisign public key file is ~100 bytes
+ADD_FILE_MAX = 1 << 30          # a file the manifest adds to the root (read into memory)
 # Composefs format of every image: v1 is what composefs-rs reads as "v1" and what bootc seals.
 IMAGE_OPTIONS = ImageOptions(min_version=1, max_version=1)
 
@@ -84,6 +86,7 @@ class BuildOptions:
     verity_cert_pem: bytes | None = None
     force: bool = False
     fsync: bool = True
+    on_notice: Callable[[str], None] | None = None     # one-line notices (waiting for a lock); default stderr
 
 
 @dataclass
@@ -94,69 +97,77 @@ class BuildResult:
 
 
 def build_release(manifest: Manifest, options: BuildOptions, steps: RootSteps = RootSteps()) -> BuildResult:
-    out = Path(options.out).absolute()
-    if out.exists() and not options.force:
-        raise BootimgError("already exists (use --force to replace it)", file=str(out))
     _check_signing(manifest, options)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        (tmp / layout.IMAGES_DIR).mkdir(parents=True)
-        # fs-verity is enabled where the release is installed (the target's filesystem);
-        # the build host need not have it (`bootimg build` notes it once, about the finished release).
-        # Objects are not fsynced one by one (106k journal commits for a /usr root); the
-        # whole release is synced once before it is renamed into place.
-        store = ObjectStore(tmp / layout.OBJECTS_DIR, fsync=False, on_notice=lambda _msg: None)
-        ctx = BuildContext(manifest=manifest, store=store, out=layout.ReleaseDir(tmp),
-                           trusted_keys=_trusted_keys(manifest))
-        trees: dict[str, Node] = {}
-        for container in manifest.containers:
-            trees[container.name] = _container_tree(ctx, container)
-            ctx.containers[container.name] = _write_image(tmp, container.name, "container", trees[container.name])
-        root = _root_tree(ctx, steps)
-        trees[layout.ROOT_IMAGE_NAME] = root
-        root_record = _write_image(tmp, layout.ROOT_IMAGE_NAME, "root", root)
-        records = [root_record] + [ctx.containers[c.name] for c in manifest.containers]
-        if options.verity_key_pem is not None:
-            _sign_images(tmp, records, options)
-        release = describe_release(manifest, records, verity_cert=options.verity_key_pem is not None)
-        release_bytes = canonical_json(release)
-        (tmp / layout.RELEASE_JSON).write_bytes(release_bytes)
-        if options.signing_key is not None:
-            comment = make_trusted_comment(file=layout.RELEASE_JSON, keyid=options.signing_key.keyid,
-                                           timestamp=manifest.identity.source_date_epoch)
-            (tmp / layout.RELEASE_SIG).write_bytes(sign(options.signing_key, release_bytes, comment))
-        # Objects no image references (files later excluded or whited out by an upper layer)
-        # go, so the release holds exactly what it needs.
-        store.prune(d for tree in trees.values() for d in external_objects(tree))
-        report = sharing_report(trees, records)
-        (tmp / layout.SHARING_JSON).write_bytes(canonical_json(report))
-        _commit(tmp, out, options.fsync)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return BuildResult(out=out, release=release, sharing=report)
+    with output.claim(options.out, force=options.force, on_notice=options.on_notice) as claimed:
+        tmp = claimed.tmp
+        try:
+            release, report = _build_into(tmp, manifest, options, steps)
+        except OSError as err:   # what the steps below do not name themselves (ENOSPC, EIO, ...)
+            raise BootimgError(f"cannot build the release: {err.strerror or err}",
+                               file=err.filename if isinstance(err.filename, str) else str(tmp)) from None
+        claimed.commit(options.fsync)
+    return BuildResult(out=claimed.out, release=release, sharing=report)
+
+
+def _build_into(tmp: Path, manifest: Manifest, options: BuildOptions, steps: RootSteps) -> tuple[dict, dict]:
+    (tmp / layout.IMAGES_DIR).mkdir()
+    # fs-verity is enabled where the release is installed (the target's filesystem);
+    # the build host need not have it (`bootimg build` notes it once, about the finished release).
+    # Objects are not fsynced one by one (106k journal commits for a /usr root); the
+    # whole release is synced once before it is renamed into place.
+    store = ObjectStore(tmp / layout.OBJECTS_DIR, fsync=False, on_notice=lambda _msg: None)
+    ctx = BuildContext(manifest=manifest, store=store, out=layout.ReleaseDir(tmp),
+                       trusted_keys=_trusted_keys(manifest))
+    trees: dict[str, Node] = {}
+    for container in manifest.containers:
+        trees[container.name] = _container_tree(ctx, container)
+        ctx.containers[container.name] = _write_image(tmp, container.name, "container", trees[container.name])
+    root = _root_tree(ctx, steps)
+    trees[layout.ROOT_IMAGE_NAME] = root
+    root_record = _write_image(tmp, layout.ROOT_IMAGE_NAME, "root", root)
+    records = [root_record] + [ctx.containers[c.name] for c in manifest.containers]
+    if options.verity_key_pem is not None:
+        _sign_images(tmp, records, options)
+    release = describe_release(manifest, records, verity_cert=options.verity_key_pem is not None)
+    release_bytes = canonical_json(release)
+    (tmp / layout.RELEASE_JSON).write_bytes(release_bytes)
+    if options.signing_key is not None:
+        comment = make_trusted_comment(file=layout.RELEASE_JSON, keyid=options.signing_key.keyid,
+                                       timestamp=manifest.identity.source_date_epoch)
+        (tmp / layout.RELEASE_SIG).write_bytes(sign(options.signing_key, release_bytes, comment))
+    # Objects no image references (files later excluded or whited out by an upper layer)
+    # go, so the release holds exactly what it needs.
+    store.prune(d for tree in trees.values() for d in external_objects(tree))
+    report = sharing_report(trees, records)
+    (tmp / layout.SHARING_JSON).write_bytes(canonical_json(report))
+    return release, report
 
 
 def _check_signing(manifest: Manifest, options: BuildOptions) -> None:
-    trust = manifest.integrity.trust
-    if trust == "signed":
-        if options.signing_key is None:
-            raise BootimgError("trust profile 'signed' needs a signing key (--key SECRET.key)",
-                               file=str(manifest.source_file or "manifest"))
+    """A release is signed with --key in either trust profile: with 'signed' the initramfs
+    checks the signature; with 'sealed' it checks the root digest on the kernel command line
+    instead, and the signature is for whoever checks the release before installing it
+    (``bootimg verify --key``). Either way a key the manifest does not trust is refused, when
+    it lists any: the release would not pass its own root's check."""
+    file = str(manifest.source_file or "manifest")
+    if options.signing_key is None:
+        if manifest.integrity.trust == "signed":
+            raise BootimgError("trust profile 'signed' needs a signing key (--key SECRET.key)", file=file)
+    else:
         trusted = {k.keyid for k in _trusted_keys(manifest)}
-        if options.signing_key.keyid not in trusted:
+        if (trusted or manifest.integrity.trust == "signed") and options.signing_key.keyid not in trusted:
             raise BootimgError(f"signing key {options.signing_key.keyid} is not among the manifest's trusted keys "
-                               f"({', '.join(sorted(trusted))}): the initramfs would refuse this release",
-                               file=str(manifest.source_file or "manifest"))
+                               f"({', '.join(sorted(trusted)) or 'none'}): "
+                               + ("the initramfs would refuse this release" if manifest.integrity.trust == "signed"
+                                  else "the release's own root would not trust its signature"),
+                               file=file)
     if (options.verity_key_pem is None) != (options.verity_cert_pem is None):
         raise BootimgError("--verity-key and --verity-cert go together")
 
 
 def _trusted_keys(manifest: Manifest) -> list[PublicKey]:
-    return [PublicKey.from_file(path) for path in manifest.integrity.trusted_keys]
+    return [PublicKey.from_bytes(fsutil.read_regular(path, KEY_FILE_MAX, what="public key"), file=str(path))
+            for path in manifest.integrity.trusted_keys]
 
 
 def _container_tree(ctx: BuildContext, container: Container) -> Node:
@@ -177,11 +188,7 @@ def _root_tree(ctx: BuildContext, steps: RootSteps) -> Node:
         if extra.text is not None:
             content = extra.text.encode()
         else:
-            try:
-                content = Path(extra.source_path).read_bytes()
-            except OSError as err:
-                raise BootimgError(f"cannot read file for {extra.path}: {err.strerror}",
-                                   file=str(extra.source_path)) from None
+            content = fsutil.read_regular(extra.source_path, ADD_FILE_MAX, what=f"file for {extra.path}")
         treeops.add_file(root, extra.path, content, int(extra.mode, 8), mtime=epoch, store=ctx.store)
     injected: list[InjectedFile] = []
     for contributor in (_containers_json, _trusted_key_files, *steps.contributors):
@@ -222,17 +229,3 @@ def _sign_images(tmp: Path, records: list[ImageRecord], options: BuildOptions) -
     for rec in records:
         der = fsverity_pkcs7_sign(bytes.fromhex(rec.digest), options.verity_key_pem, options.verity_cert_pem)
         (tmp / f"{rec.path}.p7s").write_bytes(der)
-
-
-def _commit(tmp: Path, out: Path, sync: bool) -> None:
-    """Put the finished release in place in one rename (after replacing an old one, if forced),
-    once everything in it is on disk."""
-    if sync:
-        os.sync()
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from ..errors import BootimgError
+
+# Exit status: 0 authenticated (intact and signed by a key given with --key), 1 a problem,
+# 3 intact as built but not authenticated (no --key: nothing says who signed it).
+EXIT_NOT_AUTHENTICATED = 3
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -14,13 +19,26 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     keys = [PublicKey.from_file(k) for k in args.key] if args.key else None
     report = verify_release(args.release, keys)
+    code = 1 if not report.ok else 0 if report.authenticated else EXIT_NOT_AUTHENTICATED
+    if args.json:
+        json.dump({"release": args.release, **report.to_json()}, sys.stdout, indent=2, sort_keys=True)
+        print()
+        return code
     for problem in report.problems:
-        print(f"{args.release}/{problem}" if not problem.startswith("/") else problem, file=sys.stderr)
+        print(f"{args.release}/{problem}", file=sys.stderr)
+    for note in report.notes:
+        print(f"{args.release}/{note}", file=sys.stderr)
+    counts = f"{report.images} images, {report.objects} objects"
     if not report.ok:
         print(f"{args.release}: NOT OK: {len(report.problems)} problem(s)", file=sys.stderr)
-        return 1
-    print(f"{args.release}: OK: {report.images} images, {report.objects} objects, {report.signature}")
-    return 0
+    elif report.authenticated:
+        print(f"{args.release}: OK: {counts}, signed by {report.signed_by} (a key given with --key)")
+    else:
+        signer = (f"signed by {report.signed_by}, a key its own root image carries" if report.signed_by
+                  else "signature not checked" if report.notes else "not signed")
+        print(f"{args.release}: CONSISTENT, NOT AUTHENTICATED: {counts}, {signer}; no --key given, so this "
+              "proves nothing about who signed it")
+    return code
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
@@ -48,11 +66,17 @@ def _cmd_umount(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify", help="check a release: digests, objects, signatures",
-                       description="Recompute every digest of a release and check its signatures.")
+    p = sub.add_parser(
+        "verify", help="check a release: digests, objects, signatures",
+        description="Recompute every digest of a release and check its signatures. Who signed it is only "
+                    "checked against keys given with --key (exit 0); without --key the release is only checked "
+                    "against itself (exit 3 when consistent), which proves nothing about who signed it. "
+                    "Exit 1: a problem, every one named.")
     p.add_argument("release", metavar="OUT")
-    p.add_argument("--key", action="append", metavar="PUB", help="trusted public key (repeatable); "
-                   "default: the keys the release's root image carries")
+    p.add_argument("--key", action="append", metavar="PUB",
+                   help="trusted public key (repeatable): the release must be signed by one of them")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (status: authenticated, "
+                   "consistent or failed; problems; notes)")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("mount", help="mount an image of a release to look inside it (root)",

@@ -59,21 +59,51 @@ def describe_release(manifest: Manifest, records: list[ImageRecord], *, verity_c
 
 
 def parse_release(data: bytes, file: str) -> dict:
-    """release.json, checked for the fields verify and boot rely on."""
+    """release.json, checked for every field verify and boot rely on: each of the right type,
+    every path in it relative and inside the release (no '..', no absolute path)."""
     try:
         release = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BootimgError(f"not valid JSON: {err}", file=file) from None
+    except RecursionError:
+        raise BootimgError("not valid JSON: nested too deeply", file=file) from None
     if not isinstance(release, dict) or release.get("format") != layout.RELEASE_FORMAT:
         raise BootimgError(f"not a {layout.RELEASE_FORMAT} description", file=file)
     images = release.get("images")
     root = release.get("root")
-    if not isinstance(images, dict) or not isinstance(root, dict) or root.get("image") not in images:
+    if (not isinstance(images, dict) or not images or not isinstance(root, dict) or not isinstance(root.get("image"), str)
+            or root["image"] not in images):
         raise BootimgError("malformed: 'images' and 'root' are missing or disagree", file=file)
     for name, entry in images.items():
+        if not name or len(name) > 255 or not name.isprintable():
+            raise BootimgError(f"malformed image name {name[:80]!r}", file=file)
         if not isinstance(entry, dict) or not all(k in entry for k in ("path", "digest", "size")):
             raise BootimgError(f"malformed image entry '{name}'", file=file)
-        path = entry["path"]
-        if not isinstance(path, str) or path.startswith("/") or ".." in path.split("/"):
-            raise BootimgError(f"image '{name}' has an unsafe path {path!r}", file=file)
+        _check_path(entry["path"], f"image '{name}'", file)
+        digest, size = entry["digest"], entry["size"]
+        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+            raise BootimgError(f"image '{name}' has no valid digest (64 lowercase hex digits)", file=file)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BootimgError(f"image '{name}' has no valid size", file=file)
+        if entry.get("role", "container") not in ("root", "container"):
+            raise BootimgError(f"image '{name}' has an unknown role {entry['role']!r}", file=file)
+        if "fsverity_signature" in entry:
+            _check_path(entry["fsverity_signature"], f"image '{name}' signature", file)
+    fsv = release.setdefault("fsverity", {})
+    if not isinstance(fsv, dict):
+        raise BootimgError("malformed 'fsverity' (not an object)", file=file)
+    if "certificate" in fsv:
+        _check_path(fsv["certificate"], "certificate", file)
+    if not isinstance(release.get("trust", ""), str):
+        raise BootimgError("malformed 'trust' (not a string)", file=file)
+    release.setdefault("trust", "")
     return release
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _check_path(path: object, what: str, file: str) -> None:
+    if (not isinstance(path, str) or not path or path.startswith("/") or "\0" in path
+            or any(part in ("", ".", "..") for part in path.split("/"))):
+        raise BootimgError(f"{what} has an unsafe path {repr(path)[:80]}", file=file)

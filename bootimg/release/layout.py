@@ -15,10 +15,13 @@ partition, next to nothing else::
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
+from .. import fsutil
 from ..composefs.reader import Image, load_image
 from ..composefs.tree import Node
+from ..errors import BootimgError
 
 # The root image's name and the paths bootimg writes inside it are defined with the manifest,
 # whose checks refuse a container name or added file that would collide with them.
@@ -38,6 +41,12 @@ OBJECTS_DIR = "objects"
 KEYS_DIR = "keys"
 VERITY_CERT = "keys/fsverity-cert.pem"
 SHARING_JSON = "sharing.json"
+# Every name a release directory can hold at its top level, and nothing else.
+RELEASE_ENTRIES = frozenset((RELEASE_JSON, RELEASE_SIG, IMAGES_DIR, OBJECTS_DIR, KEYS_DIR, SHARING_JSON))
+# How an image names an object of the store: "ab/cdef..." (its fs-verity digest in hex).
+OBJECT_NAME = re.compile(rb"[0-9a-f]{2}/[0-9a-f]{62}")
+# release.json is small (a few KB per image); anything far larger is not one.
+RELEASE_JSON_MAX = 16 << 20
 
 
 def image_file(name: str) -> str:
@@ -80,15 +89,19 @@ class ReleaseDir:
 
     def read_file(self, node: Node) -> bytes | None:
         """The content of a regular file of one of the release's images (inline, or its object);
-        None when it is not a regular file or its object is missing or unreadable."""
+        None when it is not a regular file or its object is missing, unreadable, not a regular
+        file or not of the size the image gives."""
         node = node.target()
         if not node.is_reg():
             return None
         if node.content is not None:
             return bytes(node.content)
         if node.payload:
-            try:
-                return self.object_path(node.payload).read_bytes()
-            except (OSError, UnicodeDecodeError):
+            if not OBJECT_NAME.fullmatch(node.payload):
                 return None
+            try:
+                data = fsutil.read_regular(self.object_path(node.payload), node.size, what="object")
+            except (BootimgError, UnicodeDecodeError):
+                return None
+            return data if len(data) == node.size else None
         return b"" if node.size == 0 else None

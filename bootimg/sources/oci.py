@@ -53,6 +53,30 @@ _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _MAX_NESTING = 4
 
 
+class _NotRegular(OSError):
+    """A FIFO, device, socket or directory where a file belongs."""
+
+
+def _open_regular(path: str) -> BinaryIO:
+    """open(path, "rb") for a regular file (symlinks followed, as tools lay blobs out that way);
+    anything else raises _NotRegular, refused by stat before it is opened and by fstat after
+    (O_NONBLOCK: a FIFO swapped in between cannot block the open)."""
+    _require_regular(os.stat(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        _require_regular(os.fstat(fd))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _require_regular(st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise _NotRegular("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO, device or socket")
+
+
 class _BlobReader:
     """Reads at most ``size`` bytes of a blob, hashing them."""
 
@@ -114,12 +138,14 @@ class OciLayout:
     def _read_json_file(self, name: str) -> Any:
         full = os.path.join(self.path, name)
         try:
-            with open(full, "rb") as f:
+            with _open_regular(full) as f:
                 data = f.read(JSON_MAX + 1)
         except FileNotFoundError:
             if name == "oci-layout":
                 raise self.error("not an OCI image layout (no oci-layout file)") from None
             raise self.error(f"{name} is missing") from None
+        except _NotRegular as e:
+            raise self.error(f"{name} is not a regular file ({e})") from None
         except OSError as e:
             raise self.error(f"cannot read {name}: {e.strerror}") from None
         if len(data) > JSON_MAX:
@@ -131,6 +157,8 @@ class OciLayout:
             value = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise self.error(f"{what} is not valid JSON ({e})", context) from None
+        except RecursionError:
+            raise self.error(f"{what} is not valid JSON (nested too deeply)", context) from None
         if not isinstance(value, dict):
             raise self.error(f"{what} is not a JSON object", context)
         return value
@@ -162,15 +190,14 @@ class OciLayout:
         context = f"{what} {desc.digest}"
         path = self.blob_path(desc)
         try:
-            f = open(path, "rb")
+            f = _open_regular(path)
         except FileNotFoundError:
             raise self.error(f"blob is missing ({os.path.relpath(path, self.path)})", context) from None
+        except _NotRegular:
+            raise self.error("blob is not a regular file", context) from None
         except OSError as e:
             raise self.error(f"cannot open blob: {e.strerror}", context) from None
         st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            f.close()
-            raise self.error("blob is not a regular file", context)
         if st.st_size != desc.size:
             f.close()
             raise self.error(f"blob is {st.st_size} bytes, its descriptor says {desc.size}", context)
