@@ -17,7 +17,7 @@ from ..boot.preflight import BootCheck
 from ..composefs.store import ObjectStore
 from ..manifest.model import Manifest
 from ..release.build import BuildContext, BuildOptions, BuildResult, RootSteps, build_release
-from ..release.build import _root_tree as root_tree  # the build's own assembly of the root tree
+from ..release.build import root_tree
 from ..release.layout import ReleaseDir
 
 __all__ = ["BuildOptions", "BuildResult", "build", "check_rootfs", "root_steps"]

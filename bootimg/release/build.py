@@ -122,7 +122,7 @@ def _build_into(tmp: Path, manifest: Manifest, options: BuildOptions, steps: Roo
     for container in manifest.containers:
         trees[container.name] = _container_tree(ctx, container)
         ctx.containers[container.name] = _write_image(tmp, container.name, "container", trees[container.name])
-    root = _root_tree(ctx, steps)
+    root = root_tree(ctx, steps)
     trees[layout.ROOT_IMAGE_NAME] = root
     root_record = _write_image(tmp, layout.ROOT_IMAGE_NAME, "root", root)
     records = [root_record] + [ctx.containers[c.name] for c in manifest.containers]
@@ -177,7 +177,9 @@ def _container_tree(ctx: BuildContext, container: Container) -> Node:
     return loaded.root
 
 
-def _root_tree(ctx: BuildContext, steps: RootSteps) -> Node:
+def root_tree(ctx: BuildContext, steps: RootSteps) -> Node:
+    """The root tree as the build assembles it: the source, minus the excludes, plus the added
+    files, what the release injects and what ``steps`` add (the boot check also runs it alone)."""
     manifest = ctx.manifest
     rootfs = manifest.rootfs
     root = load_source(rootfs.source, ctx.store, policy=SourcePolicy(allow_devices=True), label="rootfs").root
