@@ -16,8 +16,7 @@ from ..boot import ROOT_STEPS, preflight
 from ..boot.preflight import BootCheck
 from ..composefs.store import ObjectStore
 from ..manifest.model import Manifest
-from ..release.build import BuildContext, BuildOptions, BuildResult, RootSteps, build_release
-from ..release.build import root_tree
+from ..release.build import BuildContext, BuildOptions, BuildResult, RootSteps, build_release, root_tree
 from ..release.layout import ReleaseDir
 
 __all__ = ["BuildOptions", "BuildResult", "build", "check_rootfs", "root_steps"]
