@@ -326,7 +326,7 @@ def clean_rejection(o: Outcome) -> bool:
 
 @dataclass
 class Verdict:
-    kind: str                 # "agree", "deliberate", "no-answer" or "disagree"
+    kind: str                 # "same-output", "both-refuse", "deliberate", "no-answer" or "disagree"
     detail: str = ""
     rule: str | None = None
 
@@ -342,9 +342,9 @@ def compare(ref: Outcome, bi: Outcome, same: Callable[[], bool], deliberate: Cal
             return Verdict("disagree", f"reference {ref.rc} (no answer) but bootimg accepted")
         return Verdict("no-answer", f"reference {ref.rc}")
     if ref.rc == 0 and bi.rc == 0:
-        return Verdict("agree") if same() else Verdict("disagree", "both accept, different bytes")
+        return Verdict("same-output") if same() else Verdict("disagree", "both accept, different bytes")
     if ref.rc != 0 and bi.rc != 0:
-        return Verdict("agree")
+        return Verdict("both-refuse")
     if ref.rc != 0:
         return Verdict("disagree", f"bootimg accepts what the reference rejects ({ref.err.decode('utf-8', 'replace').strip()})")
     rule = deliberate(bi_err)
@@ -450,7 +450,13 @@ class DumpMutator:
         self.lines = lines
 
     def _line(self) -> int:
-        return self.rng.randrange(len(self.lines)) if self.lines else -1
+        """A line to mutate; the root line (the first) only now and then, since most of its
+        mutations just make the dump rootless."""
+        if not self.lines:
+            return -1
+        if len(self.lines) == 1 or self.rng.random() < 0.1:
+            return self.rng.randrange(len(self.lines))
+        return self.rng.randrange(1, len(self.lines))
 
     def _paths(self) -> list[bytes]:
         return [ln.split(b" ", 1)[0] for ln in self.lines if ln]
@@ -619,18 +625,22 @@ class DumpCase:
 
 
 VERSION_ARGS = [[], [], [], ["--min-version=1"], ["--max-version=0"], ["--min-version=0", "--max-version=0"],
-                ["--min-version=1", "--max-version=1"]]
+                ["--min-version=1", "--max-version=1"], ["--min-version=0"], ["--min-version=1", "--max-version=0"],
+                ["--max-version=1"]]
 
 
 def make_dump_case(seed: int, index: int, seeds: list[tuple[str, bytes]]) -> DumpCase:
     rng = random.Random(f"dump:{seed}:{index}")
-    name, data = rng.choice(seeds)
+    # Mostly valid seeds, so that most cases are accepted and their bytes compared.
+    bad = [s for s in seeds if s[0].startswith("should-fail")]
+    good = [s for s in seeds if not s[0].startswith("should-fail")]
+    name, data = rng.choice(bad if bad and rng.random() < 0.1 else good)
     lines = data.split(b"\n")
     final_newline = lines[-1] == b""
     if final_newline:
         lines.pop()
     m = DumpMutator(rng, lines)
-    ops = [rng.choice(DumpMutator.OPS) for _ in range(rng.choice([1, 1, 2, 2, 3]))]
+    ops = [rng.choice(DumpMutator.OPS) for _ in range(rng.choice([1, 1, 1, 2, 2, 3]))]
     for op in ops:
         getattr(m, op)()
     if rng.random() < 0.03:
@@ -865,14 +875,16 @@ class Fuzzer:
         path = self.dir / "in.img"
         path.write_bytes(case.image)
         env = dict(self.ref_env, LD_PRELOAD=str(self.tools.guardmap))
+        verdict = Verdict("same-output")
         for cmd in ("dump", "ls", "objects"):
             ref = run_reference([str(self.tools.composefs_info), cmd, str(path)], env)
             bi = run_bootimg(["composefs-info", cmd, str(path)])
             v = compare(ref, bi, lambda: ref.out == bi.out, lambda err: image_deliberate_rule(case.image, err))
-            if v.kind != "agree":
+            if v.kind not in ("same-output", "both-refuse"):
                 v.detail = f"{cmd}: {v.detail}"
                 return v
-        return Verdict("agree")
+            verdict = v
+        return verdict
 
     def run(self, n_dump: int, n_image: int, budget: float | None = None, start: int = 0,
             progress: Callable[[str, int, Report], None] | None = None) -> Report:

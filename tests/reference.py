@@ -112,6 +112,23 @@ def reference_tools(src: Path = SOURCE) -> ReferenceTools:
     return tools
 
 
+def composefs_info(tools: ReferenceTools, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the reference composefs-info with guardmap.so preloaded (reads outside the image
+    fault instead of reading other memory); a crash shows as a negative returncode."""
+    env = dict(os.environ, LD_PRELOAD=str(tools.guardmap))
+    return subprocess.run([str(tools.composefs_info), *args], capture_output=True, env=env, timeout=timeout)
+
+
+def mkcomposefs(tools: ReferenceTools, *args: str, input: bytes | None = None, strict: bool = False,
+                timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the reference mkcomposefs (CFS_PARSE_STRICT set only when strict)."""
+    env = {k: v for k, v in os.environ.items() if k != "CFS_PARSE_STRICT"}
+    if strict:
+        env["CFS_PARSE_STRICT"] = "1"
+    return subprocess.run([str(tools.mkcomposefs), *args], input=input, capture_output=True, env=env,
+                          timeout=timeout)
+
+
 if __name__ == "__main__":
     t = reference_tools()
     print(t.mkcomposefs)
