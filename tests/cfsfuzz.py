@@ -385,7 +385,7 @@ def synthetic_dump(rng: random.Random) -> bytes:
         f"/fifo 0 10644 1 0 0 0 {t} - - -",
         f"/sock 0 140755 1 0 0 0 {t} - - -",
         f"/whiteout 0 20000 1 0 0 0 {t} - - - trusted.overlay.whiteout=",
-        f"/link 7 120777 1 0 0 0 {t} /a/ext - - user.l=1",
+        f"/link 6 120777 1 0 0 0 {t} /a/ext - - user.l=1",
         f"/longlink 4095 120777 1 0 0 0 {t} {'x' * 4095} - -",
         f"/name\\x20with\\x3dodd\\nbytes\\xff 3 100644 1 0 0 0 {t} - abc -",
         f"/\\x2d 0 100644 1 0 0 0 {t} - - - user.dash=\\x2d",

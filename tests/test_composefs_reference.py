@@ -124,3 +124,19 @@ def test_deliberate_differences(reference, tmp_path, rule, lines):
 
 def test_every_deliberate_rule_has_a_case():
     assert {r.name for r in DELIBERATE} == {rule for rule, _ in DELIBERATE_CASES}
+
+
+def test_seed_dumps_agree_unmutated(reference, tmp_path):
+    """The fuzz seeds themselves: accepted by both with the same bytes (the should-fail ones
+    refused by both), and composefs-info prints the same for each image."""
+    from cfsfuzz import seed_dumps
+    from reference import composefs_info
+
+    for name, dump in seed_dumps():
+        accepted = agree(reference, tmp_path, dump, strict=name == "synthetic")
+        assert accepted == (not name.startswith("should-fail")), name
+        if accepted:
+            for cmd in ("dump", "ls", "objects"):
+                ref = composefs_info(reference, cmd, str(tmp_path / "ref.img"))
+                bi = run_bootimg(["composefs-info", cmd, str(tmp_path / "bi.img")])
+                assert (ref.returncode, ref.stdout) == (bi.rc, bi.out), (name, cmd)
