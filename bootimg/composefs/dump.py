@@ -60,6 +60,8 @@ def unescape(field: bytes) -> bytes:
 def _c_string(field: bytes, what: str) -> bytes:
     """Unescape a field the reference keeps as a C string: it would cut it at an escaped NUL,
     which silently changes the name or target, so that is refused."""
+    if b"\\" not in field:         # a raw NUL never gets here (the line is refused)
+        return field
     value = unescape(field)
     if b"\0" in value:
         raise _LineError(f"\\x00 in {what} (the reference would cut it there)")
@@ -76,6 +78,9 @@ def _strtoull(field: bytes, base: int) -> int | None:
     """glibc strtoull() in the C locale, as mkcomposefs parses numbers: leading white space
     and one sign allowed, a '-' negates modulo 2^64, overflow saturates at 2^64 - 1; None
     for an empty field, no digits or anything after them."""
+    if field.isdigit() and (base == 10 or not field.strip(b"01234567")):     # the common case
+        value = int(field, base)
+        return value if value <= _U64 else _U64
     s = field.lstrip(b" \t\n\v\f\r")
     neg = s[:1] == b"-"
     if s[:1] in (b"+", b"-"):
@@ -103,6 +108,8 @@ def _uint(field: bytes, what: str, base: int = 10) -> int:
 def _parse_mtime(field: bytes) -> tuple[int, int]:
     """SEC.NSEC: seconds as a 64-bit value (read back as signed), nanoseconds cut to 32 bits."""
     sec, dot, nsec = field.partition(b".")
+    if sec.isdigit() and nsec.isdigit():
+        return min(int(sec), _U64), min(int(nsec), _U64) & _U32
     if not dot:
         raise _LineError(f"invalid mtime {field.decode('latin-1')!r} (expected SEC.NSEC)")
     return _uint(sec, "mtime seconds"), _uint(nsec, "mtime nanoseconds") & _U32
@@ -162,13 +169,22 @@ class DumpParser:
             self.hardlinks.append((self._lineno, node, _optional(payload_f, "hardlink target")))
             return
 
-        size = _uint(size_f, "size")
-        node.nlink = _uint(nlink_f, "nlink") & _U32
-        node.uid = _uint(uid_f, "uid") & _U32
-        # The reference ignores a bad GID or RDEV when the UID is not 0 (it tests the wrong
-        # variable); both are refused here.
-        node.gid = _uint(gid_f, "gid") & _U32
-        rdev = _uint(rdev_f, "rdev")
+        if (size_f.isdigit() and nlink_f.isdigit() and uid_f.isdigit() and gid_f.isdigit()
+                and rdev_f.isdigit()):                          # the common case, in one go
+            size, nlink, uid, gid, rdev = map(int, (size_f, nlink_f, uid_f, gid_f, rdev_f))
+            if max(size, nlink, uid, gid, rdev) > _U64:
+                size, nlink, uid, gid, rdev = (min(v, _U64) for v in (size, nlink, uid, gid, rdev))
+        else:
+            size = _uint(size_f, "size")
+            nlink = _uint(nlink_f, "nlink")
+            uid = _uint(uid_f, "uid")
+            # The reference ignores a bad GID or RDEV when the UID is not 0 (it tests the
+            # wrong variable); both are refused here.
+            gid = _uint(gid_f, "gid")
+            rdev = _uint(rdev_f, "rdev")
+        node.nlink = nlink & _U32
+        node.uid = uid & _U32
+        node.gid = gid & _U32
         node.mtime_sec, node.mtime_nsec = _parse_mtime(mtime_f)
         ftype = stat.S_IFMT(mode)
         payload = _optional(payload_f, "payload")
