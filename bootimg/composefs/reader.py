@@ -152,9 +152,7 @@ def read_image(data: bytes | bytearray | memoryview | mmap.mmap, *, filters: lis
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        with memoryview(data) as view:
-            reader = _Reader(data, view, sb)
-            root = reader.tree(sb.root_nid, set(filters) if filters is not None else None)
+        root = _Reader(data, sb).tree(sb.root_nid, set(filters) if filters is not None else None)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -165,9 +163,8 @@ def read_image(data: bytes | bytearray | memoryview | mmap.mmap, *, filters: lis
 class _Reader:
     """Decodes inodes on demand; ``tree`` walks the directories depth-first."""
 
-    def __init__(self, data: bytes | mmap.mmap, view: memoryview, sb: E.SuperBlock):
+    def __init__(self, data: bytes | mmap.mmap, sb: E.SuperBlock):
         self.data = data
-        self.view = view
         self.size = len(data)
         self.meta = (sb.meta_blkaddr * _BLOCK) & _M32
         self.xattr_base = (sb.xattr_blkaddr * _BLOCK) & _M32
