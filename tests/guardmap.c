@@ -5,13 +5,17 @@
  * mappings or nothing. Its output then depends on the process layout. This shim places the
  * image so that it ends exactly at a page boundary, between inaccessible (PROT_NONE) regions
  * of 1 TiB before and 17 TiB after (more than any 32-bit block address times 4096 reaches), so
- * every read outside the file faults. The reference code itself runs unchanged; only where its
- * read-only mapping of the image lies changes.
+ * every read past the end of the file faults. With GUARDMAP_ALIGN=start the image starts at a
+ * page boundary instead, so that reads before it (a 64-bit offset that wraps around) fault.
+ * The reference code itself runs unchanged; only where its read-only mapping of the image lies
+ * changes.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -47,7 +51,8 @@ void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 	char *pages = r + GUARD_BEFORE;
 	if (mprotect(pages, span, PROT_READ | PROT_WRITE) != 0)
 		goto fail;
-	char *data = pages + span - len;
+	const char *align = getenv("GUARDMAP_ALIGN");
+	char *data = align != NULL && strcmp(align, "start") == 0 ? pages : pages + span - len;
 	size_t done = 0;
 	while (done < len) {
 		ssize_t n = pread(fd, data + done, len - done, (off_t)done);

@@ -700,3 +700,22 @@ def test_cli_measure_file(tmp_path):
     assert res.returncode == 0 and res.stdout.decode().split() == [want, want]
     res = run_cli("composefs-info", "measure-file", str(tmp_path / "hello"), str(tmp_path / "nope"))
     assert res.returncode == 1 and res.stdout.decode().split() == [want] and b"nope" in res.stderr
+
+
+def test_nid_wrapping_below_the_image_is_refused(reference, tmp_path):
+    """nid 2^64 - 1: (nid << 5) wraps to 32 bytes *before* the image, which the reference reads
+    (its check is only against the end); bootimg refuses, and the reference faults when the
+    image starts on a page boundary (guardmap's GUARDMAP_ALIGN=start)."""
+    import os
+    import subprocess
+
+    img = build(tree("/ 0 40755 2 0 0 0 1.0 - - -", "/d 0 40755 2 0 0 0 1.0 - - -"))
+    d_record = next(off for off, name, _ in _root_dirents(img) if name == b"d")
+    bad = _corrupt(img, d_record, struct.pack("<Q", (1 << 64) - 1))
+    with pytest.raises(FormatError, match="lies past the end"):
+        read_image(bad)
+    path = tmp_path / "img.cfs"
+    path.write_bytes(bad)
+    env = dict(os.environ, LD_PRELOAD=str(reference.guardmap), GUARDMAP_ALIGN="start")
+    res = subprocess.run([str(reference.composefs_info), "dump", str(path)], capture_output=True, env=env)
+    assert res.returncode < 0
