@@ -787,6 +787,7 @@ class ImageCase:
     seed_name: str
     ops: list[str]
     image: bytes
+    filters: list[str] = field(default_factory=list)     # composefs-info --filter NAMEs
 
 
 # -- the engine ------------------------------------------------------------------------------------
@@ -869,21 +870,28 @@ class Fuzzer:
         rng = random.Random(f"image:{self.seed}:{index}")
         name, img, fields = rng.choice(self.base_images())
         data, ops = mutate_image(rng, img, fields)
-        return ImageCase(index, name, ops, data)
+        filters = []
+        if rng.random() < 0.1:
+            names = [n.decode() for n in (b"00", b"a", b"chardev", b"inline", b"bigfile", b"nope", b"z", b"-")]
+            filters = rng.sample(names, rng.choice([1, 2]))
+            ops.append("filter " + ",".join(filters))
+        return ImageCase(index, name, ops, data, filters)
 
     def check_image(self, case: ImageCase) -> Verdict:
         path = self.dir / "in.img"
         path.write_bytes(case.image)
         env = dict(self.ref_env, LD_PRELOAD=str(self.tools.guardmap))
         verdict = Verdict("same-output")
+        args = [f"--filter={f}" for f in case.filters]
         for cmd in ("dump", "ls", "objects"):
-            ref = run_reference([str(self.tools.composefs_info), cmd, str(path)], env)
-            bi = run_bootimg(["composefs-info", cmd, str(path)])
+            ref = run_reference([str(self.tools.composefs_info), *args, cmd, str(path)], env)
+            bi = run_bootimg(["composefs-info", *args, cmd, str(path)])
             v = compare(ref, bi, lambda: ref.out == bi.out, lambda err: image_deliberate_rule(case.image, err))
             if v.kind == "disagree" and ref.rc == 0 and bi.rc != 0:
                 # Did the reference read *before* the image (a wrapped 64-bit offset)? With the
                 # image at a page start instead, such a read faults.
-                again = run_reference([str(self.tools.composefs_info), cmd, str(path)], dict(env, GUARDMAP_ALIGN="start"))
+                again = run_reference([str(self.tools.composefs_info), *args, cmd, str(path)],
+                                      dict(env, GUARDMAP_ALIGN="start"))
                 if again.rc != 0:
                     v = Verdict("no-answer", f"reference reads before the image ({again.rc})")
             if v.kind not in ("same-output", "both-refuse"):

@@ -719,3 +719,15 @@ def test_nid_wrapping_below_the_image_is_refused(reference, tmp_path):
     env = dict(os.environ, LD_PRELOAD=str(reference.guardmap), GUARDMAP_ALIGN="start")
     res = subprocess.run([str(reference.composefs_info), "dump", str(path)], capture_output=True, env=env)
     assert res.returncode < 0
+
+
+def test_filter_on_a_symlink_root_is_refused(special_image, reference, tmp_path):
+    """--filter reaching a symlink (or inline file) root: the reference's assert(filter == NULL)
+    aborts it; bootimg refuses. Without a filter both read it."""
+    bad = _corrupt(special_image, 36 * 32 + 4, struct.pack("<H", stat.S_IFLNK | 0o777))
+    with pytest.raises(FormatError):
+        read_image(bad, filters=[b"inline"])
+    path = tmp_path / "img.cfs"
+    path.write_bytes(bad)
+    assert composefs_info(reference, "--filter=inline", "dump", str(path)).returncode < 0
+    _like_reference(reference, tmp_path, bad)

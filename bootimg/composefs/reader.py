@@ -182,8 +182,13 @@ class _Reader:
         if res is None:
             raise FormatError(f"root inode (nid {root_nid}) is a 0:0 character device (a whiteout)")
         root, entries = res
-        if filters is not None and entries:
-            entries = [e for e in entries if e[0] in filters]
+        if filters is not None:
+            if root.content is not None or root.mode & _S_IFMT == _S_IFLNK:
+                # lcfs_build_node_from_image asserts that no filter reaches a symlink or a flat
+                # file: the reference aborts.
+                raise FormatError(f"root inode (nid {root_nid}) is a symlink or an inline file: no entries to filter")
+            if entries:
+                entries = [e for e in entries if e[0] in filters]
         seen: dict[int, Node] = {root_nid: root}
         stubs: set[int] = set()
         # Explicit stack (no recursion limit): pop order is the reference's depth-first
