@@ -155,7 +155,11 @@ def _make_inode(node: Node, name: bytes, parent: _Inode | None, whiteout_parents
         # trusted.overlay.X -> trusted.overlay.overlay.X: one more "overlay." on every such key,
         # so escaped keys never collide. The entry stores the name after "trusted.", so an
         # escaped name of up to 263 bytes still fits its u8 length.
-        xattrs = {E.escape_overlay_xattr(k) if k.startswith(E.OVERLAY_PREFIX) else k: v for k, v in xattrs.items()}
+        prefix = E.OVERLAY_PREFIX
+        if any(k.startswith(prefix) for k in xattrs):
+            xattrs = {E.escape_overlay_xattr(k) if k.startswith(prefix) else k: v for k, v in xattrs.items()}
+        else:
+            xattrs = dict(xattrs)
     else:
         xattrs = {}
     ino.size = node.size
@@ -479,12 +483,26 @@ def _dirent_block(chunk: list) -> bytes:
 def _add_data_xattrs(external: list[_Inode]) -> None:
     """metacopy (with the fs-verity digest) and redirect (to the object) on external files."""
     metacopy, redirect, header = E.OVERLAY_METACOPY, E.OVERLAY_REDIRECT, E.METACOPY_HEADER
+    head = 7 + len(metacopy)                # == 7 + len(redirect)
     for ino in external:
         node = ino.node
         digest = node.digest
-        _charge(ino, metacopy, b"" if digest is None else header + digest)
+        value = b"" if digest is None else header + digest
+        xattrs = ino.xattrs
+        if ino.space is not None or metacopy in xattrs or redirect in xattrs:
+            _charge(ino, metacopy, value)
+            if node.payload:
+                _charge(ino, redirect, b"/" + node.payload)
+            continue
+        # The common case, _charge inlined: nothing to replace, and a payload (< 4096 bytes)
+        # plus a digest always fit.
+        space = head + len(value) + (0 if xattrs else 12)
+        xattrs[metacopy] = value
         if node.payload:
-            _charge(ino, redirect, b"/" + node.payload)
+            value = b"/" + node.payload
+            space += head + len(value)
+            xattrs[redirect] = value
+        ino.space = space
 
 
 def write_image(root: Node, options: ImageOptions = ImageOptions()) -> bytearray:
