@@ -39,6 +39,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
+
+def one_line(message: str) -> str:
+    """A message quoting user input (a name, a field) with its control characters escaped, so
+    that it stays one line on the terminal."""
+    return message.translate(_CONTROL)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv[0] if argv else None)
@@ -50,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
         return code
     except BootimgError as err:
-        for line in str(err).splitlines() or [""]:     # an error of several problems: each line prefixed
-            print(f"bootimg {args.cmd}: {line}", file=sys.stderr)
+        # One line per problem (an error of several problems, e.g. the boot check, lists them in
+        # ``lines``); control characters are escaped, so a hostile name cannot break a line.
+        for line in getattr(err, "lines", None) or [str(err)]:
+            print(f"bootimg {args.cmd}: {one_line(line)}", file=sys.stderr)
         return err.exit_code
     except BrokenPipeError:
         # `bootimg composefs-info dump IMG | head`: not an error worth a traceback.

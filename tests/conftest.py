@@ -57,6 +57,14 @@ def should_fail_dumps() -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def reference():
+    """The reference mkcomposefs / composefs-info 1.0.8, built once into the cache."""
+    from reference import reference_tools
+
+    return reference_tools()
+
+
+@pytest.fixture(scope="session")
 def assets() -> Path:
     if not ASSETS.is_dir():
         pytest.fail(f"composefs test vectors not found at {ASSETS}")

@@ -89,7 +89,7 @@ ROOT = b"/ 4096 40555 2 0 0 0 0.0 - - -\n"
     (b"/.. 4096 40555 2 0 0 0 0.0 - - -\n", "invalid '.' or '..'"),
     (b"/nolinkname 0 120777 1 0 0 0 0.0 - - -\n", "invalid symlink"),
     (b"// 4096 40555 2 0 0 0 0.0 - - -\n", "empty file name"),
-    (b"/k 0 100644 1 0 0 0 0.0 - - - =v\n", "empty xattr name"),
+    (b"/k 0 100644 1 0 0 0 0.0 - - - =v\n", "invalid xattr name length 0"),
     (b"/link 5 120777 1 0 0 0 0.0 " + b"a" * 4096 + b" - -\n", "invalid symlink"),
     (b"/m 0 644 1 0 0 0 0.0 - - -\n", "invalid mode 644"),
     (b"/n 3 0 1 0 0 0 0.0 foo - -\n", "invalid mode 0"),
@@ -99,7 +99,7 @@ ROOT = b"/ 4096 40555 2 0 0 0 0.0 - - -\n"
      "too many xattrs"),
     (b"/e 0 100644 1 0 0 0 0.0 - - - user.a=\\q\n", "invalid escape"),
     (b"/t 0 100644 1 0 0 0 1 - - -\n", "invalid mtime"),
-    (b"/d 0 100644 1 0 0 0 0.0 - - nothex\n", "invalid digest"),
+    (b"/d 5 100644 1 0 0 0 0.0 - - nothex\n", "digest must be 64 hex digits"),
     (b"/missing/child 0 100644 1 0 0 0 0.0 - - -\n", "not found"),
     (b"/h 0 @100644 2 0 0 0 0.0 /nowhere - -\n", "not found"),
 ])
@@ -130,6 +130,6 @@ def test_versions_differ_only_where_format_says():
 
 
 def test_bad_version_range_is_a_clean_error(tmp_path):
-    res = run_cli("mkcomposefs", "--min-version=1", "--max-version=0", "--from-file", "-", str(tmp_path / "o"),
+    res = run_cli("mkcomposefs", "--min-version=2", "--from-file", "-", str(tmp_path / "o"),
                   input=ROOT)
     assert res.returncode == 1 and b"Traceback" not in res.stderr and b"version" in res.stderr

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import checksummed_vectors, have, run_cli
+from reference import composefs_info
 
 from bootimg.composefs import erofs as E
 from bootimg.composefs.info import (
@@ -266,13 +267,15 @@ def test_external_files_and_symlinks():
     ))
     root = read_image(img).root
     ext = root.children[b"ext"]
-    assert (ext.payload, ext.digest.hex(), ext.size, ext.content) == (b"ab/cdef", digest, 100000, None)
+    # The reference reads a redirect "/X" as strndup(X, len + 1): with "/ab/cdef" (its entry ends
+    # on a 4-byte boundary, the chunk table follows) two bytes of the table come along.
+    assert (ext.payload, ext.digest.hex(), ext.size, ext.content) == (b"ab/cdef\xff\xff", digest, 100000, None)
     assert root.children[b"abs"].payload == b"/x/y"         # redirect "//x/y": one '/' stripped
     nop = root.children[b"nopayload"]
     assert (nop.payload, nop.digest, nop.size, nop.mtime_sec, nop.mtime_nsec) == (None, None, 7, 200, 5)
     assert root.children[b"long"].payload == b"t" * 4000    # out-of-line target block
     assert root.children[b"short"].payload == b"s"
-    assert list_objects(root) == [b"/x/y", b"ab/cdef"]
+    assert list_objects(root) == [b"/x/y", b"ab/cdef\xff\xff"]
 
 
 def test_compact_inodes_take_build_time():
@@ -438,32 +441,51 @@ def _corrupt(image: bytes, offset: int, value: bytes) -> bytes:
     return image[:offset] + value + image[offset + len(value):]
 
 
-def test_header_checks(special_image):
+def _like_reference(reference, tmp_path: Path, image: bytes) -> bytes | None:
+    """composefs-info dump of image by bootimg and by the reference: both fail (None), or
+    both print the same bytes (returned)."""
+    path = tmp_path / "img.cfs"
+    path.write_bytes(image)
+    ref = composefs_info(reference, "dump", str(path))
+    try:
+        ours = dump_of(image)
+    except FormatError:
+        ours = None
+    assert (ref.returncode == 0) == (ours is not None), (ref.returncode, ref.stderr)
+    if ours is not None:
+        assert ours == ref.stdout
+    return ours
+
+
+def test_header_checks(special_image, reference, tmp_path):
     with pytest.raises(FormatError, match="magic.*offset 0"):
         read_image(_corrupt(special_image, 0, b"\0"))
     with pytest.raises(FormatError, match="header version 2 at offset 4"):
         read_image(_corrupt(special_image, 4, struct.pack("<I", 2)))
     with pytest.raises(FormatError, match="EROFS superblock magic.*offset 1024"):
         read_image(_corrupt(special_image, 1024, b"\0"))
-    with pytest.raises(FormatError, match="block size"):
-        read_image(_corrupt(special_image, 1024 + 12, b"\x0d"))
     with pytest.raises(FormatError, match="too small"):
         read_image(special_image[:4000])
     with pytest.raises(FormatError, match="not a composefs image"):
         read_image(bytes(8192))
+    # composefs images are read with 4 KiB blocks whatever blkszbits says, as the reference does
+    assert _like_reference(reference, tmp_path, _corrupt(special_image, 1024 + 12, b"\x0d")) == dump_of(special_image)
+    # a plain EROFS image (no composefs header) must say 4 KiB
+    with pytest.raises(FormatError, match="block size"):
+        read_image(_corrupt(special_image, 1024 + 12, b"\x0d"), composefs_header=False)
 
 
-def test_specific_corruptions(special_image):
+def test_specific_corruptions(special_image, reference, tmp_path):
     root_off = 36 * 32
     # root nid pointing past the end
     with pytest.raises(FormatError, match="nid 65535"):
         read_image(_corrupt(special_image, 1024 + 14, b"\xff\xff"))
-    # root is not a directory
-    with pytest.raises(FormatError, match="not a directory"):
-        read_image(_corrupt(special_image, root_off + 4, struct.pack("<H", stat.S_IFREG | 0o644)))
-    # invalid file type
-    with pytest.raises(FormatError, match="invalid mode"):
-        read_image(_corrupt(special_image, root_off + 4, struct.pack("<H", 0o644)))
+    # The reference reads any file type, the root's too: a regular-file root has no entries,
+    # an invalid type is printed as it is.
+    out = _like_reference(reference, tmp_path, _corrupt(special_image, root_off + 4, struct.pack("<H", stat.S_IFREG | 0o644)))
+    assert out.startswith(b"/ 4096 100644 ") and out.count(b"\n") == 1
+    out = _like_reference(reference, tmp_path, _corrupt(special_image, root_off + 4, struct.pack("<H", 0o644)))
+    assert out.startswith(b"/ 4096 644 ")
 
 
 def _root_dirents(image: bytes) -> list[tuple[int, bytes, int]]:
@@ -487,26 +509,40 @@ def _root_dirents(image: bytes) -> list[tuple[int, bytes, int]]:
             for i, (r, end) in enumerate(zip(records, ends))]
 
 
-def test_directory_loop_is_rejected():
+def test_directory_loop_reads_as_a_hardlink(reference, tmp_path):
+    """A dirent back to the root: the reference's inode table makes it a hardlink to the root,
+    whose path is empty."""
     img = bytearray(build(tree("/ 0 40755 2 0 0 0 1.0 - - -", "/d 0 40755 2 0 0 0 1.0 - - -")))
     entries = {name: (off, nid) for off, name, nid in _root_dirents(bytes(img))}
     assert b"d" in entries and entries[b"."][1] == 36 and len(entries) == 3 + E.WHITEOUT_STUBS
     struct.pack_into("<Q", img, entries[b"d"][0], 36)          # "d" -> the root itself
-    with pytest.raises(FormatError, match="nid 36 is linked twice"):
-        read_image(bytes(img))
+    out = _like_reference(reference, tmp_path, bytes(img))
+    assert out.splitlines()[1] == b"/d 4096 @40755 3 0 0 0 1.0  - -"
+    root = read_image(bytes(img)).root
+    assert root.children[b"d"].link_to is root
 
 
-def test_bad_dirent_and_xattr_offsets():
+def test_bad_dirent_and_xattr_offsets(reference, tmp_path):
     img = build(tree("/ 0 40755 2 0 0 0 1.0 - - - user.k=v", "/d 0 40755 2 0 0 0 1.0 - - -"))
     dirents = _root_dirents(img)
     first, second = dirents[0][0], dirents[1][0]
     d_record = next(off for off, name, _ in dirents if name == b"d")
     with pytest.raises(FormatError, match="bad dirent block"):
         read_image(_corrupt(img, first + 8, struct.pack("<H", 13)))
-    with pytest.raises(FormatError, match="bad name offset"):
-        read_image(_corrupt(img, second + 8, struct.pack("<H", 4000)))
+    # The record count comes from the first name offset alone: 0 means an empty directory.
+    assert _like_reference(reference, tmp_path, _corrupt(img, first + 8, struct.pack("<H", 0))).count(b"\n") == 1
+    # A name offset past the image: the reference would read past its end.
+    with pytest.raises(FormatError, match="runs past the end"):
+        read_image(_corrupt(img, second + 8, struct.pack("<H", 65000)))
+    assert _like_reference(reference, tmp_path, _corrupt(img, second + 8, struct.pack("<H", 65000))) is None
     with pytest.raises(FormatError, match="lies past the end"):
         read_image(_corrupt(img, d_record, struct.pack("<Q", 1 << 40)))
+    # nid << 5 wraps in 64 bits: 2^59 + nid reads inode nid again, as a node of its own (the
+    # inode table is keyed by the full nid), not as a hardlink
+    d_nid = next(nid for _, name, nid in dirents if name == b"d")
+    stub_record = next(off for off, name, _ in dirents if name == b"00")
+    wrapped = _like_reference(reference, tmp_path, _corrupt(img, stub_record, struct.pack("<Q", (1 << 59) + d_nid)))
+    assert b"/00 27 40755 2 0 0 0 1.0 - - -\n" in wrapped and b"/d 27 40755 2 0 0 0 1.0 - - -\n" in wrapped
     # the root's inline xattrs: trusted.overlay.opaque=y, then user.k=v
     off = 36 * E.SLOT + (64 if img[36 * E.SLOT] & 1 else 32) + 12
     assert img[off:off + 2] == bytes((len(b"overlay.opaque"), E.XATTR_INDEX_TRUSTED))
@@ -514,8 +550,44 @@ def test_bad_dirent_and_xattr_offsets():
     assert img[off:off + 2] == bytes((1, E.XATTR_INDEX_USER))
     with pytest.raises(FormatError, match="unknown xattr name index 9"):
         read_image(_corrupt(img, off + 1, b"\x09"))
-    with pytest.raises(FormatError, match="runs past the xattr body"):
-        read_image(_corrupt(img, off + 2, struct.pack("<H", 200)))
+    assert _like_reference(reference, tmp_path, _corrupt(img, off + 1, b"\x09")) is None
+    # A value running out of the xattr area is read from what follows, like the reference.
+    _like_reference(reference, tmp_path, _corrupt(img, off + 2, struct.pack("<H", 200)))
+
+
+def test_redirect_reads_two_bytes_past_the_value(reference, tmp_path):
+    """lcfs_build_node_erofs_xattr skips the redirect's '/' with value++ *and* value_size++:
+    strndup() then reads up to two bytes after the value (here the chunk table's 0xff)."""
+    digest = "0123456789abcdef" * 4
+    img = build(tree("/ 0 40755 2 0 0 0 100.0 - - -", f"/ext 100000 100644 1 0 0 0 100.0 ab/cdef - {digest}"))
+    out = _like_reference(reference, tmp_path, img)
+    assert b"/ext 100000 100644 1 0 0 0 100.0 ab/cdef\\xff\\xff - " in out
+
+
+def test_whiteout_stub_reached_twice_is_refused(reference, tmp_path):
+    """Two entries reaching one 0:0 chardev: the reference links the second to the freed node of
+    the first (what it prints is freed memory); bootimg refuses the image."""
+    img = bytearray(build(tree("/ 0 40755 2 0 0 0 1.0 - - -", "/d 0 40755 2 0 0 0 1.0 - - -")))
+    entries = {name: (off, nid) for off, name, nid in _root_dirents(bytes(img))}
+    struct.pack_into("<Q", img, entries[b"d"][0], entries[b"00"][1])      # "d" -> the stub of "00"
+    with pytest.raises(FormatError, match=f"0:0 character device inode nid {entries[b'00'][1]} is reached twice"):
+        read_image(bytes(img))
+    path = tmp_path / "img.cfs"
+    path.write_bytes(img)
+    ref = composefs_info(reference, "dump", str(path))
+    assert ref.returncode != 0 or b"/d " in ref.stdout           # no defined answer: crash or garbage
+
+
+def test_flat_inline_file_without_tail_is_refused(reference, tmp_path):
+    """A flat-inline file whose size is a multiple of 4096: the reference copies nothing into
+    its buffer's last block and prints uninitialised memory; bootimg refuses the image."""
+    img = bytearray(build(tree("/ 0 40755 2 0 0 0 1.0 - - -", "/f 4096 100644 1 0 0 0 1.0 - " + "x" * 4096 + " -")))
+    nid = next(nid for _, name, nid in _root_dirents(bytes(img)) if name == b"f")
+    off = nid * E.SLOT
+    assert (img[off] >> 1) & 7 == E.LAYOUT_FLAT_PLAIN
+    img[off] = (img[off] & 1) | (E.LAYOUT_FLAT_INLINE << 1)
+    with pytest.raises(FormatError, match=f"inode nid {nid}: flat inline file of 4096 bytes has no inline tail"):
+        read_image(bytes(img))
 
 
 def _fuzz_images(special_image: bytes) -> list[tuple[bytes, bool]]:
@@ -628,3 +700,34 @@ def test_cli_measure_file(tmp_path):
     assert res.returncode == 0 and res.stdout.decode().split() == [want, want]
     res = run_cli("composefs-info", "measure-file", str(tmp_path / "hello"), str(tmp_path / "nope"))
     assert res.returncode == 1 and res.stdout.decode().split() == [want] and b"nope" in res.stderr
+
+
+def test_nid_wrapping_below_the_image_is_refused(reference, tmp_path):
+    """nid 2^64 - 1: (nid << 5) wraps to 32 bytes *before* the image, which the reference reads
+    (its check is only against the end); bootimg refuses, and the reference faults when the
+    image starts on a page boundary (guardmap's GUARDMAP_ALIGN=start)."""
+    import os
+    import subprocess
+
+    img = build(tree("/ 0 40755 2 0 0 0 1.0 - - -", "/d 0 40755 2 0 0 0 1.0 - - -"))
+    d_record = next(off for off, name, _ in _root_dirents(img) if name == b"d")
+    bad = _corrupt(img, d_record, struct.pack("<Q", (1 << 64) - 1))
+    with pytest.raises(FormatError, match="lies past the end"):
+        read_image(bad)
+    path = tmp_path / "img.cfs"
+    path.write_bytes(bad)
+    env = dict(os.environ, LD_PRELOAD=str(reference.guardmap), GUARDMAP_ALIGN="start")
+    res = subprocess.run([str(reference.composefs_info), "dump", str(path)], capture_output=True, env=env)
+    assert res.returncode < 0
+
+
+def test_filter_on_a_symlink_root_is_refused(special_image, reference, tmp_path):
+    """--filter reaching a symlink (or inline file) root: the reference's assert(filter == NULL)
+    aborts it; bootimg refuses. Without a filter both read it."""
+    bad = _corrupt(special_image, 36 * 32 + 4, struct.pack("<H", stat.S_IFLNK | 0o777))
+    with pytest.raises(FormatError):
+        read_image(bad, filters=[b"inline"])
+    path = tmp_path / "img.cfs"
+    path.write_bytes(bad)
+    assert composefs_info(reference, "--filter=inline", "dump", str(path)).returncode < 0
+    _like_reference(reference, tmp_path, bad)

@@ -66,13 +66,14 @@ def test_shared_xattrs_and_long_directories_agree(both):
 
 
 def test_xattr_budget_error_is_the_same(both):
-    """The writer's own budget check (the dump parser has one too: build the tree directly)."""
+    """The writer's final check of a hand-built tree (the dump parser and the writer's own additions
+    keep the reference's 32767 as they go)."""
     from bootimg.composefs.tree import Node
 
     root = Node(0o40755)
     d = root.add_child(b"d", Node(0o40755))
     x = d.add_child(b"x", Node(0o100644))
-    x.xattrs = {b"user.k%d" % i: b"v" * 300 for i in range(110)}
+    x.xattrs = {b"user.k%d" % i: b"v" * 300 for i in range(220)}     # over the 64 KiB the format allows
 
     def message():
         with pytest.raises(FormatError) as err:
@@ -80,3 +81,20 @@ def test_xattr_budget_error_is_the_same(both):
         return str(err.value)
     with_c, with_py = both(message)
     assert with_c == with_py and "/d/x: too many xattrs" in with_c
+
+
+def test_c_and_python_cores_agree_on_the_edge_cases(both):
+    """What the differential test found (it runs the C core): 64-bit sizes whose chunk count
+    wraps, mtimes of 2^63 and more (negative to the reference), escaped overlay names of 263
+    bytes, and the fuzz engine's synthetic dump with every file type."""
+    import random
+
+    from cfsfuzz import synthetic_dump
+
+    dump = synthetic_dump(random.Random(3)) + (
+        b"/huge 18446744073709551615 100644 1 0 0 0 0.0 - - -\n"
+        b"/old 0 100644 1 0 0 0 18446744073709551611.5 - - -\n"
+        b"/esc 0 100644 1 0 0 0 1.0 - - - trusted.overlay." + b"o" * 239 + b"=v trusted.overlay.overlay.x=1\n")
+    for options in (ImageOptions(0, 1), ImageOptions(1, 1)):
+        with_c, with_py = both(lambda: write_image(parse_dump(dump, "edge", strict=False), options))
+        assert with_c == with_py

@@ -33,8 +33,10 @@ def _add_mkcomposefs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-devices", action="store_true", help="leave out block and character devices")
     p.add_argument("--skip-xattrs", action="store_true", help="leave out all xattrs")
     p.add_argument("--user-xattrs", action="store_true", help="keep only user.* xattrs")
-    p.add_argument("--min-version", type=int, default=0, metavar="N", help="lowest format version (default 0)")
-    p.add_argument("--max-version", type=int, default=1, metavar="N", help="highest format version (default 1)")
+    p.add_argument("--min-version", type=int, default=None, metavar="N",
+                   help="lowest format version (default 0; with only --max-version given: 0)")
+    p.add_argument("--max-version", type=int, default=None, metavar="N",
+                   help="highest format version (default 1; with only --min-version given: 0, raised to the minimum)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="hashing threads (default: CPUs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_cmd_mkcomposefs)

@@ -113,9 +113,11 @@ def dump_lines(root: Node) -> Iterator[bytes]:
                 payload = _escape_bytes(payload, table)
         else:
             at = b"@"
-            payload = esc(target.path(), ESCAPE_LONE_DASH)
+            # node_build_path(): the root's path is empty
+            payload = esc(target.path() if target.parent is not None else b"", ESCAPE_LONE_DASH)
         content = target.content
-        content = esc(content, ESCAPE_LONE_DASH) if content else b"-"
+        # printed with the inode's size as its length (a whiteout made from a file has size 0)
+        content = b"-" if content is None else esc(content[:target.size], ESCAPE_LONE_DASH)
         digest = target.digest
         digest = digest.hex().encode() if digest is not None else b"-"
         sec = target.mtime_sec

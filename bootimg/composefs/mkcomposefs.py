@@ -127,6 +127,19 @@ def _naming_source(source_name: str) -> Iterator[None]:
         raise
 
 
+def version_options(min_version: int | None, max_version: int | None) -> ImageOptions:
+    """mkcomposefs' version flags: without either, 0..1; once one is given the other is 0
+    unless given too, and a maximum below the minimum is raised to it."""
+    if min_version is None and max_version is None:
+        return ImageOptions(0, 1)
+    lo, hi = min_version or 0, max_version or 0
+    hi = max(hi, lo)
+    if not 0 <= lo <= hi <= 1:
+        raise BootimgError(f"invalid version range --min-version={min_version} --max-version={max_version}"
+                           " (supported: 0 <= min <= max <= 1)")
+    return ImageOptions(lo, hi)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.print_digest_only:
         if args.image is not None:
@@ -137,10 +150,7 @@ def run(args: argparse.Namespace) -> int:
         raise BootimgError(f"invalid --threads {args.threads} (must be >= 1)")
     if args.image == "-" and sys.stdout.isatty():
         raise BootimgError("stdout is a terminal: refusing to write an image to it")
-    options = ImageOptions(min_version=args.min_version, max_version=args.max_version)
-    if not 0 <= options.min_version <= options.max_version <= 1:
-        raise BootimgError(f"invalid version range --min-version={args.min_version} --max-version={args.max_version}"
-                           " (supported: 0 <= min <= max <= 1)")
+    options = version_options(args.min_version, args.max_version)
 
     progress = Progress(not args.quiet)
     try:

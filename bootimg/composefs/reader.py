@@ -1,14 +1,19 @@
 """Read a composefs EROFS image back into a tree of ``Node``s.
 
-The tree is the one ``mkcomposefs --from-file`` would have been given, as the reference
-reader (``lcfs_load_node_from_image_ext``) reconstructs it: the overlay xattrs the writer
-synthesized become PAYLOAD/DIGEST again, escaped whiteouts become 0:0 character devices,
-the 256 root whiteout stubs disappear, and the first dirent that reaches an inode in
-depth-first order owns it while later ones become hardlinks. That is what makes
-``composefs-info dump IMG | mkcomposefs --from-file - IMG2`` reproduce IMG byte for byte.
+The tree is the one the reference reader (``lcfs_load_node_from_image_ext``, composefs 1.0.8)
+builds, so that ``composefs-info`` prints the same bytes for any image, valid or not: the
+overlay xattrs the writer synthesized become PAYLOAD/DIGEST again, escaped whiteouts become
+0:0 character devices, the root whiteout stubs (0:0 character devices) disappear, and the
+first dirent that reaches an inode in depth-first order owns it while later ones become
+hardlinks (directories too). What the reference tolerates is tolerated here the same way
+(any file type, dirent names cut at a NUL, xattr entries spilling out of their area, names
+with '/'); that is what makes ``composefs-info dump IMG | mkcomposefs --from-file - IMG2``
+reproduce IMG byte for byte.
 
-Every read is bounds-checked, so a truncated or corrupt image raises ``FormatError`` naming
-the problem and where it is, never ``IndexError`` or ``struct.error``.
+The reference does not bounds-check its reads of the mapped image. Every read it would make
+is checked here instead, so an image that would make it read outside the file (and print
+whatever memory lies there, or crash) raises ``FormatError`` naming the place, as do the
+cases where it returns uninitialised or freed memory; nothing else is refused.
 """
 
 from __future__ import annotations
@@ -30,30 +35,33 @@ _S_IFREG = stat.S_IFREG
 _S_IFLNK = stat.S_IFLNK
 _S_IFCHR = stat.S_IFCHR
 _S_IFBLK = stat.S_IFBLK
-_VALID_TYPES = frozenset((_S_IFREG, _S_IFDIR, _S_IFLNK, _S_IFBLK, _S_IFCHR, stat.S_IFSOCK, stat.S_IFIFO))
 
+_M64 = (1 << 64) - 1
+_M32 = (1 << 32) - 1
 _BLOCK = E.BLOCK
 _FLAT_PLAIN = E.LAYOUT_FLAT_PLAIN
 _FLAT_INLINE = E.LAYOUT_FLAT_INLINE
 _CHUNK_BASED = E.LAYOUT_CHUNK_BASED
-_SLOT = E.SLOT
-_COMPACT = E.INODE_COMPACT.unpack_from
-_EXTENDED = E.INODE_EXTENDED.unpack_from
-_DIRENTS = E.DIRENT.iter_unpack
-_ENTRY = E.XATTR_ENTRY.unpack_from
+_COMPACT = struct.Struct("<HHHHI4xI4xHH").unpack_from      # format, icount, mode, nlink, size, i_u, uid, gid
+_EXTENDED = struct.Struct("<HHH2xQI4xIIQII").unpack_from   # format, icount, mode, size, i_u, uid, gid, mtime, nsec, nlink
+_COMPACT_READ, _EXTENDED_READ = 28, 48                     # bytes of an inode the reference reads
+_DIRENT = struct.Struct("<QH").unpack_from                 # nid, nameoff (the bytes the reference reads)
 _U16 = struct.Struct("<H").unpack_from
-_IDS = E.XATTR_SHARED_ID.iter_unpack
+_U32 = struct.Struct("<I").unpack_from
+_ENTRY = E.XATTR_ENTRY.unpack_from
 _PREFIXES = E.XATTR_PREFIXES
 _N_PREFIXES = len(E.XATTR_PREFIXES)
 _OVERLAY_PREFIX = E.OVERLAY_PREFIX
 _OVERLAY_PREFIX_LEN = len(E.OVERLAY_PREFIX)
 _ESCAPE_PREFIX = E.OVERLAY_ESCAPE_PREFIX
 _TRUSTED_PREFIX = E.OVERLAY_TRUSTED_PREFIX
-# Keys the reader interprets instead of storing (lcfs_build_node_erofs_xattr).
+_XATTR_NAME_MAX = 255
+_XATTR_SPACE_MAX = 0xFFFF       # lcfs_node_set_xattr_internal's limit for xattrs read from an image
+# What the reference reader does with an xattr name (lcfs_build_node_erofs_xattr).
 _STORE, _SKIP, _REDIRECT, _METACOPY, _WHITEOUT = range(5)
 _SPECIAL_KEYS = {
-    E.OVERLAY_REDIRECT: _REDIRECT,          # -> payload
-    E.OVERLAY_METACOPY: _METACOPY,          # -> digest
+    E.OVERLAY_REDIRECT: _REDIRECT,          # -> payload of a regular file
+    E.OVERLAY_METACOPY: _METACOPY,          # -> digest of a regular file
     E.OVERLAY_ESCAPED_WHITEOUT: _WHITEOUT,  # a regular file with it -> 0:0 chardev
     E.OVERLAY_ESCAPED_WHITEOUTS: _SKIP,     # markers the writer puts on the parent
     E.OVERLAY_USER_WHITEOUT: _SKIP,
@@ -132,9 +140,11 @@ def read_image(data: bytes | bytearray | memoryview | mmap.mmap, *, filters: lis
     sb = E.SuperBlock._make(E.SUPERBLOCK.unpack_from(data, E.SUPERBLOCK_OFFSET))
     if sb.magic != E.EROFS_MAGIC:
         raise FormatError(f"bad EROFS superblock magic 0x{sb.magic:08x} at offset {E.SUPERBLOCK_OFFSET}")
-    if sb.blkszbits != E.BLOCK_BITS:
+    if not composefs_header and sb.blkszbits != E.BLOCK_BITS:
         raise FormatError(f"unsupported EROFS block size 2^{sb.blkszbits} at offset {E.SUPERBLOCK_OFFSET + 12}")
-    if sb.meta_blkaddr * _BLOCK >= size or sb.xattr_blkaddr * _BLOCK >= size:
+    # The reference computes both offsets in 32 bits (u32 * 4096) and uses 4 KiB blocks whatever
+    # blkszbits says.
+    if (sb.meta_blkaddr * _BLOCK) & _M32 >= size or (sb.xattr_blkaddr * _BLOCK) & _M32 >= size:
         raise FormatError(f"superblock points past the end of the image (meta_blkaddr {sb.meta_blkaddr}, "
                           f"xattr_blkaddr {sb.xattr_blkaddr}, {size} bytes)")
     # Building ~10^5 linked objects triggers the cyclic GC over and over for nothing
@@ -142,9 +152,7 @@ def read_image(data: bytes | bytearray | memoryview | mmap.mmap, *, filters: lis
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        with memoryview(data) as view:
-            reader = _Reader(data, view, sb)
-            root = reader.tree(sb.root_nid, set(filters) if filters is not None else None)
+        root = _Reader(data, sb).tree(sb.root_nid, set(filters) if filters is not None else None)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -155,51 +163,63 @@ def read_image(data: bytes | bytearray | memoryview | mmap.mmap, *, filters: lis
 class _Reader:
     """Decodes inodes on demand; ``tree`` walks the directories depth-first."""
 
-    def __init__(self, data: bytes | mmap.mmap, view: memoryview, sb: E.SuperBlock):
+    def __init__(self, data: bytes | mmap.mmap, sb: E.SuperBlock):
         self.data = data
-        self.view = view
         self.size = len(data)
-        self.meta = sb.meta_blkaddr * _BLOCK
-        self.xattr_base = sb.xattr_blkaddr * _BLOCK
+        self.meta = (sb.meta_blkaddr * _BLOCK) & _M32
+        self.xattr_base = (sb.xattr_blkaddr * _BLOCK) & _M32
         self.build_time = sb.build_time
         self.build_time_nsec = sb.build_time_nsec
+        self.inline_max = min(E.INLINE_CONTENT_MAX, self.size)
         self.keys: dict[bytes, tuple[int, bytes]] = {}   # xattr name -> _classify(name)
-        self.shared: dict[int, tuple[tuple[int, bytes], bytes]] = {}   # id -> (action, value)
+
+    def _past_end(self, what: str, end: int) -> FormatError:
+        return FormatError(f"{what} runs past the end of the image (to offset {end}, {self.size} bytes)")
 
     # -- tree -----------------------------------------------------------------------------
     def tree(self, root_nid: int, filters: set[bytes] | None) -> Node:
         res = self.inode(root_nid)
-        if res is None or not res[0].is_dir():
-            raise FormatError(f"root inode (nid {root_nid}) is not a directory")
+        if res is None:
+            raise FormatError(f"root inode (nid {root_nid}) is a 0:0 character device (a whiteout)")
         root, entries = res
         if filters is not None:
-            entries = [e for e in entries if e[0] in filters]
+            if root.content is not None or root.mode & _S_IFMT == _S_IFLNK:
+                # lcfs_build_node_from_image asserts that no filter reaches a symlink or a flat
+                # file: the reference aborts.
+                raise FormatError(f"root inode (nid {root_nid}) is a symlink or an inline file: no entries to filter")
+            if entries:
+                entries = [e for e in entries if e[0] in filters]
         seen: dict[int, Node] = {root_nid: root}
+        stubs: set[int] = set()
         # Explicit stack (no recursion limit): pop order is the reference's depth-first
         # recursion order, which decides who owns a hard-linked inode.
-        stack = [(root, name, nid) for name, nid in reversed(entries)]
+        stack = [(root, name, nid) for name, nid in reversed(entries or ())]
         pop, push = stack.pop, stack.extend
         inode = self.inode
         while stack:
             parent, name, nid = pop()
             node = seen.get(nid)
             if node is None:
+                if nid in stubs:
+                    # The reference keeps the freed node of the first visit in its table and
+                    # links to it: what it prints then is freed memory.
+                    raise FormatError(f"0:0 character device inode nid {nid} is reached twice "
+                                      f"(again as {_show(parent.path(), name)})")
                 res = inode(nid)
-                if res is None:         # a 0:0 chardev: one of the root whiteout stubs
+                if res is None:         # a 0:0 chardev (the root's whiteout stubs): skipped
+                    stubs.add(nid)
                     continue
                 node, entries = res
                 seen[nid] = node
                 if entries:
                     push([(node, cname, cnid) for cname, cnid in reversed(entries)])
             else:
-                if node.children is not None:
-                    raise FormatError(f"directory inode nid {nid} is linked twice "
-                                      f"(again as {_show(parent.path(), name)})")
                 target, node = node, Node(node.mode)
+                node.children = None
                 node.link_to = target
-            # Node.add_child, minus the checks a dirent name has passed ('.', '..', empty).
+            # lcfs_node_add_child's checks
             children = parent.children
-            if name in children or len(name) > NAME_MAX or b"/" in name or b"\0" in name:
+            if not name or len(name) > NAME_MAX or name in children:
                 what = "duplicate" if name in children else "invalid"
                 raise FormatError(f"{what} entry {_show(parent.path(), name)!r}")
             node.name = name
@@ -209,40 +229,40 @@ class _Reader:
 
     # -- inodes ---------------------------------------------------------------------------
     def inode(self, nid: int) -> tuple[Node, list[tuple[bytes, int]] | None] | None:
-        """Decode inode nid: (node, dirents or None), or None for a whiteout stub."""
+        """Decode inode nid: (node, dirents in on-disk order or None), or None for a 0:0
+        character device."""
         data, size = self.data, self.size
-        off = self.meta + nid * _SLOT
-        if off + 32 > size:
+        off = self.meta + ((nid << 5) & _M64)
+        if off >= size:
             raise FormatError(f"inode nid {nid} at offset {off} lies past the end of the image ({size} bytes)")
         if not data[off] & 1:                   # i_format bit 0: compact (32 B) or extended (64 B)
-            fmt, icount, mode, nlink, isize, _, i_u, _, uid, gid, _ = _COMPACT(data, off)
+            if off + _COMPACT_READ > size:
+                raise self._past_end(f"inode nid {nid} at offset {off}", off + _COMPACT_READ)
+            fmt, icount, mode, nlink, isize, i_u, uid, gid = _COMPACT(data, off)
             sec, nsec = self.build_time, self.build_time_nsec
             p = off + 32
         else:
-            if off + 64 > size:
-                raise FormatError(f"inode nid {nid} at offset {off} is truncated")
-            fmt, icount, mode, _, isize, i_u, _, uid, gid, sec, nsec, nlink = _EXTENDED(data, off)
+            if off + _EXTENDED_READ > size:
+                raise self._past_end(f"inode nid {nid} at offset {off}", off + _EXTENDED_READ)
+            fmt, icount, mode, isize, i_u, uid, gid, sec, nsec, nlink = _EXTENDED(data, off)
             p = off + 64
         ftype = mode & _S_IFMT
-        if ftype not in _VALID_TYPES:
-            raise FormatError(f"inode nid {nid} at offset {off}: invalid mode 0{mode:o}")
         rdev = i_u if ftype == _S_IFCHR or ftype == _S_IFBLK else 0
         if ftype == _S_IFCHR and rdev == 0:
             return None
         xsize = 12 + (icount - 1) * 4 if icount else 0
         tail_off = p + xsize
-        if tail_off > size:
-            raise FormatError(f"inode nid {nid} at offset {off}: xattrs run past the end of the image")
         node = Node(mode, nlink=nlink, uid=uid, gid=gid, rdev=rdev, mtime_sec=sec, mtime_nsec=nsec, size=isize)
-        layout = (fmt >> 1) & 7
+        tailpacked = (fmt >> 1) & 7 == _FLAT_INLINE
         entries = None
         if ftype == _S_IFDIR:
-            entries = self._dirents(nid, isize, layout, i_u, tail_off)
+            entries = self._dirents(nid, isize, tailpacked, i_u, tail_off)
         elif ftype == _S_IFLNK:
-            self._symlink(node, nid, isize, layout, i_u, tail_off)
+            self._symlink(node, nid, isize, tailpacked, i_u, tail_off)
         elif ftype == _S_IFREG and isize:
+            layout = (fmt >> 1) & 7
             if layout == _FLAT_PLAIN or layout == _FLAT_INLINE:
-                node.content = self._flat_data(nid, isize, layout, i_u, tail_off, E.INLINE_CONTENT_MAX)
+                node.content = self._flat_file(nid, isize, tailpacked, i_u, tail_off)
             elif layout != _CHUNK_BASED:
                 raise FormatError(f"inode nid {nid} at offset {off}: unsupported data layout {layout}")
             # chunk-based: an external file, its data lives in the object store.
@@ -250,33 +270,41 @@ class _Reader:
             self._xattrs(node, nid, p, xsize)
         return node, entries
 
-    def _flat_data(self, nid: int, isize: int, layout: int, blkaddr: int, tail_off: int, limit: int) -> bytes:
-        """The bytes of a flat file: whole blocks at blkaddr, then the inline tail."""
-        if isize > limit:
-            raise FormatError(f"inode nid {nid}: inline data of {isize} bytes exceeds {limit}")
-        if layout == _FLAT_INLINE:
-            oob = (isize // _BLOCK) * _BLOCK
-            tail = isize - oob
-        elif layout == _FLAT_PLAIN:
-            oob, tail = isize, 0
+    @staticmethod
+    def _n_blocks(isize: int) -> int:
+        return (((((isize - 1) & _M64) | (_BLOCK - 1)) + 1) & _M64) >> 12      # round_up() in u64
+
+    def _flat_file(self, nid: int, isize: int, tailpacked: bool, blkaddr: int, tail_off: int) -> bytes:
+        """The bytes of a flat regular file: whole blocks at blkaddr, then the inline tail."""
+        if isize > self.inline_max:
+            raise FormatError(f"inode nid {nid}: inline data of {isize} bytes exceeds {self.inline_max}")
+        if tailpacked:
+            oob = (self._n_blocks(isize) - 1) * _BLOCK
+            tail = isize % _BLOCK
+            if not tail:
+                # The reference copies nothing into the last block's buffer and returns it as is.
+                raise FormatError(f"inode nid {nid}: flat inline file of {isize} bytes has no inline tail")
         else:
-            raise FormatError(f"inode nid {nid}: unsupported data layout {layout}")
-        start = blkaddr * _BLOCK
-        if oob and start + oob > self.size:
-            raise FormatError(f"inode nid {nid}: data block {blkaddr} lies past the end of the image")
-        if tail_off + tail > self.size:
-            raise FormatError(f"inode nid {nid}: inline data runs past the end of the image")
+            oob, tail = isize, 0
+        start = (blkaddr * _BLOCK) & _M32
         data = self.data
+        if oob and start + oob > self.size:
+            raise self._past_end(f"inode nid {nid}: data block {blkaddr}", start + oob)
+        if tail and tail_off + tail > self.size:
+            raise self._past_end(f"inode nid {nid}: inline data", tail_off + tail)
         if not tail:
             return data[start:start + oob]
         if not oob:
             return data[tail_off:tail_off + tail]
         return data[start:start + oob] + data[tail_off:tail_off + tail]
 
-    def _symlink(self, node: Node, nid: int, isize: int, layout: int, blkaddr: int, tail_off: int) -> None:
+    def _symlink(self, node: Node, nid: int, isize: int, tailpacked: bool, blkaddr: int, tail_off: int) -> None:
         if isize >= E.PATH_MAX:
             raise FormatError(f"inode nid {nid}: symlink target of {isize} bytes is too long")
-        target = self._flat_data(nid, isize, layout, blkaddr, tail_off, E.PATH_MAX)
+        start = tail_off if tailpacked else (blkaddr * _BLOCK) & _M32
+        if start + isize > self.size:
+            raise self._past_end(f"inode nid {nid}: symlink target", start + isize)
+        target = self.data[start:start + isize]
         if b"\0" in target:                 # the reference reads it as a C string
             target = target[:target.index(b"\0")]
         if not target:
@@ -284,133 +312,173 @@ class _Reader:
         node.payload = target
         node.size = len(target)
 
-    def _dirents(self, nid: int, isize: int, layout: int, blkaddr: int, tail_off: int) -> list[tuple[bytes, int]]:
+    def _dirents(self, nid: int, isize: int, tailpacked: bool, blkaddr: int, tail_off: int) -> list[tuple[bytes, int]]:
         """(name, nid) of every entry but '.' and '..': full blocks first, then the tail."""
-        if layout == _FLAT_INLINE:
-            n_oob, tail = divmod(isize, _BLOCK)
-            last = _BLOCK
-        elif layout == _FLAT_PLAIN:
-            n_oob, tail = -(-isize // _BLOCK), 0
-            last = isize - (n_oob - 1) * _BLOCK if n_oob else 0
-        else:
-            raise FormatError(f"directory inode nid {nid}: unsupported data layout {layout}")
         out: list[tuple[bytes, int]] = []
+        n_blocks = self._n_blocks(isize)
+        n_oob = (n_blocks - 1) & _M64 if tailpacked else n_blocks
         if n_oob:
-            start = blkaddr * _BLOCK
-            if start + (n_oob - 1) * _BLOCK + last > self.size:
-                raise FormatError(f"directory inode nid {nid}: blocks {blkaddr}..{blkaddr + n_oob - 1} "
-                                  f"lie past the end of the image")
+            start = (blkaddr * _BLOCK) & _M32
+            last = start + (n_oob - 1) * _BLOCK
+            if last + 10 > self.size:           # every block's first record is read
+                raise self._past_end(f"directory inode nid {nid}: blocks {blkaddr}..{blkaddr + n_oob - 1}", last + 10)
             for i in range(n_oob):
-                self._dirent_block(nid, start + i * _BLOCK, last if i == n_oob - 1 else _BLOCK, out)
-        if tail:
-            if tail_off + tail > self.size:
-                raise FormatError(f"directory inode nid {nid}: inline entries run past the end of the image")
-            self._dirent_block(nid, tail_off, tail, out)
+                bsize = _BLOCK
+                if not tailpacked and i + 1 == n_oob:
+                    bsize = isize % _BLOCK or _BLOCK
+                self._dirent_block(nid, start + i * _BLOCK, bsize, out)
+        if tailpacked:                          # read even when the tail is empty
+            self._dirent_block(nid, tail_off, isize % _BLOCK, out)
         return out
 
     def _dirent_block(self, nid: int, start: int, bsize: int, out: list[tuple[bytes, int]]) -> None:
-        data = self.data
-        if bsize < 12:
-            raise FormatError(f"directory inode nid {nid}: dirent block at offset {start} is only {bsize} bytes")
+        """erofs_readdir_block: the record count comes from the first name offset alone, and
+        records and names are read wherever they point, inside the block or not."""
+        data, size = self.data, self.size
+        if start + 10 > size:
+            raise self._past_end(f"directory inode nid {nid}: dirent block at offset {start}", start + 10)
         first = _U16(data, start + 8)[0]
-        if first == 0 or first % 12 or first > bsize:
+        if first % 12:
             raise FormatError(f"directory inode nid {nid}: bad dirent block at offset {start} "
                               f"(first name offset {first})")
-        ents = list(_DIRENTS(self.view[start:start + first]))
-        ends = [e[1] for e in ents[1:]]
-        ends.append(-1)
-        for (cnid, noff, _ftype, _), end in zip(ents, ends):
-            if end < 0:                       # the last name ends at a NUL or the block end
-                stop = data.find(b"\0", start + noff, start + bsize) if noff < bsize else -1
-                end = (stop - start) if stop >= 0 else bsize
-            if noff < first or end <= noff or end > bsize:
-                raise FormatError(f"directory inode nid {nid}: bad name offset {noff} in dirent block "
-                                  f"at offset {start}")
-            name = data[start + noff:start + end]
+        n = first // 12
+        if not n:
+            return
+        if start + 12 * (n - 1) + 10 > size:
+            raise self._past_end(f"directory inode nid {nid}: dirents at offset {start}", start + 12 * (n - 1) + 10)
+        for i in range(n):
+            r = start + 12 * i
+            cnid, noff = _DIRENT(data, r)
+            s = start + noff
+            if i + 1 < n:
+                length = (_U16(data, r + 20)[0] - noff) & 0xFFFF
+            else:
+                # strnlen(name, bsize - nameoff): unbounded when nameoff is past the block.
+                limit = bsize - noff if noff <= bsize else size
+                if limit:
+                    stop = data.find(b"\0", s, min(s + limit, size))
+                    if stop >= 0:
+                        length = stop - s
+                    elif s + limit <= size:
+                        length = limit
+                    else:
+                        raise self._past_end(f"directory inode nid {nid}: last name in the dirent block at offset "
+                                             f"{start}", size + 1)
+                    length &= 0xFFFF
+                else:
+                    length = 0
+            length = min(length, E.PATH_MAX - 1)
+            if s + length > size:
+                raise self._past_end(f"directory inode nid {nid}: name at offset {s}", s + length)
+            name = data[s:s + length]
             if name == b"." or name == b"..":
                 continue
+            if b"\0" in name:                   # copied, then used as a C string
+                name = name[:name.index(b"\0")]
             out.append((name, cnid))
 
     # -- xattrs ---------------------------------------------------------------------------
     def _xattrs(self, node: Node, nid: int, xoff: int, xsize: int) -> None:
         """Inline entries first, then shared ones (the reference's order, which is the order
         the dump prints them in); composefs' own overlay xattrs become node fields."""
-        data, end = self.data, xoff + xsize
+        data, size = self.data, self.size
+        if xoff + 5 > size:
+            raise self._past_end(f"inode nid {nid}: xattr header", xoff + 5)
+        end = xoff + xsize
         shared = data[xoff + 4]
+        space = 0               # lcfs_node_set_xattr_internal's accounting of the node's xattrs
         p = xoff + 12 + 4 * shared
-        if p > end:
-            raise FormatError(f"inode nid {nid}: {shared} shared xattr ids overflow the xattr body "
-                              f"at offset {xoff}")
-        keys, xattrs = self.keys, node.xattrs
         # The reference loops while a header *and more* fits (strict '<'), so a 4-byte entry
         # (empty suffix and value) in the very last slot is not read; neither is it here.
         while p + 4 < end:
+            if p + 4 > size:
+                raise self._past_end(f"inode nid {nid}: xattr entry at offset {p}", p + 4)
             nlen, index, vlen = _ENTRY(data, p)
-            q = p + 4 + nlen
-            r = q + vlen
-            if r > end:
-                raise FormatError(f"inode nid {nid}: xattr entry at offset {p} runs past the xattr body")
-            if index >= _N_PREFIXES:
-                raise FormatError(f"inode nid {nid}: unknown xattr name index {index} at offset {p}")
-            key = _PREFIXES[index] + data[p + 4:q]
-            action = keys.get(key)
-            if action is None:
-                action = keys[key] = _classify(key)
-            if action[0] == _STORE:
-                xattrs[action[1]] = data[q:r]
-            else:
-                _apply(node, action, data[q:r])
-            p += (r - p + 3) & ~3
-        if shared:
-            cache = self.shared
-            for (idx,) in _IDS(self.view[xoff + 12:xoff + 12 + 4 * shared]):
-                entry = cache.get(idx)
-                if entry is None:
-                    entry = self._shared_entry(nid, idx)
-                action, value = entry
-                if action[0] == _STORE:
-                    xattrs[action[1]] = value
-                else:
-                    _apply(node, action, value)
+            space = self._xattr(node, nid, p, nlen, index, vlen, space)
+            p += (4 + nlen + vlen + 3) & ~3
+        for k in range(shared):
+            q = xoff + 12 + 4 * k
+            if q + 4 > size:
+                raise self._past_end(f"inode nid {nid}: shared xattr id {k}", q + 4)
+            e = self.xattr_base + ((_U32(data, q)[0] * 4) & _M32)
+            if e + 4 > size:
+                raise self._past_end(f"inode nid {nid}: shared xattr at offset {e}", e + 4)
+            nlen, index, vlen = _ENTRY(data, e)
+            space = self._xattr(node, nid, e, nlen, index, vlen, space)
 
-    def _shared_entry(self, nid: int, idx: int) -> tuple[tuple[int, bytes], bytes]:
-        """Decode (and remember) shared xattr idx: shared entries are reused by definition."""
+    def _xattr(self, node: Node, nid: int, e: int, nlen: int, index: int, vlen: int, space: int) -> int:
+        """Apply one xattr entry at offset e; returns the node's xattr space after it."""
         data, size = self.data, self.size
-        e = self.xattr_base + idx * 4
-        if e + 4 > size:
-            raise FormatError(f"inode nid {nid}: shared xattr id {idx} points past the end of the image")
-        nlen, index, vlen = _ENTRY(data, e)
-        q = e + 4 + nlen
-        if q + vlen > size:
-            raise FormatError(f"inode nid {nid}: shared xattr at offset {e} runs past the end of the image")
         if index >= _N_PREFIXES:
             raise FormatError(f"inode nid {nid}: unknown xattr name index {index} at offset {e}")
-        key = _PREFIXES[index] + data[e + 4:q]
-        entry = self.shared[idx] = (_classify(key), data[q:q + vlen])
-        return entry
+        q = e + 4 + nlen
+        if q > size:
+            raise self._past_end(f"inode nid {nid}: xattr name at offset {e + 4}", q)
+        raw = data[e + 4:q]
+        key = _PREFIXES[index] + raw
+        if b"\0" in key:                       # the name is used as a C string
+            key = key[:key.index(b"\0")]
+        action = self.keys.get(key)
+        if action is None:
+            action = self.keys[key] = _classify(key)
+        kind, key = action
+        ftype = node.mode & _S_IFMT
+        if kind == _STORE:
+            return self._store_xattr(node, nid, e, key, q, vlen, space)
+        if kind == _SKIP:
+            return space
+        if kind == _WHITEOUT:
+            if ftype == _S_IFREG:
+                node.mode = (node.mode & ~_S_IFMT) | _S_IFCHR
+                node.rdev = 0
+                node.size = 0
+                return space
+            return self._store_xattr(node, nid, e, _TRUSTED_PREFIX + key[_OVERLAY_PREFIX_LEN:], q, vlen, space)
+        if ftype != _S_IFREG:
+            return space
+        if kind == _REDIRECT:
+            # The reference skips a leading '/' by moving the start *and growing* the length by
+            # one, then strndup()s: so two bytes past the value are read, up to the first NUL.
+            start, n = q, vlen
+            if vlen > 1:
+                if q + 1 > size:
+                    raise self._past_end(f"inode nid {nid}: xattr value at offset {q}", q + 1)
+                if data[q] == 0x2F:
+                    start, n = q + 1, vlen + 1
+            stop = data.find(b"\0", start, min(start + n, size))
+            if stop < 0:
+                stop = start + n
+                if stop > size:
+                    raise self._past_end(f"inode nid {nid}: redirect value at offset {start}", stop)
+            node.payload = data[start:stop]
+        elif vlen == E.METACOPY_SIZE:           # _METACOPY
+            if q + vlen > size:
+                raise self._past_end(f"inode nid {nid}: metacopy value at offset {q}", q + vlen)
+            node.digest = data[q + 4:q + vlen]
+        return space
 
-
-def _apply(node: Node, action: tuple[int, bytes], value: bytes) -> None:
-    """The non-_STORE actions of _classify."""
-    kind, key = action
-    if kind == _SKIP:
-        return
-    if node.mode & _S_IFMT != _S_IFREG:
-        if kind == _WHITEOUT:           # the marker on anything but a file is user data
-            node.xattrs[_TRUSTED_PREFIX + key[_OVERLAY_PREFIX_LEN:]] = value
-    elif kind == _REDIRECT:
-        if len(value) > 1 and value[0] == 0x2F:         # "/"
-            value = value[1:]
-        if b"\0" in value:                             # read as a C string
-            value = value[:value.index(b"\0")]
-        node.payload = value
-    elif kind == _METACOPY:
-        if len(value) == E.METACOPY_SIZE:
-            node.digest = value[4:]
-    else:                                               # _WHITEOUT
-        node.mode = (node.mode & ~_S_IFMT) | _S_IFCHR
-        node.rdev = 0
-        node.size = 0
+    def _store_xattr(self, node: Node, nid: int, e: int, key: bytes, q: int, vlen: int, space: int) -> int:
+        """lcfs_node_set_xattr_internal: replace a previous value (the last entry takes the
+        removed one's place), within 65535 bytes of xattr space per inode."""
+        if not key or len(key) > _XATTR_NAME_MAX:
+            raise FormatError(f"inode nid {nid}: xattr name of {len(key)} bytes at offset {e}")
+        xattrs = node.xattrs
+        old = xattrs.get(key)
+        if old is not None:
+            items = list(xattrs.items())
+            i = list(xattrs).index(key)
+            items[i] = items[-1]
+            items.pop()
+            xattrs.clear()
+            xattrs.update(items)
+            space = space - 7 - len(key) - len(old) if xattrs else 0
+        space += 7 + len(key) + vlen + (0 if xattrs else 12)
+        if space > _XATTR_SPACE_MAX:
+            raise FormatError(f"inode nid {nid}: xattrs take more than {_XATTR_SPACE_MAX} bytes (at offset {e})")
+        if q + vlen > self.size:
+            raise self._past_end(f"inode nid {nid}: xattr value at offset {q}", q + vlen)
+        xattrs[key] = self.data[q:q + vlen]
+        return space
 
 
 def _classify(key: bytes) -> tuple[int, bytes]:

@@ -23,7 +23,20 @@ XATTR_BUDGET = 32767          # per inode: 12 + sum(7 + len(k) + len(v))
 INLINE_CONTENT_MAX = 5000     # largest inline content a dump may carry
 SCAN_INLINE_MAX = 64          # directory scans inline files up to this size
 MAX_CHUNKS = 1024             # external files must fit this many chunks
-MAX_FILE_SIZE = MAX_CHUNKS << 43   # ... of at most 2^43 bytes each
+MAX_CHUNK_BITS = 43           # chunks of at most 2^43 bytes
+
+
+def chunk_bits(size: int) -> int:
+    """erofs_compute_chunk_bitsize: the smallest chunk (one block .. 2^43) that needs fewest chunks."""
+    bits = (size - 1).bit_length()
+    return 12 if bits < 12 else MAX_CHUNK_BITS if bits > MAX_CHUNK_BITS else bits
+
+
+def chunk_count(size: int) -> int:
+    """Chunks of an external file of this size, computed in u64 as the reference does: a size
+    within 2^43 of 2^64 wraps around to 0 chunks."""
+    bits = chunk_bits(size)
+    return ((size + (1 << bits) - 1) & 0xFFFFFFFFFFFFFFFF) >> bits
 
 _VALID_TYPES = frozenset(
     (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFBLK, stat.S_IFCHR, stat.S_IFSOCK, stat.S_IFIFO)

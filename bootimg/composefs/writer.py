@@ -29,7 +29,7 @@ import xxhash
 from .._perf import gc_paused
 from ..errors import FormatError
 from . import erofs as E
-from .tree import MAX_CHUNKS, XATTR_BUDGET, XATTR_NAME_MAX, Node
+from .tree import MAX_CHUNKS, XATTR_BUDGET, Node, chunk_bits, chunk_count
 
 try:
     from . import _imagepack
@@ -52,7 +52,11 @@ _S_IFCHR, _S_IFBLK = stat.S_IFCHR, stat.S_IFBLK
 _VALID_TYPES = frozenset((stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFBLK, stat.S_IFCHR,
                           stat.S_IFSOCK, stat.S_IFIFO))
 _first = itemgetter(0)
-_FF = memoryview(b"\xff" * (4 * MAX_CHUNKS))   # "no chunk" indexes: an inline chunk table
+_FF = memoryview(b"\xff" * (4 * MAX_CHUNKS))
+_M64 = (1 << 64) - 1
+# The per-inode limits are enforced as xattrs are added (Node.set_xattr, _charge), as the
+# reference does; the final check only keeps a tree built by hand from overflowing the format.
+XATTR_SPACE_MAX = 0xFFFF   # "no chunk" indexes: an inline chunk table
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class _Inode:
     __slots__ = (
         "node", "name", "parent", "mode", "nlink", "uid", "gid", "rdev", "mtime_sec", "mtime_nsec",
         "size", "xattrs", "entries", "ino", "nid", "isz", "shared_ids", "inline_xattrs", "xsz", "xfilter",
-        "chunk_bits",
+        "chunk_bits", "space",
         "n_blocks", "tail", "blkaddr", "layout", "i_size", "chunks", "spilled_chunk_table",
     )
 
@@ -78,6 +82,7 @@ class _Inode:
         self.entries: list | None = None
         self.blkaddr = 0
         self.spilled_chunk_table = False
+        self.space = None
         if node is not None:
             self.mode = node.mode
             self.nlink = node.nlink
@@ -100,11 +105,6 @@ def _check_versions(options: ImageOptions) -> None:
     if not 0 <= options.min_version <= options.max_version <= VERSION_MAX:
         raise FormatError(
             f"invalid format version range {options.min_version}..{options.max_version} (supported 0..{VERSION_MAX})")
-
-
-def _chunk_bits(size: int) -> int:
-    bits = (size - 1).bit_length()
-    return 12 if bits < 12 else 43 if bits > 43 else bits     # one block .. 2^31 blocks
 
 
 # -- step 1: rewrite the tree into inodes with their final mode and xattrs ---------------------
@@ -136,10 +136,10 @@ def _rewrite(root: Node, options: ImageOptions, external: list[_Inode]) -> tuple
     if version >= 1:
         for parent in whiteout_parents:
             if parent is not None:
-                parent.xattrs[E.OVERLAY_ESCAPED_OPAQUE] = b"x"
-                parent.xattrs[E.OVERLAY_USER_OPAQUE] = b"x"
+                _charge(parent, E.OVERLAY_ESCAPED_OPAQUE, b"x")
+                _charge(parent, E.OVERLAY_USER_OPAQUE, b"x")
     # Root: opaque, set after escaping (so it stays a real overlay xattr).
-    root_inode.xattrs[E.OVERLAY_OPAQUE] = b"y"
+    _charge(root_inode, E.OVERLAY_OPAQUE, b"y")
     _add_whiteout_stubs(root_inode)
     return root_inode, version
 
@@ -152,19 +152,21 @@ def _make_inode(node: Node, name: bytes, parent: _Inode | None, whiteout_parents
         raise FormatError(f"{ino.path()}: invalid mode {node.mode:o}")
     xattrs = node.xattrs
     if xattrs:
-        xattrs = dict(xattrs)
-        for key in [k for k in xattrs if k.startswith(E.OVERLAY_PREFIX)]:
-            escaped = E.escape_overlay_xattr(key)
-            if len(escaped) > XATTR_NAME_MAX:
-                raise FormatError(f"{ino.path()}: escaped xattr name {escaped!r} longer than {XATTR_NAME_MAX} bytes")
-            xattrs[escaped] = xattrs.pop(key)
+        # trusted.overlay.X -> trusted.overlay.overlay.X: one more "overlay." on every such key,
+        # so escaped keys never collide. The entry stores the name after "trusted.", so an
+        # escaped name of up to 263 bytes still fits its u8 length.
+        prefix = E.OVERLAY_PREFIX
+        if any(k.startswith(prefix) for k in xattrs):
+            xattrs = {E.escape_overlay_xattr(k) if k.startswith(prefix) else k: v for k, v in xattrs.items()}
+        else:
+            xattrs = dict(xattrs)
     else:
         xattrs = {}
     ino.size = node.size
     if ftype == _S_IFREG:
         if node.content is None and node.size > 0:
-            ino.chunk_bits = bits = _chunk_bits(node.size)
-            if (node.size + (1 << bits) - 1) >> bits > MAX_CHUNKS:
+            ino.chunk_bits = chunk_bits(node.size)
+            if chunk_count(node.size) > MAX_CHUNKS:
                 raise FormatError(f"{ino.path()}: file too large ({node.size} bytes)")
             external.append(ino)
     elif ftype == _S_IFDIR:
@@ -175,16 +177,36 @@ def _make_inode(node: Node, name: bytes, parent: _Inode | None, whiteout_parents
     elif ftype == _S_IFCHR and node.rdev == 0:
         # A whiteout becomes an empty regular file marked for overlayfs, so the image can
         # itself be a lower layer; the parent is marked as holding whiteouts.
-        ino.mode = _S_IFREG | stat.S_IMODE(node.mode)
+        ino.mode = _S_IFREG | (node.mode & ~_S_IFMT)
         ino.size = 0
-        xattrs[E.OVERLAY_ESCAPED_WHITEOUT] = b""
-        xattrs[E.OVERLAY_USER_WHITEOUT] = b""
+        ino.xattrs = xattrs
+        _charge(ino, E.OVERLAY_ESCAPED_WHITEOUT, b"")
+        _charge(ino, E.OVERLAY_USER_WHITEOUT, b"")
         if parent is not None:
-            parent.xattrs[E.OVERLAY_ESCAPED_WHITEOUTS] = b""
-            parent.xattrs[E.OVERLAY_USER_WHITEOUTS] = b""
+            _charge(parent, E.OVERLAY_ESCAPED_WHITEOUTS, b"")
+            _charge(parent, E.OVERLAY_USER_WHITEOUTS, b"")
         whiteout_parents.append(parent)     # opaque "x" too, if the version is >= 1
     ino.xattrs = xattrs
     return ino
+
+
+def _charge(ino: _Inode, key: bytes, value: bytes) -> None:
+    """Add an xattr the writer synthesizes, with lcfs_node_set_xattr's space check as the
+    reference's writer meets it: it works on a clone of the tree whose space count starts at 0
+    whatever xattrs the node has, a replaced key is subtracted in size_t arithmetic (so it can
+    wrap around), and the 12-byte header counts only on a node without xattrs."""
+    xattrs = ino.xattrs
+    space = ino.space or 0
+    n = len(xattrs)
+    old = xattrs.get(key)
+    if old is not None:
+        n -= 1
+        space = (space - 7 - len(key) - len(old)) & _M64 if n else 0
+    space = (space + 7 + len(key) + len(value) + (0 if n else 12)) & _M64
+    if space > XATTR_BUDGET:
+        raise FormatError(f"{ino.path()}: too many xattrs (no room for {key.decode('latin-1')})")
+    ino.space = space
+    xattrs[key] = value
 
 
 def _add_whiteout_stubs(root: _Inode) -> None:
@@ -304,8 +326,8 @@ def _prepare_xattrs(order: list[_Inode], codec: _XattrCodec) -> tuple[bytes, boo
         else:
             items = list(xattrs.items())
         budget = 12 + 7 * len(items) + sum(map(len, xattrs)) + sum(map(len, xattrs.values()))
-        if budget > XATTR_BUDGET:
-            raise FormatError(f"{ino.path()}: too many xattrs ({budget} bytes, max {XATTR_BUDGET})")
+        if budget > XATTR_SPACE_MAX:
+            raise FormatError(f"{ino.path()}: too many xattrs ({budget} bytes, max {XATTR_SPACE_MAX})")
         ino.xattrs = items
         with_xattrs.append(ino)
         all_pairs += items
@@ -396,8 +418,7 @@ def _layout(order: list[_Inode], min_mtime: tuple[int, int]) -> int:
                         tail = 0
                 else:
                     layout = chunk_based
-                    bits = ino.chunk_bits
-                    tail = 4 * ((size + (1 << bits) - 1) >> bits)
+                    tail = 4 * chunk_count(size)
         elif ftype == _S_IFLNK:
             tail = size
             ino.i_size = size
@@ -462,12 +483,26 @@ def _dirent_block(chunk: list) -> bytes:
 def _add_data_xattrs(external: list[_Inode]) -> None:
     """metacopy (with the fs-verity digest) and redirect (to the object) on external files."""
     metacopy, redirect, header = E.OVERLAY_METACOPY, E.OVERLAY_REDIRECT, E.METACOPY_HEADER
+    head = 7 + len(metacopy)                # == 7 + len(redirect)
     for ino in external:
         node = ino.node
         digest = node.digest
-        ino.xattrs[metacopy] = b"" if digest is None else header + digest
+        value = b"" if digest is None else header + digest
+        xattrs = ino.xattrs
+        if ino.space is not None or metacopy in xattrs or redirect in xattrs:
+            _charge(ino, metacopy, value)
+            if node.payload:
+                _charge(ino, redirect, b"/" + node.payload)
+            continue
+        # The common case, _charge inlined: nothing to replace, and a payload (< 4096 bytes)
+        # plus a digest always fit.
+        space = head + len(value) + (0 if xattrs else 12)
+        xattrs[metacopy] = value
         if node.payload:
-            ino.xattrs[redirect] = b"/" + node.payload
+            value = b"/" + node.payload
+            space += head + len(value)
+            xattrs[redirect] = value
+        ino.space = space
 
 
 def write_image(root: Node, options: ImageOptions = ImageOptions()) -> bytearray:
@@ -501,15 +536,25 @@ class ImageWriter:
             return _serialize(self._root_inode, order, self.version)
 
 
+def _min_mtime(order: list[_Inode]) -> tuple[int, int]:
+    """The oldest mtime, which compact inodes take from the superblock. The reference keeps
+    seconds as int64, so a u64 of 2^63 or more (a pre-1970 time) counts as negative."""
+    sec, nsec = min((ino.mtime_sec, ino.mtime_nsec) for ino in order)
+    if sec >= 1 << 63 or max(ino.mtime_sec for ino in order) >= 1 << 63:
+        sec, nsec = min(((s - (1 << 64) if s >= 1 << 63 else s), n) for s, n in
+                        ((ino.mtime_sec, ino.mtime_nsec) for ino in order))
+    return sec & ((1 << 64) - 1), nsec
+
+
 def _serialize(root_inode: _Inode, order: list[_Inode], version: int) -> bytearray:
-    min_mtime = min((ino.mtime_sec, ino.mtime_nsec) for ino in order)
+    min_mtime = _min_mtime(order)
     codec = _XattrCodec()
     if _imagepack is not None:
-        table, has_acl, over = _imagepack.prepare_xattrs(order, codec.key_info, tuple(E.ACL_XATTRS), XATTR_BUDGET,
+        table, has_acl, over = _imagepack.prepare_xattrs(order, codec.key_info, tuple(E.ACL_XATTRS), XATTR_SPACE_MAX,
                                                          E.XATTR_LONG_PREFIX)
         if over is not None:
             index, budget = over
-            raise FormatError(f"{order[index].path()}: too many xattrs ({budget} bytes, max {XATTR_BUDGET})")
+            raise FormatError(f"{order[index].path()}: too many xattrs ({budget} bytes, max {XATTR_SPACE_MAX})")
         out, inodes_end, total_blocks, root_nid = _imagepack.pack(order, E.INODE_AREA_START, table, *min_mtime)
     else:
         table, has_acl = _prepare_xattrs(order, codec)
