@@ -229,7 +229,7 @@ def test_unknown_key_did_you_mean():
 
 def test_unknown_key_without_close_match_lists_allowed_keys():
     assert messages(BASE + "boot: {zzz: 1}\n") == [
-        "boot.zzz: unknown key 'zzz' (allowed: kernel_args, etc, var, on_verification_failure)"]
+        "boot.zzz: unknown key 'zzz' (allowed: kernel_args, etc, var, on_verification_failure, assessment)"]
 
 
 def test_missing_required_points_at_parent_key():
@@ -531,7 +531,9 @@ def test_minimal_defaults():
     m = load_manifest(MANIFESTS / "minimal.yaml")
     assert m.containers == () and m.kpis == ()
     assert m.integrity == model.Integrity(trust="sealed", fsverity="required")
-    assert m.boot == model.Boot(kernel_args=(), etc="transient", var="persistent", on_verification_failure="reboot")
+    assert m.boot == model.Boot(kernel_args=(), etc="transient", var="persistent", on_verification_failure="reboot",
+                                assessment=model.Assessment(tries=3))
+    assert m.identity.security_version == 0 and m.good_boot_units() == ()
     assert m.rootfs.source == model.Source("tar", REPO / "build" / "minimal-rootfs.tar")
 
 

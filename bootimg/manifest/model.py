@@ -64,6 +64,7 @@ class Identity:
     name: str
     version: str
     source_date_epoch: int
+    security_version: int
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,18 @@ class Integrity:
 
 
 @dataclass(frozen=True)
+class Assessment:
+    tries: int
+    requires: tuple[str, ...] | None = None   # None: every essential container
+
+
+@dataclass(frozen=True)
 class Boot:
     kernel_args: tuple[str, ...]
     etc: EtcPolicy
     var: VarPolicy
     on_verification_failure: VerificationFailure
+    assessment: Assessment
 
 
 @dataclass(frozen=True)
@@ -185,6 +193,13 @@ class Manifest:
         if "." not in ref:
             return f"{self.container(ref).name}.service"
         return ref
+
+    def good_boot_units(self) -> tuple[str, ...]:
+        """The units that must be active for a boot to count as good (boot assessment)."""
+        refs = self.boot.assessment.requires
+        if refs is None:
+            refs = tuple(c.name for c in self.containers if c.essential != "none")
+        return tuple(self.unit_name(r) for r in refs)
 
     def deadline_budgets(self) -> tuple[KpiBudget, ...]:
         """Each container's ``deadline_ms`` as the per-boot KPI it stands for ('NAME.deadline')."""

@@ -305,6 +305,9 @@ class Checker:
             self.warning(("boot", "on_verification_failure"),
                          "a failed verification opens an emergency shell on an unverified system; "
                          "development images only (use reboot)")
+        for j, ref in enumerate(self._list("boot", "assessment", "requires")):
+            if isinstance(ref, str) and is_bare(ref) and container_of(ref, set(self.names)) is None:
+                self.error(("boot", "assessment", "requires", j), self._unknown(ref))
         indexed = [(j, a) for j, a in enumerate(self._list("boot", "kernel_args")) if isinstance(a, str)]
         args = [a for _, a in indexed]
         too_long = False

@@ -43,6 +43,7 @@ def describe_release(manifest: Manifest, records: list[ImageRecord], *, verity_c
         "name": manifest.identity.name,
         "version": manifest.identity.version,
         "source_date_epoch": manifest.identity.source_date_epoch,
+        "security_version": manifest.identity.security_version,
         "fsverity": {"algorithm": "sha256", "block_size": 4096, "policy": manifest.integrity.fsverity},
         "trust": manifest.integrity.trust,
         "root": {"image": root.name, "digest": root.digest,
@@ -51,7 +52,8 @@ def describe_release(manifest: Manifest, records: list[ImageRecord], *, verity_c
         "images": images,
         "objects": layout.OBJECTS_DIR,
         "boot": {"etc": manifest.boot.etc, "var": manifest.boot.var,
-                 "on_verification_failure": manifest.boot.on_verification_failure},
+                 "on_verification_failure": manifest.boot.on_verification_failure,
+                 "tries": manifest.boot.assessment.tries, "good_when": list(manifest.good_boot_units())},
     }
     if verity_cert:
         release["fsverity"]["certificate"] = layout.VERITY_CERT

@@ -116,7 +116,10 @@ def verify_release(out: str | os.PathLike[str], keys: list[PublicKey] | None = N
     report = VerifyReport()
     release_path = out / layout.RELEASE_JSON
     release_bytes = fsutil.read_regular(release_path, layout.RELEASE_JSON_MAX, what="release.json")
-    release = parse_release(release_bytes, str(release_path))
+    try:
+        release = parse_release(release_bytes, str(release_path))
+    except BootimgError as err:
+        return _unparsable(out, release_bytes, err, keys, report)
     signature = _read_signature(out, report)
     reference = _Reference("failed" if report.signature_problems else "unchecked")
     if signature is None and not report.signature_problems and (keys is not None or release["trust"] == "signed"):
@@ -159,6 +162,24 @@ def verify_release(out: str | os.PathLike[str], keys: list[PublicKey] | None = N
 
 
 # -- the signature ---------------------------------------------------------------------------------
+
+def _unparsable(out: Path, release_bytes: bytes, err: BootimgError, keys: list[PublicKey] | None,
+                report: VerifyReport) -> VerifyReport:
+    """release.json is not a release description: still say first whether its signature holds
+    (the signature covers its bytes, so a flipped byte shows there), checked with the keys
+    given or else those the release's root image (at its usual place) carries."""
+    signature = _read_signature(out, report)
+    if signature is not None:
+        if keys is None:
+            keys = _embedded_keys(out, _load_unchecked(out / layout.image_file(layout.ROOT_IMAGE_NAME)), None)
+            source = KEYS_CARRIED
+        else:
+            source = KEYS_GIVEN
+        if keys:
+            _check_signature(release_bytes, signature, keys, source, report, _Reference())
+    report.problem(layout.RELEASE_JSON, err.message)
+    return report
+
 
 def _read_signature(out: Path, report: VerifyReport) -> bytes | None:
     path = out / layout.RELEASE_SIG
