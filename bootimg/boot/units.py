@@ -4,8 +4,8 @@ The contract is docs/boot-design.md, "Boot-time containers". For every container
 manifest (image digest DIGEST from the release), the root image gets:
 
 - ``/usr/lib/systemd/system/bootimg-image-NAME.service``: oneshot, ``DefaultDependencies=no``,
-  ``After=local-fs.target``; runs ``/usr/libexec/bootimg/bootimg-mount-image [--bind=...]
-  NAME DIGEST``, which refuses an image whose fs-verity digest is not DIGEST and mounts it
+  ``After=local-fs.target``; runs ``/usr/libexec/bootimg/bootimg-setup-root mount-image
+  [--bind=...] NAME DIGEST``, which refuses an image whose fs-verity digest is not DIGEST and mounts it
   (EROFS + read-only overlay with ``verity=require`` over the release's object store, plus a
   skeleton layer of mount points) at ``/run/bootimg/containers/NAME``; ``ExecStop=`` unmounts.
 - ``/usr/lib/systemd/system/NAME.service``: the container, ``RootDirectory=`` that mount
@@ -17,8 +17,8 @@ drop-ins that make ``multi-user.target`` want that target and ``sysinit.target``
 ``basic.target`` want the early / basic containers (regular files, so no enablement
 symlinks are needed), ``/usr/lib/sysusers.d/bootimg-containers.conf`` for the numeric ids
 the containers run as (systemd looks User=/Group= up in the system's user database and
-fails a unit whose id is not there), and the mount helper
-``/usr/libexec/bootimg/bootimg-mount-image``.
+fails a unit whose id is not there). The mount helper is the program
+``/usr/libexec/bootimg/bootimg-setup-root`` that ``initramfs.add_program`` puts into every root.
 
 Everything is a pure function of the manifest, the image digests, the images' OCI configs
 and (for checks and name lookups) the container trees, so builds stay byte-identical. The
@@ -62,7 +62,7 @@ from . import quadlet
 
 UNIT_DIR = "/usr/lib/systemd/system"
 QUADLET_DIR = "/usr/share/containers/systemd"
-HELPER = "/usr/libexec/bootimg/bootimg-mount-image"
+HELPER = "/usr/libexec/bootimg/bootimg-setup-root"
 CONTAINERS_TARGET = "bootimg-containers.target"
 CONTAINERS_MOUNT_DIR = "/run/bootimg/containers"
 SYSUSERS_FILE = "/usr/lib/sysusers.d/bootimg-containers.conf"
@@ -551,10 +551,6 @@ def sysusers(manifest: Manifest, resolved: Mapping[str, Resolved]) -> str | None
     return render("sysusers.conf.in", {"RELEASE": _release(manifest), "LINES": lines})
 
 
-def mount_helper() -> bytes:
-    return template_text("bootimg-mount-image").encode()
-
-
 def unit_files(manifest: Manifest, digests: Mapping[str, str], configs: Mapping[str, Mapping | None] | None = None,
                images: Mapping[str, ContainerImage] | None = None) -> dict[str, tuple[bytes, int]]:
     """Every file the boot-time containers need in the root: {absolute path: (content, mode)}."""
@@ -594,7 +590,6 @@ def unit_files(manifest: Manifest, digests: Mapping[str, str], configs: Mapping[
     users = sysusers(manifest, resolved)
     if users is not None:
         add(SYSUSERS_FILE, users)
-    add(HELPER, mount_helper(), 0o755)
     return dict(sorted(files.items()))
 
 
