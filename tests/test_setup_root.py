@@ -18,8 +18,8 @@ the same source without the hooks (test_setup_root_build.py checks that it has n
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys

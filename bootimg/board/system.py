@@ -22,6 +22,7 @@ What it does, in data-flow order:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from ..boot.initramfs import BOOT_CONF, MODULE_DIR, MODULE_NAME, RELEASE_PATH, STATE_PATH
+from ..boot.initramfs import BOOT_CONF, MODULE_DIR, MODULE_NAME, RELEASE_PATH, SETUP_ROOT, STATE_PATH
 from ..composefs.tree import Node
 from ..release.layout import ROOT_IMAGE_NAME, ReleaseDir
 from ..release.layout import ROOT_KEYS_DIR as KEYS_DIR
@@ -102,11 +103,12 @@ def _read(release_dir: Path, node: Node | None, where: str) -> bytes:
 
 
 def extract_boot_inputs(release_dir: Path, dest: Path) -> dict[str, Path]:
-    """Copy the dracut module, boot.conf and trusted keys out of the release's root image.
+    """Copy the dracut module, boot.conf, the trusted keys and bootimg-setup-root out of the
+    release's root image.
 
-    Returns ``{"module_dir": ..., "boot_conf": ..., "keys": ...}`` under ``dest``. Reading them
-    from the image (not from the build's templates) makes the initramfs run exactly the hook the
-    signed root digest covers."""
+    Returns ``{"module_dir": ..., "boot_conf": ..., "keys": ..., "program": ...}`` under ``dest``.
+    Reading them from the image (not from the build's templates) makes the initramfs run exactly
+    the program the signed root digest covers."""
     root = ReleaseDir(release_dir).load_image().root
     if dest.exists():
         remove_tree(dest)
@@ -124,11 +126,14 @@ def extract_boot_inputs(release_dir: Path, dest: Path) -> dict[str, Path]:
             path.write_bytes(_read(release_dir, node, f"{MODULE_DIR}/{name.decode()}"))
             path.chmod(node.target().mode & 0o7777)
     (dest / "boot.conf").write_bytes(_read(release_dir, root.lookup(BOOT_CONF.encode()), BOOT_CONF))
+    program = dest / PurePosixPath(SETUP_ROOT).name
+    program.write_bytes(_read(release_dir, root.lookup(SETUP_ROOT.encode()), SETUP_ROOT))
+    program.chmod(0o755)
     kdir = root.lookup(KEYS_DIR.encode())
     for name, node in sorted((kdir.children or {}).items()) if kdir is not None else []:
         if node.target().is_reg():
             (keys / name.decode()).write_bytes(_read(release_dir, node, f"{KEYS_DIR}/{name.decode()}"))
-    return {"module_dir": module, "boot_conf": dest / "boot.conf", "keys": keys}
+    return {"module_dir": module, "boot_conf": dest / "boot.conf", "keys": keys, "program": program}
 
 
 def build_system_initramfs(board: Board, release_dir: Path, work: Path, *, log: Log = stderr_log) -> BootFiles:
@@ -136,7 +141,8 @@ def build_system_initramfs(board: Board, release_dir: Path, work: Path, *, log: 
     inputs = extract_boot_inputs(release_dir, work / "initramfs-inputs")
     return build_initramfs(board.rootfs, cache=board.cache, add_modules=[MODULE_NAME],
                            module_dirs=[inputs["module_dir"]],
-                           tree_files={BOOT_CONF: inputs["boot_conf"], KEYS_DIR: inputs["keys"]},
+                           tree_files={BOOT_CONF: inputs["boot_conf"], KEYS_DIR: inputs["keys"],
+                                       SETUP_ROOT: inputs["program"]},
                            log=log)
 
 
@@ -230,12 +236,12 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
     disk_path = top / f"{out_name}.disk.img"
     system = System(board, boot_files, out, release, disk_path, Path(manifest), tree, timings=timings)
     # The provisioned disk is cached by what is on it (the release, named completely by
-    # release.json + its signature; the root's /var) and by the scripts that provisioned it.
+    # release.json + its signature; the root's /var) and by the program that provisioned it.
     sig = out / "release.json.minisig"
-    hook = top / f"{out_name}.work" / "initramfs-inputs" / PurePosixPath(MODULE_DIR).name
+    program = top / f"{out_name}.work" / "initramfs-inputs" / PurePosixPath(SETUP_ROOT).name
     disk_key = digest({"format": DISK_FORMAT, "release": (out / "release.json").read_text(),
                        "sig": sig.read_text() if sig.exists() else None, "rootfs": board.rootfs.key,
-                       "provisioning": [(hook / n).read_text() for n in ("bootimg-root.sh", "bootimg-provision.sh")]})
+                       "provisioning": hashlib.sha256(program.read_bytes()).hexdigest()})
     cached = board.cache / f"disk-{disk_key}.img"
     t0 = time.monotonic()
     with file_lock(board.cache / f".disk-{disk_key}.lock"):
