@@ -72,14 +72,24 @@ int read_file(const char *path, size_t max, char **data, size_t *len)
         close(fd);
         return e;
     }
-    char *buf = malloc(max + 1);
+    size_t cap = st.st_size > 0 && (size_t)st.st_size < max ? (size_t)st.st_size + 1 : (max < 4096 ? max + 1 : 4096);
+    char *buf = malloc(cap + 1), *grown;
     size_t n = 0;
     if (!buf) {
         close(fd);
         return ENOMEM;
     }
     for (;;) {           /* procfs files report size 0: read to EOF, one byte past the limit */
-        ssize_t r = read(fd, buf + n, max + 1 - n);
+        if (n == cap) {
+            cap = cap * 2 > max + 1 ? max + 1 : cap * 2;
+            if (!(grown = realloc(buf, cap + 1))) {
+                free(buf);
+                close(fd);
+                return ENOMEM;
+            }
+            buf = grown;
+        }
+        ssize_t r = read(fd, buf + n, cap - n);
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0) {
