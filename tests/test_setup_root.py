@@ -553,6 +553,26 @@ def test_release_path_from_cmdline(scenario):
 
 
 @kernel_test
+def test_object_store_apart_from_the_release(scenario):
+    """BOOTIMG_OBJECTS puts the store elsewhere on the partition (one store for several
+    releases): it is the data-only layer and what provisioning covers."""
+    s = scenario("sealed", provisioned=False)
+    s.seal()
+    (s.rel / "objects").rename(s.phys / "bootimg" / "objects")
+    s.conf.write_text(s.conf.read_text() + "BOOTIMG_OBJECTS=/bootimg/objects\n")
+    o = s.run(verity="track")
+    assert o.rc == 0, o.stderr
+    at = {m["at"]: m for m in o.mounts}
+    opts = at["/sysroot"]["super_opts"].split(",")
+    store = f"{s.top}/run/phys/bootimg/objects"
+    assert f"datadir+={store}" in opts or any(x.startswith("lowerdir=") and x.endswith(f"::{store}") for x in opts), opts
+    files = sum(1 for d in (s.phys / "bootimg" / "objects", s.rel / "images") for p in d.rglob("*") if p.is_file())
+    assert any(f"fs-verity enabled on {files} files" in ln for ln in o.stderr.splitlines()), o.stderr
+    s.conf.write_text(s.conf.read_text() + "BOOTIMG_OBJECTS=/bootimg/../objects\n")
+    assert_failed_closed(s.run(verity="track"), "unsafe BOOTIMG_OBJECTS '/bootimg/../objects'")
+
+
+@kernel_test
 def test_first_boot_provisions_a_readonly_root(scenario):
     """No marker: every image and object gets fs-verity (the physical root is remounted rw for
     it and ro again), the marker is created, then the root mounts with verity=require."""

@@ -259,6 +259,8 @@ int setup_root_main(void)
     if (!safe_path(RUN))
         fatal("unsafe path '%s'", shown(RUN, sb));
     join(run_phys, RUN, "/phys");
+    join(p, RUN, "/booted.json");
+    unlink(p);                  /* a record of an earlier run must not outlive a failing one */
     struct config cf;
     char *text;
     size_t len;
