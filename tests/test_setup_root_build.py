@@ -115,6 +115,8 @@ def test_a_missing_cross_compiler_is_one_clear_error(monkeypatch, tmp_path):
         setup_root.build("aarch64", cache=tmp_path / "cache")
     assert "install the Debian package gcc-aarch64-linux-gnu" in str(e.value)
     assert "\n" not in str(e.value)
+    with pytest.raises(BootimgError, match=r"no C compiler for x86_64 .* install the Debian package gcc \("):
+        setup_root.build("x86_64", cache=tmp_path / "cache")
 
 
 @pytest.mark.skipif(not have("aarch64-linux-gnu-gcc"), reason="needs gcc-aarch64-linux-gnu (tools/setup-host.sh)")

@@ -110,8 +110,10 @@ def find_compiler(arch: Arch) -> str:
         path = shutil.which(cc)
         if path:
             return path
+    host = _host_arch()
+    package = "gcc" if host is not None and host.name == arch.name else arch.package
     raise BootimgError(f"no C compiler for {arch.name} to build {PROGRAM} for this root: "
-                       f"install the Debian package {arch.package} (apt-get install {arch.package})")
+                       f"install the Debian package {package} (apt-get install {package})")
 
 
 def _compiler_identity(cc: str) -> str:
