@@ -944,8 +944,8 @@ def test_add_files_that_bootimg_writes_itself():
         "itself (the containers' digests, the trusted keys and boot.conf)",
         "rootfs.add_files[1].path: '/usr/lib/bootimg/keys/extra.pub' is inside /usr/lib/bootimg, which bootimg fills "
         "itself (the containers' digests, the trusted keys and boot.conf)",
-        "rootfs.add_files[2].path: /usr/libexec/bootimg is bootimg's own directory (bootimg-provision and "
-        "bootimg-mount-image); a file cannot take its place",
+        "rootfs.add_files[2].path: /usr/libexec/bootimg is bootimg's own directory (bootimg-setup-root); "
+        "a file cannot take its place",
         "rootfs.add_files[3].path: bootimg writes /usr/lib/systemd/system/app.service itself (the unit of container "
         "'app') and would replace this file",
         "rootfs.add_files[4].path: bootimg writes /usr/lib/systemd/system/bootimg-image-app.service itself (the image "

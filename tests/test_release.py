@@ -234,7 +234,7 @@ def test_every_path_the_build_injects_is_reserved(workspace, release):
                 injected.append(path)
     owned = reserved.root_paths(c.name for c in m.containers)
     assert {"/usr/lib/bootimg/containers.json", "/sysroot", "/usr/lib/systemd/system/cluster.service",
-            "/usr/libexec/bootimg/bootimg-mount-image"} <= set(injected)
+            "/usr/libexec/bootimg/bootimg-setup-root"} <= set(injected)
     assert [p for p in injected if not any(e.covers(p) for e in owned)] == []
     # The kernel argument is as long as the command-line budget assumes.
     rel = json.loads((release / "release.json").read_bytes())

@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 # gcc, libc6-dev (only a Recommends of gcc) and libssl-dev build the optional C accelerator
 # bootimg/composefs/_fsverity_accel.c against OpenSSL libcrypto.
 APT_PACKAGES="erofs-utils fsverity attr util-linux e2fsprogs minisign signify-openbsd openssl gcc libc6-dev libssl-dev"
-# (shellcheck) lints the generated initramfs scripts; busybox runs them under a second POSIX shell (tests).
+# make and the aarch64 cross compiler build bootimg-setup-root (bootimg/boot/setup_root/) for roots of
+# either architecture (x86_64 with gcc itself).
+APT_PACKAGES="$APT_PACKAGES make gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
+# (shellcheck) lints the generated dracut module-setup.sh; busybox runs shell scripts under a second POSIX shell (tests).
 APT_PACKAGES="$APT_PACKAGES shellcheck busybox systemd-container"
 # debootstrap, e2fsprogs (mkfs.ext4 -d) and zstd build the QEMU board's Debian root (bootimg.board).
 APT_PACKAGES="$APT_PACKAGES debootstrap zstd"

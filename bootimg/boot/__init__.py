@@ -4,11 +4,13 @@
 root's fs-verity digest covers every file), in order; ``bootimg.pipeline`` passes it to
 ``release.build.build_release``:
 
-- ``initramfs.contribute``: the dracut module ``90bootimg`` (the hook that verifies and mounts
-  the root) and its configuration;
+- ``initramfs.contribute``: the dracut module ``90bootimg`` (the unit that runs the program that
+  verifies and mounts the root) and its configuration;
 - ``units.container_units``: the boot-time containers' systemd units, podman quadlets, the
   target that starts them and the image mount helper (docs/boot-design.md, "Boot-time
   containers"); ``quadlet`` checks the quadlet files statically;
+- ``initramfs.add_program``: ``bootimg-setup-root`` compiled for the root's architecture (a tree
+  hook: the architecture is read from the root's own binaries);
 - ``units.add_sysroot``: an empty ``/sysroot`` (a tree hook: InjectedFile only makes files).
 """
 
@@ -16,4 +18,4 @@ from ..release.build import RootSteps
 from . import initramfs, units
 
 ROOT_STEPS = RootSteps(contributors=(initramfs.contribute, units.container_units),
-                       tree_hooks=(units.add_sysroot,))
+                       tree_hooks=(initramfs.add_program, units.add_sysroot))

@@ -3,19 +3,21 @@
 ``contribute`` (one of the boot layer's ``ROOT_STEPS``) adds to the root tree, so that the root
 digest covers them:
 
-- ``/usr/lib/dracut/modules.d/90bootimg/``: ``module-setup.sh``, ``bootimg-root.service``,
-  ``bootimg-root.sh`` (the hook) and ``bootimg-provision.sh``, from the templates in
-  ``bootimg/boot/dracut/`` with the manifest's values substituted;
-- ``/usr/lib/bootimg/boot.conf``: the hook's configuration (shell-sourceable ``KEY=value``),
-  installed in the initramfs as ``/etc/bootimg/boot.conf``;
+- ``/usr/lib/dracut/modules.d/90bootimg/``: ``module-setup.sh`` and ``bootimg-root.service``,
+  from the templates in ``bootimg/boot/dracut/`` with the manifest's values substituted;
+- ``/usr/lib/bootimg/boot.conf``: the program's configuration (``KEY=value`` lines), installed
+  in the initramfs as ``/etc/bootimg/boot.conf``;
 - ``/etc/dracut.conf.d/90-bootimg.conf``: ``add_dracutmodules+=" bootimg "``, so a plain
-  ``dracut`` run inside the root includes the module;
-- ``/usr/libexec/bootimg/bootimg-provision``: the same provisioning script, for the updater
-  (on a production ECU enabling fs-verity on a new release is an install step);
+  ``dracut`` run inside the root includes the module.
+
+``add_program`` (a tree hook: it reads the root to tell its architecture) adds
+``/usr/libexec/bootimg/bootimg-setup-root``, the compiled program (``setup_root``) that does the
+whole boot path: the root setup in the initramfs, provisioning (the updater's install step) and
+the container image mounts of the units. ``module-setup.sh`` installs it and nothing else.
 
 The trusted keys are already in the root (``/usr/lib/bootimg/keys/KEYID.pub``, release/build.py);
-``module-setup.sh`` installs them as ``/etc/bootimg/keys/KEYID.pub``. Everything here is plain
-text derived from the manifest alone, so it is deterministic. The contract is
+``module-setup.sh`` installs them as ``/etc/bootimg/keys/KEYID.pub``. Everything here is derived
+from the manifest and the program's sources alone, so it is deterministic. The contract is
 docs/boot-design.md. The paths are defined in ``bootimg.manifest.reserved``, whose list the
 manifest checks hold ``add_files`` against.
 """
@@ -25,11 +27,14 @@ from __future__ import annotations
 import re
 from importlib import resources
 
+from ..composefs.tree import Node
 from ..errors import BootimgError
 from ..manifest.model import Manifest
-from ..manifest.reserved import BOOT_CONF, DRACUT_CONF, PROVISION_IN_ROOT, RELEASE_PATH
+from ..manifest.reserved import BOOT_CONF, DRACUT_CONF, RELEASE_PATH, SETUP_ROOT
 from ..manifest.reserved import DRACUT_MODULE_DIR as MODULE_DIR
 from ..release.build import BuildContext, InjectedFile
+from ..sources import treeops
+from . import setup_root
 
 MODULE_NAME = "bootimg"
 STATE_PATH = "/bootimg/state"
@@ -38,43 +43,24 @@ STATE_PATH = "/bootimg/state"
 TEMPLATES = {
     "module-setup.sh": 0o755,
     "bootimg-root.service": 0o644,
-    "bootimg-root.sh": 0o755,
-    "bootimg-provision.sh": 0o755,
 }
 
 # What module-setup.sh takes from the root into the initramfs, in one place: the template gets
-# these lists through its placeholders, and the build's preflight (``preflight``) checks that the
-# root has every one of them.
+# these lists through its placeholders, and the build's boot check (``preflight``) checks that
+# the root has every one of them. The program needs no tool of the root's: nothing but libc.
 DRACUT_DEPENDS = ("systemd",)                     # dracut modules 90bootimg depends on
 KERNEL_MODULES = ("erofs", "overlay", "loop")     # built in or modules of the root's kernel
-HOOK_TOOLS = ("cat", "sed", "mkdir", "rm", "mount", "umount", "losetup", "fsverity")
-SIGNED_TOOLS = ("minisign",)                      # trust profile "signed" only
 _WORD = re.compile(r"[A-Za-z0-9._+-]+")
-assert all(_WORD.fullmatch(w) for w in DRACUT_DEPENDS + KERNEL_MODULES + HOOK_TOOLS + SIGNED_TOOLS)
+assert all(_WORD.fullmatch(w) for w in DRACUT_DEPENDS + KERNEL_MODULES)
 
-# Besides the hook's own parameters, variables that would change what the hook's tools do.
-_UNSET_ALSO = ("LD_PRELOAD", "LD_LIBRARY_PATH")
+# The program reads no environment; these would change what the dynamic loader does to it.
+UNSET_ENVIRONMENT = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT")
 _PLACEHOLDER = re.compile(r"@[A-Z_]+@")
-_ENV_PARAM = re.compile(r"\$\{(BOOTIMG_[A-Z_]+):-")
 
 
 def template(name: str) -> str:
     """The raw text of a template in bootimg/boot/dracut/."""
     return resources.files(__package__).joinpath("dracut", name).read_text(encoding="utf-8")
-
-
-def hook_parameters() -> list[str]:
-    """The environment variables the hook and the provisioning script read (test harness only;
-    the unit unsets them all)."""
-    names = set()
-    for name in ("bootimg-root.sh", "bootimg-provision.sh"):
-        names.update(_ENV_PARAM.findall(template(name)))
-    return sorted(names)
-
-
-def hook_tools(trust: str) -> tuple[str, ...]:
-    """The programs the initramfs needs from the root for trust profile ``trust``."""
-    return HOOK_TOOLS + (SIGNED_TOOLS if trust == "signed" else ())
 
 
 def failure_policy(manifest: Manifest) -> str:
@@ -94,11 +80,10 @@ def render(name: str, manifest: Manifest) -> str:
     values = {
         "TRUST": manifest.integrity.trust,
         "FAILURE_POLICY": failure_policy(manifest),
-        "UNSET_ENVIRONMENT": " ".join(hook_parameters() + list(_UNSET_ALSO)),
+        "UNSET_ENVIRONMENT": " ".join(UNSET_ENVIRONMENT),
+        "SETUP_ROOT": SETUP_ROOT,
         "DRACUT_DEPENDS": " ".join(DRACUT_DEPENDS),
         "KERNEL_MODULES": " ".join(KERNEL_MODULES),
-        "HOOK_TOOLS": " ".join(HOOK_TOOLS),
-        "SIGNED_TOOLS": " ".join(SIGNED_TOOLS),
     }
     text = _PLACEHOLDER.sub(lambda m: values.get(m.group(0)[1:-1], m.group(0)), template(name))
     left = _PLACEHOLDER.findall(text)
@@ -110,7 +95,7 @@ def render(name: str, manifest: Manifest) -> str:
 def boot_conf(manifest: Manifest) -> str:
     i, b = manifest.integrity, manifest.boot
     return ("# bootimg boot configuration, generated by `bootimg build` (docs/boot-design.md).\n"
-            "# Read by bootimg-root in the initramfs, where it is /etc/bootimg/boot.conf.\n"
+            "# Read by bootimg-setup-root in the initramfs, where it is /etc/bootimg/boot.conf.\n"
             f"BOOTIMG_TRUST={i.trust}\n"
             f"BOOTIMG_FSVERITY={i.fsverity}\n"
             f"BOOTIMG_ETC={b.etc}\n"
@@ -131,9 +116,15 @@ def initramfs_files(manifest: Manifest) -> list[InjectedFile]:
              for name, mode in TEMPLATES.items()]
     files.append(InjectedFile(BOOT_CONF, boot_conf(manifest).encode()))
     files.append(InjectedFile(DRACUT_CONF, dracut_conf().encode()))
-    files.append(InjectedFile(PROVISION_IN_ROOT, render("bootimg-provision.sh", manifest).encode(), 0o755))
     return files
 
 
 def contribute(ctx: BuildContext) -> list[InjectedFile]:
     return initramfs_files(ctx.manifest)
+
+
+def add_program(ctx: BuildContext, root: Node) -> None:
+    """Put bootimg-setup-root, compiled for the root's architecture, into the root tree."""
+    binary, _ = setup_root.for_root(setup_root.RootFiles(root, ctx.out.read_file),
+                                    str(ctx.manifest.source_file or "manifest"))
+    treeops.add_file(root, SETUP_ROOT, binary, 0o755, mtime=ctx.manifest.identity.source_date_epoch, store=ctx.store)

@@ -1,7 +1,7 @@
 """Pre-flight check: can this root tree boot a verified composefs root?
 
-A release whose root lacks the initramfs generator, the kernel features or the tools the
-initramfs hook needs builds fine and only fails on the target, at boot. The kernel and the
+A release whose root lacks the initramfs generator or the kernel features the initramfs
+program needs builds fine and only fails on the target, at boot. The kernel and the
 initramfs are made from the root image (dracut runs inside it), so the build checks the root
 tree as its image will hold it (``check_hook``, a tree hook the pipeline puts first in the boot
 layer's steps: after the manifest's excludes and added files, before the image is written; the
@@ -20,9 +20,10 @@ What the root needs:
   ``CONFIG_FS_VERITY=y`` (fs-verity cannot be a module);
 - systemd (``/usr/lib/systemd/systemd``): the initramfs and the root are systemd-based;
 - dracut (``/usr/bin/dracut``) with the dracut modules 90bootimg depends on
-  (``initramfs.DRACUT_DEPENDS``) in its modules directory;
-- every program the initramfs module installs (``initramfs.hook_tools(trust)``), in the root's
-  PATH (/usr/sbin, /usr/bin, /sbin, /bin).
+  (``initramfs.DRACUT_DEPENDS``) in its modules directory.
+
+The initramfs takes no program of the root's besides dracut's own: bootimg-setup-root (put into
+the root by the build, which checks the root's glibc when it does) does the whole boot path.
 
 Each missing piece is one line naming it and what provides it; every one is reported.
 """
@@ -40,7 +41,6 @@ from . import initramfs
 from .units import ContainerImage
 
 MIN_KERNEL = (6, 6)
-PATH_DIRS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 SYSTEMD = "/usr/lib/systemd/systemd"
 DRACUT = "/usr/bin/dracut"
 DRACUT_MODULES = "/usr/lib/dracut/modules.d"
@@ -53,18 +53,6 @@ KERNEL_FEATURES = {
     "erofs": ("EROFS", "CONFIG_EROFS_FS", "kernel/fs/erofs"),
     "overlay": ("overlayfs", "CONFIG_OVERLAY_FS", "kernel/fs/overlayfs"),
     "loop": ("loop devices", "CONFIG_BLK_DEV_LOOP", "kernel/drivers/block"),
-}
-# Program -> what provides it (the Debian package; Fedora's where its name differs).
-PROVIDERS = {
-    "cat": "the coreutils package",
-    "mkdir": "the coreutils package",
-    "rm": "the coreutils package",
-    "sed": "the sed package",
-    "mount": "util-linux (Debian: the mount package)",
-    "umount": "util-linux (Debian: the mount package)",
-    "losetup": "util-linux (Debian: the mount package)",
-    "fsverity": "the fsverity package (Fedora: fsverity-utils)",
-    "minisign": "the minisign package",
 }
 KERNEL_PACKAGE = "a kernel package (Debian: linux-image-amd64, Fedora: kernel-core)"
 NEW_KERNEL = "a Linux 6.6 or newer kernel (Debian bookworm: linux-image-amd64 from bookworm-backports)"
@@ -89,29 +77,22 @@ class BootCheck:
     kernel: str | None = None
     modules: dict[str, str] = field(default_factory=dict)    # kernel module -> "built in" | "module"
     fsverity: str = "not checked (no kernel config in the root)"
-    tools: tuple[str, ...] = ()
     problems: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         mods = ", ".join(f"{m} {how}" for m, how in self.modules.items())
-        return (f"kernel {self.kernel} ({mods}; fs-verity {self.fsverity}), systemd, dracut, "
-                f"{len(self.tools)} initramfs tools ({' '.join(self.tools)})")
+        return f"kernel {self.kernel} ({mods}; fs-verity {self.fsverity}), systemd, dracut"
 
 
 def check_root(root: Node, release: ReleaseDir, trust: str) -> BootCheck:
     """Check the root tree ``root`` (external files read from ``release``'s object store) for
     trust profile ``trust``."""
     view = ContainerImage(root, release)
-    result = BootCheck(tools=initramfs.hook_tools(trust))
+    result = BootCheck()
     _check_kernel(view, result)
     if not _is_file(view, SYSTEMD):
         result.problems.append(f"the root has no systemd ({SYSTEMD}): install the systemd package")
     _check_dracut(view, result)
-    for tool in result.tools:
-        if not any(view.is_executable(f"{d}/{tool}") for d in PATH_DIRS):
-            provider = PROVIDERS.get(tool, "the package that provides it")
-            result.problems.append(f"the root has no {tool} (/usr/bin/{tool} or /usr/sbin/{tool}), which the "
-                                   f"initramfs runs: install {provider}")
     return result
 
 

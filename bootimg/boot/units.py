@@ -4,8 +4,8 @@ The contract is docs/boot-design.md, "Boot-time containers". For every container
 manifest (image digest DIGEST from the release), the root image gets:
 
 - ``/usr/lib/systemd/system/bootimg-image-NAME.service``: oneshot, ``DefaultDependencies=no``,
-  ``After=local-fs.target``; runs ``/usr/libexec/bootimg/bootimg-mount-image [--bind=...]
-  NAME DIGEST``, which refuses an image whose fs-verity digest is not DIGEST and mounts it
+  ``After=local-fs.target``; runs ``/usr/libexec/bootimg/bootimg-setup-root mount-image
+  [--bind=...] NAME DIGEST``, which refuses an image whose fs-verity digest is not DIGEST and mounts it
   (EROFS + read-only overlay with ``verity=require`` over the release's object store, plus a
   skeleton layer of mount points) at ``/run/bootimg/containers/NAME``; ``ExecStop=`` unmounts.
 - ``/usr/lib/systemd/system/NAME.service``: the container, ``RootDirectory=`` that mount
@@ -17,8 +17,8 @@ drop-ins that make ``multi-user.target`` want that target and ``sysinit.target``
 ``basic.target`` want the early / basic containers (regular files, so no enablement
 symlinks are needed), ``/usr/lib/sysusers.d/bootimg-containers.conf`` for the numeric ids
 the containers run as (systemd looks User=/Group= up in the system's user database and
-fails a unit whose id is not there), and the mount helper
-``/usr/libexec/bootimg/bootimg-mount-image``.
+fails a unit whose id is not there). The mount helper is the program
+``/usr/libexec/bootimg/bootimg-setup-root`` that ``initramfs.add_program`` puts into every root.
 
 The unit names and paths are defined in ``bootimg.manifest.reserved``, whose lists the
 manifest checks hold container names and ``add_files`` against.
@@ -70,7 +70,7 @@ from ..manifest.reserved import (
     image_unit,
     service_unit,
 )
-from ..manifest.reserved import MOUNT_HELPER as HELPER
+from ..manifest.reserved import SETUP_ROOT as HELPER
 from ..release.build import BuildContext, InjectedFile
 from ..release.layout import ReleaseDir
 from ..sources import treeops
@@ -426,7 +426,7 @@ def image_service(manifest: Manifest, c: Container, digest: str) -> str:
     args += [c.name, digest]
     return render("bootimg-image.service.in", {
         "RELEASE": _release(manifest), "NAME": c.name, "DIGEST": digest,
-        "MOUNT_ARGS": " ".join(exec_word(a) for a in args), "FAILURE": _failure_lines(c),
+        "MOUNT_ARGS": " ".join(exec_word(a) for a in args), "FAILURE": _failure_lines(c), "HELPER": HELPER,
     })
 
 
@@ -550,10 +550,6 @@ def sysusers(manifest: Manifest, resolved: Mapping[str, Resolved]) -> str | None
     return render("sysusers.conf.in", {"RELEASE": _release(manifest), "LINES": lines})
 
 
-def mount_helper() -> bytes:
-    return template_text("bootimg-mount-image").encode()
-
-
 def unit_files(manifest: Manifest, digests: Mapping[str, str], configs: Mapping[str, Mapping | None] | None = None,
                images: Mapping[str, ContainerImage] | None = None) -> dict[str, tuple[bytes, int]]:
     """Every file the boot-time containers need in the root: {absolute path: (content, mode)}."""
@@ -593,7 +589,6 @@ def unit_files(manifest: Manifest, digests: Mapping[str, str], configs: Mapping[
     users = sysusers(manifest, resolved)
     if users is not None:
         add(SYSUSERS_FILE, users)
-    add(HELPER, mount_helper(), 0o755)
     return dict(sorted(files.items()))
 
 

@@ -35,8 +35,7 @@ ROOT_CONTAINERS_JSON = f"{ROOT_DATA_DIR}/containers.json"
 ROOT_KEYS_DIR = f"{ROOT_DATA_DIR}/keys"
 BOOT_CONF = f"{ROOT_DATA_DIR}/boot.conf"
 LIBEXEC_DIR = "/usr/libexec/bootimg"
-PROVISION_IN_ROOT = f"{LIBEXEC_DIR}/bootimg-provision"
-MOUNT_HELPER = f"{LIBEXEC_DIR}/bootimg-mount-image"
+SETUP_ROOT = f"{LIBEXEC_DIR}/bootimg-setup-root"      # the boot path's one program
 DRACUT_MODULE_DIR = "/usr/lib/dracut/modules.d/90bootimg"
 DRACUT_CONF = "/etc/dracut.conf.d/90-bootimg.conf"
 UNIT_DIR = "/usr/lib/systemd/system"
@@ -84,7 +83,7 @@ def root_paths(container_names: Iterable[str] = ()) -> list[ReservedPath]:
     """Every path the build writes into the root image, for a manifest with these containers."""
     out = [
         ReservedPath(ROOT_DATA_DIR, "the containers' digests, the trusted keys and boot.conf", tree=True),
-        ReservedPath(LIBEXEC_DIR, "bootimg-provision and bootimg-mount-image", tree=True),
+        ReservedPath(LIBEXEC_DIR, "bootimg-setup-root", tree=True),
         ReservedPath(DRACUT_MODULE_DIR, "the dracut module that verifies the root", tree=True),
         ReservedPath(DRACUT_CONF, "the dracut configuration that enables that module"),
         ReservedPath(SYSROOT, "an empty directory the physical root is mounted on at boot", tree=True),

@@ -23,14 +23,11 @@ installkernel() {
 }
 
 install() {
-    inst_simple "$moddir/bootimg-root.sh" /usr/libexec/bootimg/bootimg-root || return 1
-    inst_simple "$moddir/bootimg-provision.sh" /usr/libexec/bootimg/bootimg-provision || return 1
+    # One program does the whole boot path (verify, provision, mount): no shell, no other tools.
+    inst_binary @SETUP_ROOT@ || return 1
     inst_simple "$moddir/bootimg-root.service" "$systemdsystemunitdir/bootimg-root.service" || return 1
     inst_simple /usr/lib/bootimg/boot.conf /etc/bootimg/boot.conf || return 1
-    # Every tool the hook and bootimg-provision run (mount sets up the loop device itself).
-    inst_multiple @HOOK_TOOLS@ || return 1
     if [ "$BOOTIMG_TRUST" = signed ]; then
-        inst_multiple @SIGNED_TOOLS@ || return 1
         # The trusted release keys, named KEYID.pub in the root: the file name is the key id.
         nkeys=0
         for key in "${dracutsysrootdir-}"/usr/lib/bootimg/keys/*.pub; do
