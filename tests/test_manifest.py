@@ -699,7 +699,7 @@ def test_check_inputs_reports_missing_inputs_at_their_lines(tmp_path):
     assert validate_file(manifest).lines() == []  # existence is not checked by default
     result = validate_file(manifest, check_inputs=True)
     assert [(d.line, d.message.split(":")[0]) for d in result.diagnostics] == [
-        (4, "no such directory"), (6, "no such file"), (8, "not an OCI image layout (no index.json)"),
+        (4, "no such directory"), (6, "no such file"), (8, "not an OCI image layout (no index.json) or archive"),
         (9, "no such file"), (10, "no such file")]
     for directory in ("root", "files", "images/a", "keys"):
         (tmp_path / directory).mkdir(parents=True)
