@@ -291,6 +291,11 @@ class SecretKey:
     def from_file(cls, path: str | os.PathLike[str]) -> SecretKey:
         return cls.from_bytes(read_file(path, "secret key"), file=os.fspath(path))
 
+    @classmethod
+    def from_seed(cls, keynum: bytes, seed: bytes, comment: str = "") -> SecretKey:
+        """The key of a 32-byte Ed25519 seed (a derived key, e.g. a fixed example key)."""
+        return cls(keynum, seed + _public_raw(Ed25519PrivateKey.from_private_bytes(seed).public_key()), comment)
+
     def _ed25519(self) -> Ed25519PrivateKey:
         return Ed25519PrivateKey.from_private_bytes(self.sk[:32])
 
