@@ -44,7 +44,8 @@ def resolve(location: str, inputs: Mapping[str, Any]) -> str:
     base = given["path"]
     if rest or (m.group(2) or "").endswith("/"):
         return os.path.join(base, rest) if rest else base
-    return os.path.join(base, _only_item(location, given.get("data") or {}) or "")
+    item = _only_item(location, given.get("data") or {})
+    return os.path.join(base, item) if item else base
 
 
 def _only_item(location: str, data: Mapping[str, Any]) -> str | None:
