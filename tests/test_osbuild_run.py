@@ -142,6 +142,20 @@ def test_example_release_verifies_and_equals_bootimg_build(example, inputs, tmp_
     assert tree(release) == tree(host)     # every file, byte for byte, and the same modes
 
 
+def test_root_tarball_as_a_files_input(osbuild, example):
+    """The root tarball itself (type tar, an org.osbuild.files input) instead of the untarred
+    tree: the same release (the example's root has no xattrs or hardlinks untar would lose)."""
+    manifest = variant(os=None)
+    stage = next(p for p in manifest["pipelines"] if p["name"] == "release")["stages"][0]
+    untar = manifest["pipelines"][0]["stages"][0]
+    stage["inputs"] = {k: v for k, v in stage["inputs"].items() if v is not None}
+    stage["inputs"]["root"] = untar["inputs"]["file"]
+    stage["options"]["manifest"]["rootfs"]["source"] = {"type": "tar", "path": "input://root"}
+    proc, result, out = osbuild.run(manifest, "release")
+    assert proc.returncode == 0 and result["success"], proc.stdout[-3000:]
+    assert tree(out / "release" / "composefs") == tree(example / "release" / "composefs")
+
+
 def partitions(disk: Path) -> list[dict]:
     out = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True, check=True).stdout
     return json.loads(out)["partitiontable"]["partitions"]
