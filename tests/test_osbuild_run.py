@@ -90,12 +90,17 @@ def stage_failure(proc: subprocess.CompletedProcess, result: dict, stage: str) -
 
 
 @pytest.fixture(scope="module")
-def example(osbuild) -> Path:
+def example_run(osbuild) -> tuple[Path, dict]:
     """The example manifest as committed, run with its release and its disk exported."""
     manifest = json.loads((REPO / "osbuild" / "example-manifest.json").read_text())
     proc, result, out = osbuild.run(manifest, "release", "image")
     assert proc.returncode == 0 and result["success"], proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def example(example_run) -> Path:
+    return example_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +132,16 @@ def tree(top: Path) -> dict[str, tuple]:
     return out
 
 
-def test_example_release_verifies_and_equals_bootimg_build(example, inputs, tmp_path):
+def test_example_release_verifies_and_equals_bootimg_build(example_run, inputs, tmp_path):
+    example, result = example_run
     release = example / "release" / "composefs"
     res = run_cli("verify", str(release), "--key", str(inputs / "release-2026.pub"))
     assert res.returncode == 0, res.stderr.decode()
     described = json.loads((release / "release.json").read_text())
     assert sorted(described["images"]) == ["rear-camera", "root", "telemetry"]
+    metadata = result["metadata"]["release"]["org.bootimg.build"]       # the stage's osbuild metadata
+    assert metadata["composefs-digest"] == described["root"]["digest"]
+    assert metadata["images"] == {name: e["digest"] for name, e in described["images"].items()}
     assert (release / "release.json.minisig").is_file()
 
     host = tmp_path / "host"
@@ -187,7 +196,7 @@ def test_example_disk_holds_what_bootimg_disk_puts_there(example, inputs, tmp_pa
 
     # The release on the data partition verifies; the root's /var is the initial state.
     data = data_files(disk, tmp_path / "data")
-    res = run_cli("verify", str(data / "release"))
+    res = run_cli("verify", str(data / "release"), "--key", str(inputs / "release-2026.pub"))
     assert res.returncode == 0, res.stderr.decode()
     state = data / "state" / "var" / "lib" / "example" / "state"
     assert state.read_bytes() == b"the initial persistent /var\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,8 @@ def run(args: Mapping[str, Any], metadata: Callable[[dict], None] | None = None)
     result = validate_text(json.dumps(data), MANIFEST, "/", check_inputs=True)
     if not result.valid:
         raise StageError([_shown(f"{MANIFEST}: {format_path(d.path)}: {d.message}", shown) for d in result.errors])
+    for d in result.warnings:       # loud, as in every command that reads a manifest
+        print(_shown(f"{NAME}: {MANIFEST}: {format_path(d.path)}: warning: {d.message}", shown), file=sys.stderr)
     manifest = dataclasses.replace(result.manifest, source_file=Path(MANIFEST))
     key_file = _one_file(inputs, "signing-key")
     verity_key, verity_cert = _one_file(inputs, "verity-key"), _one_file(inputs, "verity-cert")
