@@ -223,3 +223,47 @@ def test_uki_carries_the_sealed_command_line_and_is_signed(release, boot_dir, tm
     r = run_cli("disk", str(release), "-o", str(tmp_path / "y.raw"), "--boot", str(boot_dir),
                 "--secureboot-key", str(key), "--secureboot-cert", str(cert))
     assert r.returncode == 1 and "Secure Boot signing is for a UKI: add --uki" in r.stderr.decode()
+
+
+@pytest.mark.skipif(not is_root(), reason="owners and device nodes need root")
+def test_write_dir_keeps_what_a_tar_would_carry(tmp_path):
+    """fs.write_dir (the data partition's tree for osbuild's cp -a): every kind of entry, with
+    owners, modes, xattrs (security.capability survives the chown) and times."""
+    from bootimg.disk import fs
+
+    src = tmp_path / "src"
+    src.write_bytes(b"from a host file\n")
+    cap = bytes.fromhex("0100000200200000000000000000000000000000")
+    entries = [
+        fs.Entry("top", "dir", 0o750, 7, 8, mtime=1000),
+        fs.Entry("top/data", "file", 0o4755, 105, 106, mtime=2000, data=b"in memory\n",
+                 xattrs={"security.capability": cap, "user.note": b"kept"}),
+        fs.Entry("top/host", "file", 0o600, 0, 0, mtime=3000, source=src),
+        fs.Entry("top/link", "symlink", 0o777, 5, 5, mtime=4000, target="data"),
+        fs.Entry("top/hard", "hardlink", target="top/data"),
+        fs.Entry("top/fifo", "fifo", 0o640, 0, 0, mtime=5000),
+        fs.Entry("top/null", "chr", 0o666, 0, 0, mtime=6000, rdev=os.makedev(1, 3)),
+    ]
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    assert fs.write_dir(entries, dest) == (len(b"in memory\n") + len(b"from a host file\n"), len(entries))
+    top = dest / "top"
+    st = top.lstat()
+    assert (oct(st.st_mode & 0o7777), st.st_uid, st.st_gid, st.st_mtime) == ("0o750", 7, 8, 1000)
+    data = (top / "data").lstat()
+    assert (oct(data.st_mode & 0o7777), data.st_uid, data.st_gid, data.st_mtime, data.st_nlink) == \
+        ("0o4755", 105, 106, 2000, 2)
+    assert os.getxattr(top / "data", "security.capability") == cap and os.getxattr(top / "data", "user.note") == b"kept"
+    assert (top / "host").read_bytes() == b"from a host file\n" and (top / "host").stat().st_mode & 0o777 == 0o600
+    assert os.readlink(top / "link") == "data" and (top / "link").lstat().st_uid == 5
+    assert (top / "hard").stat().st_ino == data.st_ino
+    assert stat_kind(top / "fifo") == "fifo" and (top / "null").lstat().st_rdev == os.makedev(1, 3)
+    with pytest.raises(FileExistsError):      # never over what is there
+        fs.write_dir([fs.Entry("top/data", "file", data=b"x")], dest)
+
+
+def stat_kind(path: Path) -> str:
+    import stat
+
+    mode = path.lstat().st_mode
+    return "fifo" if stat.S_ISFIFO(mode) else "chr" if stat.S_ISCHR(mode) else "other"

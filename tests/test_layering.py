@@ -27,6 +27,7 @@ ALLOWED = {
     "boot": {"composefs", "manifest", "release", "sources"},
     "pipeline": {"composefs", "manifest", "release", "sources", "signing", "boot", "disk"},
     "disk": {"composefs", "manifest", "release", "boot"},
+    "stages": {"composefs", "manifest", "release", "signing", "sources", "boot", "disk", "pipeline"},
     "vm": set(),
     "board": {"composefs", "manifest", "release", "signing", "pipeline", "boot", "disk", "vm"},
     "kpi": {"manifest", "vm"},

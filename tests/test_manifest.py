@@ -30,6 +30,7 @@ from bootimg.manifest import (
     validate_text,
 )
 from bootimg.manifest.messages import PATTERN_HINTS
+from bootimg.manifest.normalize import map_host_paths
 from bootimg.manifest.schema import patterns, resolve, walk_refs
 from bootimg.signing import generate_keypair
 
@@ -582,17 +583,23 @@ def test_osbuild_options_schema_is_self_contained_draft4():
     assert json.loads(json.dumps(schema)) == schema
 
 
-def test_osbuild_options_schema_accepts_normalized_and_rejects_bad_options():
+def as_input_locations(manifest: dict) -> dict:
+    """A manifest with each host path turned into an input location of the osbuild stage."""
+    return map_host_paths(manifest, lambda value, path: f"input://in{len(path)}/{os.path.basename(value)}")
+
+
+def test_osbuild_options_schema_accepts_input_locations_and_rejects_bad_options():
     validator = jsonschema.Draft4Validator(osbuild_options_schema())
     normalized = load_manifest(MANIFESTS / "ivi-demo.yaml").to_dict()
-    assert list(validator.iter_errors({"manifest": normalized})) == []
-    assert list(validator.iter_errors({"manifest": normalized,
-                                       "output": {"repository": "/composefs"}})) == []
-    relative = json.loads(json.dumps(normalized))
+    staged = as_input_locations(normalized)
+    assert list(validator.iter_errors({"manifest": staged})) == []
+    assert list(validator.iter_errors({"manifest": staged, "output": {"repository": "/composefs"},
+                                       "boot-check": False})) == []
+    relative = json.loads(json.dumps(staged))
     relative["rootfs"]["source"]["path"] = "build/rootfs"
-    bad = [{}, {"manifest": normalized, "bogus": 1}, {"manifest": relative},
-           {"manifest": normalized, "output": {"repository": "composefs"}},
-           {"manifest": {**normalized, "apiVersion": "bootimg/v0"}}]
+    bad = [{}, {"manifest": staged, "bogus": 1}, {"manifest": relative}, {"manifest": normalized},
+           {"manifest": staged, "output": {"repository": "composefs"}},
+           {"manifest": {**staged, "apiVersion": "bootimg/v0"}}]
     for options in bad:
         assert list(validator.iter_errors(options)), options
 
@@ -608,8 +615,8 @@ def test_osbuild_options_schema_survives_osbuilds_wrapping():
     }
     jsonschema.Draft4Validator.check_schema(stage_schema)
     validator = jsonschema.Draft4Validator(stage_schema)
-    normalized = load_manifest(MANIFESTS / "minimal.yaml").to_dict()
-    assert list(validator.iter_errors({"type": "org.bootimg.build", "options": {"manifest": normalized}})) == []
+    staged = as_input_locations(load_manifest(MANIFESTS / "minimal.yaml").to_dict())
+    assert list(validator.iter_errors({"type": "org.bootimg.build", "options": {"manifest": staged}})) == []
     assert list(validator.iter_errors({"type": "org.bootimg.build", "options": {"manifest": {"apiVersion": 1}}}))
 
 
@@ -701,7 +708,7 @@ def test_check_inputs_reports_missing_inputs_at_their_lines(tmp_path):
     assert validate_file(manifest).lines() == []  # existence is not checked by default
     result = validate_file(manifest, check_inputs=True)
     assert [(d.line, d.message.split(":")[0]) for d in result.diagnostics] == [
-        (4, "no such directory"), (6, "no such file"), (8, "not an OCI image layout (no index.json)"),
+        (4, "no such directory"), (6, "no such file"), (8, "not an OCI image layout (no index.json) or archive"),
         (9, "no such file"), (10, "no such file")]
     for directory in ("root", "files", "images/a", "keys"):
         (tmp_path / directory).mkdir(parents=True)

@@ -774,6 +774,57 @@ def test_oci_devices_refused_for_containers(tmp_path):
     assert root.lookup(b"dev/null").rdev == os.makedev(1, 3)
 
 
+def oci_archive(layout: Path, out: Path, *, prefix: str = "", extra: list[tarfile.TarInfo] = ()) -> Path:
+    """``layout`` as an OCI archive: the layout's files in a plain tar (what ``skopeo copy
+    oci-archive:`` writes), names optionally under ``prefix`` ('./')."""
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(layout.rglob("*")):
+            tar.add(path, arcname=prefix + path.relative_to(layout).as_posix(), recursive=False)
+        for info in extra:
+            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isreg() else None)
+    return out
+
+
+@pytest.mark.parametrize("prefix", ["", "./"])
+def test_oci_archive_loads_as_its_layout(tmp_path, prefix):
+    layout = tmp_path / "oci"
+    write_index(layout, [tagged(make_image(layout, whiteout_layers()), "latest")])
+    archive = oci_archive(layout, tmp_path / "image.tar", prefix=prefix)
+    st = quiet_store(tmp_path / "store")
+    from_dir = load_source(Source("oci", layout, "latest"), st, label="app")
+    from_tar = load_source(Source("oci", archive, "latest"), st, label="app")
+    assert from_tar.oci_config == from_dir.oci_config == CONFIG_SECTION
+    assert write_image(from_tar.root) == write_image(from_dir.root)
+
+
+def test_oci_archive_refusals(simple_layout, tmp_path):
+    layout, _, manifest = simple_layout
+    layer = manifest["layers"][0]["digest"][7:]
+
+    def refused(archive: Path) -> str:
+        return oci_error(archive, tmp_path)
+
+    gz = tmp_path / "image.tar.gz"
+    gz.write_bytes(gzip.compress(oci_archive(layout, tmp_path / "plain.tar").read_bytes(), mtime=0))
+    assert "not an OCI image layout, nor an OCI archive (an uncompressed tar of one)" in refused(gz)
+    twice = tarfile.TarInfo("./index.json")
+    twice.size = 1
+    assert "archive member 'index.json' appears more than once" in refused(oci_archive(layout, tmp_path / "2.tar",
+                                                                                       extra=[twice]))
+    # A blob that is a symlink in the archive is not read through.
+    moved = tmp_path / "moved"
+    shutil.copytree(layout, moved)
+    blob = moved / "blobs" / "sha256" / layer
+    blob.unlink()
+    blob.symlink_to("/etc/passwd")
+    assert f"layer 1/2 sha256:{layer}: cannot open blob: not a regular file in the archive" in \
+        refused(oci_archive(moved, tmp_path / "3.tar"))
+    blob.unlink()
+    assert f"blob is missing (blobs/sha256/{layer})" in refused(oci_archive(moved, tmp_path / "4.tar"))
+    (moved / "oci-layout").unlink()
+    assert "not an OCI image layout (no oci-layout file)" in refused(oci_archive(moved, tmp_path / "5.tar"))
+
+
 # =====================================================================================================
 # Hostile tar archives
 

@@ -82,7 +82,9 @@ def make_tree(top: Path, seed: int = 1, with_devices: bool = True, with_trusted:
         os.setxattr(top / "deep", "trusted.overlay.redirect", b"/escaped")
         os.setxattr(top / "k=v", "trusted.k=ey", b"va=lue")
     # Nanosecond mtimes, children before parents (creating children bumps the parent's).
-    paths = sorted((p for p in top.rglob("*")), key=lambda p: len(p.parts), reverse=True)
+    # os.walk, not rglob: Python 3.11.2's rglob stats the max-length symlink and fails.
+    paths = sorted((Path(d, n) for d, dirs, files in os.walk(top) for n in dirs + files),
+                   key=lambda p: len(p.parts), reverse=True)
     base = 1_700_000_000 * 10**9
     for i, p in enumerate(paths):
         _set_time(p, base + rnd.randrange(10**12) * 1000 + i)

@@ -19,6 +19,11 @@ APT_PACKAGES="$APT_PACKAGES libsystemd-dev pkg-config chromium openssh-client"
 # bootimg disk: sfdisk (fdisk), mkfs.vfat + mtools for the ESP, systemd-boot and the EFI stub,
 # objcopy for UKIs, sbsign for Secure Boot; bootimg qemu: OVMF (UEFI firmware).
 APT_PACKAGES="$APT_PACKAGES fdisk dosfstools mtools systemd-boot-efi binutils sbsigntool ovmf"
+# osbuild (run from ../shared/osbuild; no registry has it): bubblewrap, python3-jsonschema, curl
+# (its org.osbuild.curl source). bootimg's stages run with the build root's python3, here the
+# host's: Debian's own python3-yaml, -jsonschema, -cryptography, -zstandard and -xxhash are
+# bootimg's dependencies there (tools/install-buildroot.sh adds bootimg itself).
+APT_PACKAGES="$APT_PACKAGES bubblewrap curl python3-jsonschema python3-yaml python3-cryptography python3-zstandard python3-xxhash python3-pip"
 PY=${PYTHON:-python3}
 # Python.h: a pyenv or self-built interpreter has its own; Debian's python3 needs python3-dev.
 inc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
@@ -93,3 +98,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install -q -e '.[test]'
     echo "$want" > "$stamp"
 fi
+
+# osbuild bind-mounts /etc/containers into its sandbox, so it must exist; then bootimg in the
+# system Python for osbuild's host build root (idempotent, reinstalled when the sources change).
+[ -d /etc/containers ] || mkdir -p /etc/containers
+sh tools/install-buildroot.sh

@@ -152,3 +152,38 @@ def sbsign(image: Path, key: Path, cert: Path) -> None:
         signed.unlink(missing_ok=True)
         raise HostError(f"sbverify refuses the signed {image.name}: {(proc.stderr or proc.stdout).strip()}")
     os.replace(signed, image)
+
+
+def write_tree(tree: Path, work: Path, rel: ReleaseDir, release: dict, root: Node, arch: Arch, boot: BootFiles,
+               spec: EntrySpec, *, uki: bool = False, secureboot_key: Path | None = None,
+               secureboot_cert: Path | None = None) -> tuple[str, int]:
+    """The ESP's files in the new directory ``tree`` (``work`` for scratch files): systemd-boot,
+    loader.conf and the release's entry (Type #1 with kernel + initramfs, or a UKI, signed with
+    the Secure Boot key when given). Returns where systemd-boot came from and the bytes the
+    entry's payload takes."""
+    (tree / "EFI/BOOT").mkdir(parents=True)
+    (tree / "EFI/systemd").mkdir()
+    (tree / "loader/entries").mkdir(parents=True)
+    sd_boot = tree / "EFI/systemd" / arch.systemd_boot
+    sd_boot_from = systemd_boot_binary(arch, rel, root, sd_boot)
+    (tree / "EFI/BOOT" / arch.efi_boot_name).write_bytes(sd_boot.read_bytes())
+    (tree / "loader/loader.conf").write_text(loader_conf(f"{spec.sort_key}-*"))
+    if uki:
+        (tree / "EFI/Linux").mkdir()
+        stub = work / "stub.efi"
+        efi_stub(arch, rel, root, stub)
+        os_release = rel.read_file(root.lookup(b"usr/lib/os-release") or root.lookup(b"etc/os-release") or Node())
+        image = tree / "EFI/Linux" / f"{spec.entry_id}.efi"
+        make_uki(stub, boot, spec.cmdline, os_release or b"", image, work / "uki")
+        if secureboot_key is not None:
+            for signed in (image, sd_boot, tree / "EFI/BOOT" / arch.efi_boot_name):
+                sbsign(signed, secureboot_key, secureboot_cert)
+        return sd_boot_from, image.stat().st_size
+    kdir = tree / "bootimg" / release["name"] / release["version"]
+    kdir.mkdir(parents=True)
+    (kdir / "vmlinuz").write_bytes(boot.kernel.read_bytes())
+    (kdir / "initrd.img").write_bytes(boot.initrd.read_bytes())
+    base = f"/bootimg/{release['name']}/{release['version']}"
+    (tree / "loader/entries" / f"{spec.entry_id}.conf").write_text(
+        type1_entry(spec, f"{base}/vmlinuz", f"{base}/initrd.img"))
+    return sd_boot_from, boot.kernel.stat().st_size + boot.initrd.stat().st_size

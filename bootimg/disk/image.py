@@ -80,7 +80,7 @@ def _align(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
-def _read_release(rel: ReleaseDir) -> dict:
+def read_release(rel: ReleaseDir) -> dict:
     try:
         data = rel.release_json.read_bytes()
     except OSError as err:
@@ -144,6 +144,11 @@ def data_entries(rel: ReleaseDir, release: dict, root: Node, epoch: int,
             yield fs.Entry(f"{state}/var", "dir", 0o755, mtime=epoch)
 
 
+def disk_seed(release: dict) -> str:
+    """What a release's disk UUIDs and FAT volume id derive from."""
+    return f"bootimg/{release['name']}/{release['root']['digest']}"
+
+
 def _copy_sparse(src: Path, dst_fd: int, offset: int) -> None:
     """Copy ``src`` into ``dst_fd`` at ``offset``, skipping holes (the images are sparse)."""
     with open(src, "rb") as f:
@@ -180,7 +185,7 @@ def make_disk(release_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
             raise BootimgError("exists and is not a regular file; refusing to replace it", file=str(out))
     need_tools("sfdisk", "mkfs.vfat", "mcopy", "mke2fs", *(["qemu-img"] if options.format == "qcow2" else []))
     rel = ReleaseDir(release_dir)
-    release = _read_release(rel)
+    release = read_release(rel)
     root = rel.load_image(release["root"]["image"]).root
     arch = root_arch(rel, root)
     boot = options.boot or build_initramfs(rel.path, log=log)
@@ -190,7 +195,7 @@ def make_disk(release_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         log("note: a UKI seals composefs.digest= into a signed image; with trust 'signed' the release "
             "signature is checked as well")
     epoch = int(release["source_date_epoch"])
-    seed = f"bootimg/{release['name']}/{release['root']['digest']}"
+    seed = disk_seed(release)
     disk_guid, esp_uuid, data_uuid = (fs.seeded_uuid(f"{seed}/{p}") for p in ("disk", "esp", "data"))
     cmdline = espmod.kernel_cmdline(release, data_uuid, RELEASE_PATH)
     spec = espmod.entry_spec(release, cmdline)
@@ -198,32 +203,9 @@ def make_disk(release_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     with scratch_dir(out.parent, f".{out.name}.tmp-") as work:
         # -- the ESP ----------------------------------------------------------------------
         tree = work / "esp"
-        (tree / "EFI/BOOT").mkdir(parents=True)
-        (tree / "EFI/systemd").mkdir()
-        (tree / "loader/entries").mkdir(parents=True)
-        sd_boot_from = espmod.systemd_boot_binary(arch, rel, root, tree / "EFI/systemd" / arch.systemd_boot)
-        (tree / "EFI/BOOT" / arch.efi_boot_name).write_bytes((tree / "EFI/systemd" / arch.systemd_boot).read_bytes())
-        (tree / "loader/loader.conf").write_text(espmod.loader_conf(f"{spec.sort_key}-*"))
-        if options.uki:
-            (tree / "EFI/Linux").mkdir()
-            stub = work / "stub.efi"
-            espmod.efi_stub(arch, rel, root, stub)
-            os_release = rel.read_file(root.lookup(b"usr/lib/os-release") or root.lookup(b"etc/os-release") or Node())
-            uki = tree / "EFI/Linux" / f"{spec.entry_id}.efi"
-            espmod.make_uki(stub, boot, cmdline, os_release or b"", uki, work / "uki")
-            if options.secureboot_key is not None:
-                for image in (uki, tree / "EFI/systemd" / arch.systemd_boot, tree / "EFI/BOOT" / arch.efi_boot_name):
-                    espmod.sbsign(image, options.secureboot_key, options.secureboot_cert)
-            payload = uki.stat().st_size
-        else:
-            kdir = tree / "bootimg" / release["name"] / release["version"]
-            kdir.mkdir(parents=True)
-            (kdir / "vmlinuz").write_bytes(boot.kernel.read_bytes())
-            (kdir / "initrd.img").write_bytes(boot.initrd.read_bytes())
-            base = f"/bootimg/{release['name']}/{release['version']}"
-            (tree / "loader/entries" / f"{spec.entry_id}.conf").write_text(
-                espmod.type1_entry(spec, f"{base}/vmlinuz", f"{base}/initrd.img"))
-            payload = boot.kernel.stat().st_size + boot.initrd.stat().st_size
+        sd_boot_from, payload = espmod.write_tree(tree, work, rel, release, root, arch, boot, spec, uki=options.uki,
+                                                  secureboot_key=options.secureboot_key,
+                                                  secureboot_cert=options.secureboot_cert)
         # Room for two more kernels + initramfs (the next release while this one stays bootable).
         esp_size = options.esp_size or max(128 * MiB, _align(3 * payload + 32 * MiB))
         esp_img = work / "esp.img"

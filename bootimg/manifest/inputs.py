@@ -63,8 +63,8 @@ def check(doc: Document, normalized: Any) -> list[Diagnostic]:
             out.append(doc.at_value(where, f"no such directory: {location}"))
         elif kind == "tar" and not os.path.isfile(location):
             out.append(doc.at_value(where, f"no such file: {location}"))
-        elif kind == "oci" and not os.path.isfile(os.path.join(location, "index.json")):
-            out.append(doc.at_value(where, f"not an OCI image layout (no index.json): {location}"))
+        elif kind == "oci" and not (os.path.isfile(location) or os.path.isfile(os.path.join(location, "index.json"))):
+            out.append(doc.at_value(where, f"not an OCI image layout (no index.json) or archive: {location}"))
     for path, location in _files(normalized):
         if not isinstance(location, str):
             continue

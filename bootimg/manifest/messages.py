@@ -40,7 +40,8 @@ PATTERN_HINTS: dict[str, str] = {
     r"^[A-Za-z_][A-Za-z0-9_]*$": "environment variable names use letters, digits and '_', not starting with a digit",
     r"^([a-z_][a-z0-9_-]{0,31}|[0-9]+(:[0-9]+)?)$": "must be a user name or UID[:GID], e.g. \"1000:1000\"",
     r"^\S+$": "must be one argument without whitespace",
-    r"^/": "must be an absolute path",
+    schema_mod.INPUT_LOCATION["pattern"]: "must be an input location of the osbuild stage: input://NAME or input://NAME/PATH "
+                                          "(no '.', '..' or '//'), never a host path",
 }
 
 _YAML_TYPE = {

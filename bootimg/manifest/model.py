@@ -213,7 +213,7 @@ class Manifest:
         return self.kpis + self.deadline_budgets()
 
     def to_dict(self) -> dict[str, Any]:
-        """The normalized manifest as JSON-ready data (what osbuild and ``validate --json`` get)."""
+        """The normalized manifest as JSON-ready data (what ``validate --json`` prints)."""
         return _to_data(self)
 
 

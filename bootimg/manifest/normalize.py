@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path as FsPath
-from typing import Any
+from typing import Any, Callable
 
 from . import schema as schema_mod
 
@@ -22,14 +22,23 @@ HOST_PATH_REF = "#/definitions/host_path"
 
 def normalize(data: Any, base_dir: str | os.PathLike[str], root: schema_mod.Schema | None = None) -> Any:
     """A deep copy of ``data`` with defaults applied and host paths absolute (against ``base_dir``)."""
+    base = FsPath(base_dir)
+    return map_host_paths(data, lambda value, _path: os.path.normpath(os.path.join(base, value)), root)
+
+
+def map_host_paths(data: Any, fix: Callable[[str, tuple[str | int, ...]], str],
+                   root: schema_mod.Schema | None = None) -> Any:
+    """A deep copy of ``data`` with defaults applied and every host path (a non-empty string
+    where the schema has ``host_path``) replaced by ``fix(value, json_path)``."""
     root = schema_mod.schema() if root is None else root
-    return _walk(copy.deepcopy(data), root, FsPath(base_dir), root)
+    return _walk(copy.deepcopy(data), root, fix, root, ())
 
 
-def _walk(value: Any, fragment: schema_mod.Schema, base: FsPath, root: schema_mod.Schema) -> Any:
+def _walk(value: Any, fragment: schema_mod.Schema, fix: Callable[[str, tuple[str | int, ...]], str],
+          root: schema_mod.Schema, path: tuple[str | int, ...]) -> Any:
     if fragment.get("$ref") == HOST_PATH_REF:
         if isinstance(value, str) and value:
-            return os.path.normpath(os.path.join(base, value))
+            return fix(value, path)
         return value
     fragment = schema_mod.resolve(fragment, root)
     if isinstance(value, dict):
@@ -40,11 +49,11 @@ def _walk(value: Any, fragment: schema_mod.Schema, base: FsPath, root: schema_mo
                 if default is None:
                     continue
                 value[key] = copy.deepcopy(default)
-            value[key] = _walk(value[key], sub, base, root)
+            value[key] = _walk(value[key], sub, fix, root, path + (key,))
         for pattern_sub in fragment.get("patternProperties", {}).values():
             for key in value:
                 if key not in props:
-                    value[key] = _walk(value[key], pattern_sub, base, root)
+                    value[key] = _walk(value[key], pattern_sub, fix, root, path + (key,))
     elif isinstance(value, list) and "items" in fragment:
-        value = [_walk(item, fragment["items"], base, root) for item in value]
+        value = [_walk(item, fragment["items"], fix, root, path + (i,)) for i, item in enumerate(value)]
     return value

@@ -150,14 +150,25 @@ def _rewrite_refs(node: Any, old: str, new: str) -> Any:
     return node
 
 
+INPUT_NAME = r"[a-zA-Z][a-zA-Z0-9_.-]{0,254}"   # osbuild's pattern for a stage's input names
+INPUT_LOCATION = {
+    "description": "A file or directory of one of the stage's inputs (never a host path): input://NAME is the "
+                   "input's one file, container archive or tree; input://NAME/PATH is PATH inside the input "
+                   "(e.g. input://keys/sha256:<hex> for one file of an org.osbuild.files input).",
+    "type": "string",
+    "pattern": rf"^input://{INPUT_NAME}(/((?!\.\.?(/|$))[^/]+(/(?!\.\.?(/|$))[^/]+)*)?)?$",
+}
+
+
 def osbuild_options_schema() -> Schema:
     """A self-contained Draft-4 schema for the options of the osbuild stage ``org.bootimg.build``.
 
     osbuild wraps a stage's ``schema_2.options`` into its own document and hoists
     ``options.definitions`` to that document's root, so only ``#/definitions/...``
     refs survive. The manifest (the root of schema.json, referenced as ``#``) is
-    therefore moved to ``definitions.manifest``. The stage receives the
-    *normalized* manifest, so host paths must be absolute there.
+    therefore moved to ``definitions.manifest``. Inside osbuild's sandbox no host
+    path exists: every ``host_path`` of the manifest is an ``input://`` location
+    (``input_location``) naming one of the stage's inputs instead.
     """
     full = load_schema()
     defs = full.pop("definitions")
@@ -165,13 +176,11 @@ def osbuild_options_schema() -> Schema:
     for meta in ("$schema", "id", "title"):
         full.pop(meta, None)
     defs["manifest"] = full
-    defs["host_path"] = {
-        "description": "An absolute path on the build host (the normalized manifest has no relative paths).",
-        "type": "string",
-        "pattern": "^/",
-    }
+    del defs["host_path"]
+    defs["input_location"] = INPUT_LOCATION
     stage = _rewrite_refs(stage, "#", "#/definitions/manifest")
     defs = _rewrite_refs(defs, "#", "#/definitions/manifest")
+    defs = _rewrite_refs(defs, "#/definitions/host_path", "#/definitions/input_location")
 
     # Keep only the definitions the stage reaches, so the .meta.json stays small.
     reachable: set[str] = set()

@@ -41,6 +41,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ._common import SignatureError, read_file, write_atomically
@@ -224,7 +225,7 @@ class SecretKey:
     def __post_init__(self) -> None:
         if len(self.keynum) != KEYNUM_SIZE or len(self.sk) != 64:
             raise ValueError("keynum must be 8 bytes and the secret key 64")
-        derived = Ed25519PrivateKey.from_private_bytes(self.sk[:32]).public_key().public_bytes_raw()
+        derived = _public_raw(Ed25519PrivateKey.from_private_bytes(self.sk[:32]).public_key())
         if derived != self.sk[32:]:
             raise ValueError("its public half does not match its seed")
 
@@ -290,8 +291,18 @@ class SecretKey:
     def from_file(cls, path: str | os.PathLike[str]) -> SecretKey:
         return cls.from_bytes(read_file(path, "secret key"), file=os.fspath(path))
 
+    @classmethod
+    def from_seed(cls, keynum: bytes, seed: bytes, comment: str = "") -> SecretKey:
+        """The key of a 32-byte Ed25519 seed (a derived key, e.g. a fixed example key)."""
+        return cls(keynum, seed + _public_raw(Ed25519PrivateKey.from_private_bytes(seed).public_key()), comment)
+
     def _ed25519(self) -> Ed25519PrivateKey:
         return Ed25519PrivateKey.from_private_bytes(self.sk[:32])
+
+
+def _public_raw(key: Ed25519PublicKey) -> bytes:
+    # Encoding.Raw rather than public_bytes_raw() (cryptography >= 40): Debian 12 has 38.
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def generate_keypair(comment: str = "") -> tuple[SecretKey, PublicKey]:
@@ -302,8 +313,9 @@ def generate_keypair(comment: str = "") -> tuple[SecretKey, PublicKey]:
     if comment:
         _check_comment(comment, MAX_UNTRUSTED_COMMENT - 64, "comment")
     private = Ed25519PrivateKey.generate()
-    seed = private.private_bytes_raw()
-    pk = private.public_key().public_bytes_raw()
+    seed = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                 serialization.NoEncryption())
+    pk = _public_raw(private.public_key())
     keynum = secrets.token_bytes(KEYNUM_SIZE)
     kid = keyid_hex(keynum)
     suffix = f" ({comment})" if comment else ""

@@ -1,6 +1,8 @@
-"""OCI image layouts (a directory with ``oci-layout``, ``index.json`` and ``blobs/sha256/``):
-index -> (nested index ->) manifest -> config + layers, the layers applied in order with
-whiteouts and opaque directories (see tar.py) onto one tree.
+"""OCI image layouts (a directory with ``oci-layout``, ``index.json`` and ``blobs/sha256/``), or
+an OCI archive (the same layout in a plain tar: ``skopeo copy oci-archive:``, ``podman save
+--format oci-archive``, osbuild's org.osbuild.oci-archive): index -> (nested index ->) manifest
+-> config + layers, the layers applied in order with whiteouts and opaque directories (see
+tar.py) onto one tree. An archive is read in place, member by member; nothing is extracted.
 
 Every blob read is checked against its descriptor while it is streamed: the sha256 digest and
 the declared size (a blob's size is checked before it is read). A layer that turns out not to
@@ -15,6 +17,7 @@ import json
 import os
 import re
 import stat
+import tarfile
 from typing import Any, BinaryIO
 
 from ..composefs.store import ObjectStore
@@ -127,6 +130,8 @@ class Descriptor:
 
 
 class OciLayout:
+    """An OCI image layout directory; OciArchive reads the same layout from a tar."""
+
     def __init__(self, path: str, label: str):
         self.path = path
         self.label = label
@@ -135,10 +140,17 @@ class OciLayout:
         return SourceError(problem, file=self.path, label=self.label, context=context)
 
     # -- files and blobs --------------------------------------------------------------------------
+    def open_file(self, name: str) -> tuple[BinaryIO, int]:
+        """The layout's regular file ``name`` ('/'-separated): (an open file, its size).
+        FileNotFoundError, _NotRegular (a FIFO or device is never opened for reading) or
+        OSError when it cannot be opened."""
+        f = _open_regular(os.path.join(self.path, name))
+        return f, os.fstat(f.fileno()).st_size
+
     def _read_json_file(self, name: str) -> Any:
-        full = os.path.join(self.path, name)
         try:
-            with _open_regular(full) as f:
+            f, _ = self.open_file(name)
+            with f:
                 data = f.read(JSON_MAX + 1)
         except FileNotFoundError:
             if name == "oci-layout":
@@ -183,24 +195,24 @@ class OciLayout:
         return Descriptor(media or "", digest, size, ann if isinstance(ann, dict) else {},
                           plat if isinstance(plat, dict) else None)
 
-    def blob_path(self, desc: Descriptor) -> str:
-        return os.path.join(self.path, "blobs", "sha256", desc.hex)
+    @staticmethod
+    def blob_name(desc: Descriptor) -> str:
+        return f"blobs/sha256/{desc.hex}"
 
     def open_blob(self, desc: Descriptor, what: str) -> BinaryIO:
         context = f"{what} {desc.digest}"
-        path = self.blob_path(desc)
+        name = self.blob_name(desc)
         try:
-            f = _open_regular(path)
+            f, size = self.open_file(name)
         except FileNotFoundError:
-            raise self.error(f"blob is missing ({os.path.relpath(path, self.path)})", context) from None
+            raise self.error(f"blob is missing ({name})", context) from None
         except _NotRegular:
             raise self.error("blob is not a regular file", context) from None
         except OSError as e:
             raise self.error(f"cannot open blob: {e.strerror}", context) from None
-        st = os.fstat(f.fileno())
-        if st.st_size != desc.size:
+        if size != desc.size:
             f.close()
-            raise self.error(f"blob is {st.st_size} bytes, its descriptor says {desc.size}", context)
+            raise self.error(f"blob is {size} bytes, its descriptor says {desc.size}", context)
         return f
 
     def mismatch(self, desc: Descriptor, what: str, actual: str | None) -> SourceError:
@@ -227,6 +239,9 @@ class OciLayout:
     def check_layout(self) -> None:
         if not os.path.isdir(self.path):
             raise self.error("not a directory (an OCI image layout is one)")
+        self.check_version()
+
+    def check_version(self) -> None:
         version = self._read_json_file("oci-layout").get("imageLayoutVersion")
         if not isinstance(version, str) or not version.startswith("1."):
             raise self.error(f"unsupported imageLayoutVersion {version!r} in oci-layout")
@@ -300,11 +315,67 @@ class OciLayout:
         raise self.error(f"no manifest for platform {platform} in {what}; available: {names}")
 
 
+class OciArchive(OciLayout):
+    """An OCI image layout in a plain (uncompressed) tar, read in place: members are looked up by
+    name ('./' prefixes ignored); only regular files count, and a name that appears twice is
+    refused rather than guessed at."""
+
+    def __init__(self, path: str, label: str):
+        super().__init__(path, label)
+        self.tar: tarfile.TarFile | None = None
+        self.members: dict[str, tarfile.TarInfo] = {}
+
+    def check_layout(self) -> None:
+        try:
+            self.tar = tarfile.open(self.path, mode="r:")
+            members = self.tar.getmembers()
+        except (tarfile.TarError, EOFError) as e:
+            raise self.error(f"not an OCI image layout, nor an OCI archive (an uncompressed tar of one): {e}") from None
+        except OSError as e:
+            raise self.error(f"cannot read: {e.strerror}") from None
+        for m in members:
+            name = m.name
+            while name.startswith("./"):
+                name = name[2:]
+            if name in self.members:
+                raise self.error(f"archive member {name!r} appears more than once")
+            self.members[name] = m
+        self.check_version()
+
+    def open_file(self, name: str) -> tuple[BinaryIO, int]:
+        member = self.members.get(name)
+        if member is None:
+            raise FileNotFoundError(name)
+        if not member.isreg():
+            raise _NotRegular("not a regular file in the archive")
+        return self.tar.extractfile(member), member.size
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+
+
+def open_layout(path: str | os.PathLike[str], label: str) -> OciLayout:
+    """The OCI layout at ``path``: a directory, or an archive when it is a regular file."""
+    path = os.fspath(path)
+    layout = OciArchive(path, label) if os.path.isfile(path) else OciLayout(path, label)
+    layout.check_layout()
+    return layout
+
+
 def load_oci(path: str | os.PathLike[str], ref: str | None, store: ObjectStore,
              policy: SourcePolicy = SourcePolicy(), label: str = "rootfs",
              platform: str = DEFAULT_PLATFORM) -> LoadedSource:
-    layout = OciLayout(os.fspath(path), label)
-    layout.check_layout()
+    layout = open_layout(path, label)
+    try:
+        return _load(layout, ref, store, policy, label, platform)
+    finally:
+        if isinstance(layout, OciArchive):
+            layout.close()
+
+
+def _load(layout: OciLayout, ref: str | None, store: ObjectStore, policy: SourcePolicy, label: str,
+          platform: str) -> LoadedSource:
     mdesc, manifest = layout.select(ref, platform)
     mctx = f"manifest {mdesc.digest}"
 
