@@ -148,9 +148,10 @@ def test_readiness_restart_network_resources(tmp_path):
     ])
     f = generate(m)
     n, s, o = (section(f[f"{UNIT}/{x}.service"], "Service") for x in "nso")
-    assert n[:3] == ["Type=notify", "NotifyAccess=all", "Restart=always"]
+    assert n[:2] == ["Type=notify", "Restart=always"] and "NotifyAccess=main" in n
     assert "PrivateNetwork=yes" in n and "CPUWeight=1000" in n and "MemoryMax=64M" in n
     assert s[:2] == ["Type=exec", "Restart=no"] and "PrivateNetwork=yes" not in s
+    assert not any(x.startswith("NotifyAccess=") for x in s)
     assert not any(x.startswith(("CPUWeight", "MemoryMax")) for x in s)
     assert "Restart=on-failure" in o and "MemoryMax=1M" in o and not any(x.startswith("CPUWeight") for x in o)
     for x, lines in zip("nso", (n, s, o)):
@@ -693,18 +694,21 @@ def _script(top: Path, name: str, body: str) -> None:
 def nspawn_release(tmp_path):
     """A release with three boot-time containers exercising the mapping, for nspawn."""
     imgs = tmp_path / "images"
-    argv, notify, plain = imgs / "argv", imgs / "notify", imgs / "plain"
+    argv, notify, plain, relaxed = imgs / "argv", imgs / "notify", imgs / "plain", imgs / "relaxed"
     _runtime(argv)
     _script(argv, "show", 'for a in "$@"; do printf "ARG[%s]\\n" "$a"; done\n'
                           'for v in A B C D E; do eval "printf \\"ENV[%s=%s]\\\\n\\" $v \\"\\$$v\\""; done\n'
                           'while read -r k v rest; do [ "$k" = Uid: ] && echo "UID[$v]"; done </proc/self/status\n'
-                          'echo READY-ARGV\nexec sleep 600\n')
+                          'echo READY-ARGV\n' + PROBE + 'probe\nexec sleep 600\n')
     _runtime(notify, ["systemd-notify"])
     _script(notify, "notifier", "systemd-notify --ready\necho READY-NOTIFY\nexec sleep 600\n")
-    _runtime(plain)
+    _runtime(plain, ["chrt"])
     _script(plain, "plain", '[ -f /etc/host-os-release ] && echo BIND-FILE-OK\n'
                             '[ -d /data/systemd/system ] && echo BIND-DIR-OK\n'
-                            '[ -d /tmp ] && [ -d /proc/self ] && echo API-OK\nexec sleep 600\n')
+                            '[ -d /tmp ] && [ -d /proc/self ] && echo API-OK\n' + PROBE + 'probe /dev/tun-ro\n'
+                            'exec sleep 600\n')
+    _runtime(relaxed, ["chrt"])
+    _script(relaxed, "relaxed", PROBE + "probe /dev/net/tun\nexec sleep 600\n")
     (tmp_path / "rootfs" / "etc").mkdir(parents=True)
     (tmp_path / "rootfs" / "etc" / "hostname").write_text("nspawn-test\n")
     doc = {
@@ -717,11 +721,20 @@ def nspawn_release(tmp_path):
              "restart": "never", "deadline_ms": 3000},
             {"name": "notify", "image": {"type": "directory", "path": "images/notify"}, "phase": "basic",
              "readiness": "notify", "command": ["notifier"], "restart": "never", "deadline_ms": 3000,
-             "ordering": {"after": ["argv"]}},
+             "ordering": {"after": ["argv"]},
+             "sandbox": {"reason": "systemd-notify, a child of the shell script, reports readiness",
+                         "notify_access": "all"}},
+            {"name": "unnotified", "image": {"type": "directory", "path": "images/notify"}, "readiness": "notify",
+             "command": ["notifier"], "restart": "never", "deadline_ms": 1},
             {"name": "plain", "image": {"type": "directory", "path": "images/plain"}, "command": ["/bin/plain"],
              "network": "host", "restart": "never", "resources": {"cpu_weight": 50, "memory_max_mib": 32},
              "binds": [{"source": "/usr/lib/os-release", "target": "/etc/host-os-release"},
-                       {"source": "/usr/lib/systemd", "target": "/data/systemd"}]},
+                       {"source": "/usr/lib/systemd", "target": "/data/systemd"},
+                       {"source": "/dev/net/tun", "target": "/dev/tun-ro"}]},
+            {"name": "relaxed", "image": {"type": "directory", "path": "images/relaxed"}, "command": ["/bin/relaxed"],
+             "restart": "never",
+             "sandbox": {"reason": "writes to a device node, realtime scheduling",
+                         "devices": [{"path": "/dev/net/tun", "access": "rw"}], "realtime_priority": 10}},
         ],
         "integrity": {"trust": "sealed", "fsverity": "optional"},   # this kernel has no fs-verity
     }
@@ -732,6 +745,36 @@ def nspawn_release(tmp_path):
     return out
 
 
+def _host_realtime() -> tuple[bool, bool]:
+    """Whether this host lets a service have realtime scheduling at all: (systemd can raise
+    RLIMIT_RTPRIO, which takes CAP_SYS_RESOURCE; a cgroup has a realtime budget, which it has
+    not with CONFIG_RT_GROUP_SCHED)."""
+    raised = subprocess.run(["prlimit", "--rtprio=10:10", "true"], capture_output=True).returncode == 0
+    return raised, not any(Path(p).exists() for p in ("/sys/fs/cgroup/cpu/cpu.rt_runtime_us",
+                                                       "/sys/fs/cgroup/cpu.rt_runtime_us"))
+
+
+# What a container's sandbox looks like from inside (POSIX sh, for the nspawn images): its
+# capability bounding set, no_new_privs and seccomp state, user namespace map, /proc subset,
+# what it may do with the device node $1 and whether it may use realtime scheduling.
+PROBE = r"""probe() {
+    while read -r k v rest; do
+        case $k in CapBnd:|CapEff:|NoNewPrivs:|Seccomp:) echo "STATUS[$k$v]" ;; esac
+    done </proc/self/status
+    while read -r inside outside count; do echo "UIDMAP[$inside $outside $count]"; done </proc/self/uid_map
+    [ -e /proc/sys ] || echo NO-PROC-SYS
+    if [ -n "${1:-}" ]; then
+        ( : <"$1" ) 2>/dev/null && echo DEV-READ-OK || echo DEV-READ-DENIED
+        ( : <>"$1" ) 2>/dev/null && echo DEV-WRITE-OK || echo DEV-WRITE-DENIED
+    fi
+    while read -r line; do
+        case $line in "Max realtime priority"*) set -- $line; echo "RTPRIO[$4 $5]" ;; esac
+    done </proc/self/limits
+    if command -v chrt >/dev/null; then chrt -f 10 sleep 0 2>/dev/null && echo RT-OK || echo RT-DENIED; fi
+}
+"""
+
+
 REPORT = """[Unit]
 Description=test report
 After=multi-user.target bootimg-containers.target
@@ -739,7 +782,7 @@ After=multi-user.target bootimg-containers.target
 Type=oneshot
 StandardOutput=tty
 TTYPath=/dev/console
-ExecStart=/bin/sh -c 'sleep 1; echo ==REPORT==; for u in argv notify plain; do \
+ExecStart=/bin/sh -c 'sleep 1; echo ==REPORT==; for u in argv notify plain relaxed unnotified; do \
 echo "STATE $u $(systemctl show -p ActiveState --value $u.service) $(systemctl show -p SubState --value $u.service)"; \
 journalctl -q --no-pager -o cat _SYSTEMD_UNIT=$u.service | sed "s/^/LOG $u /"; done; echo ==END==; systemctl poweroff'
 """
@@ -759,7 +802,7 @@ def test_units_boot_in_nspawn(nspawn_release, tmp_path):
     env = {"BOOTIMG_RELEASE": str(out), "BOOTIMG_RUN": str(run)}
     ns = tmp_path / "ns"
     mounted: list[Path] = []
-    names = ("argv", "notify", "plain")
+    names = ("argv", "notify", "plain", "relaxed", "unnotified")
     with composefs_mount(out / "images" / "root.cfs", out / "objects", tmp_path / "rootimg") as rootimg:
         try:
             for name in names:
@@ -780,13 +823,20 @@ def test_units_boot_in_nspawn(nspawn_release, tmp_path):
             (ns / "etc/group").write_text("root:x:0:\n")
             (ns / "etc/machine-id").write_text("")
             (ns / "etc/systemd/system/report.service").write_text(REPORT)
+            for getty in ("console-getty.service", "getty@.service"):   # no login prompt in the report
+                (ns / "etc/systemd/system" / getty).symlink_to("/dev/null")
             (ns / "etc/systemd/system/multi-user.target.wants/report.service").symlink_to("../report.service")
             subprocess.run(["mount", "-t", "overlay", "nsusr", "-o", f"ro,lowerdir={rootimg}/usr:/usr",
                             str(ns / "usr")], check=True)
             try:
+                # The unified cgroup hierarchy, CAP_BPF and bpf(): the inner systemd enforces
+                # DeviceAllow= with a BPF device filter, as PID 1 of the target does (nspawn gives
+                # it a read-only v1 devices controller on a hybrid host, and neither CAP_BPF nor bpf()).
                 res = subprocess.run(["systemd-nspawn", "--register=no", "--keep-unit", "-q", "-b", "-D", str(ns),
+                                      "--capability=CAP_BPF", "--system-call-filter=bpf",
                                       f"--bind-ro={run}/containers:/run/bootimg/containers"],
-                                     capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+                                     capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"})
             finally:
                 subprocess.run(["umount", str(ns / "usr")], check=True)
         finally:
@@ -796,7 +846,7 @@ def test_units_boot_in_nspawn(nspawn_release, tmp_path):
     assert "==END==" in console, console[-4000:]
     report = console[console.index("==REPORT=="):console.index("==END==")]
     lines = [x.rstrip("\r") for x in report.splitlines()]
-    for name in names:
+    for name in names[:-1]:
         assert f"STATE {name} active running" in lines, report
     log = {n: [x[len(f"LOG {n} "):] for x in lines if x.startswith(f"LOG {n} ")] for n in names}
     # Every argument arrived exactly as the manifest wrote it (quoting, %, $, ;, newlines...).
@@ -809,3 +859,23 @@ def test_units_boot_in_nspawn(nspawn_release, tmp_path):
     assert "UID[1100]" in log["argv"]                   # the id exists: sysusers made it at boot
     assert "READY-NOTIFY" in log["notify"]              # and sd_notify reached systemd from the chroot
     assert {"BIND-FILE-OK", "BIND-DIR-OK", "API-OK"} <= set(log["plain"])
+    # The sandbox, seen from inside: no capabilities, no_new_privs, a seccomp filter, a user
+    # namespace mapping only root and the service's user, /proc without its non-process files.
+    for name in ("argv", "plain", "relaxed"):
+        assert {"STATUS[CapBnd:0000000000000000]", "STATUS[CapEff:0000000000000000]", "STATUS[NoNewPrivs:1]",
+                "STATUS[Seccomp:2]", "NO-PROC-SYS"} <= set(log[name]), (name, log[name])
+    assert [x for x in log["argv"] if x.startswith("UIDMAP[")] == ["UIDMAP[0 0 1]", "UIDMAP[1100 1100 1]"]
+    assert [x for x in log["plain"] if x.startswith("UIDMAP[")] == ["UIDMAP[0 0 1]"]
+    # A /dev node bound read-only is readable, not writable (DeviceAllow=... r); sandbox.devices
+    # with access rw makes it writable. No realtime scheduling by default; realtime_priority
+    # sets the limit (whether the kernel then grants SCHED_FIFO depends on its RT group
+    # scheduling: with CONFIG_RT_GROUP_SCHED a cgroup has no realtime budget).
+    assert {"DEV-READ-OK", "DEV-WRITE-DENIED", "RT-DENIED", "RTPRIO[0 0]"} <= set(log["plain"])
+    assert {"DEV-READ-OK", "DEV-WRITE-OK"} <= set(log["relaxed"])
+    raise_rlimit, rt_budget = _host_realtime()
+    if raise_rlimit:
+        assert "RTPRIO[10 10]" in log["relaxed"]
+        if rt_budget:
+            assert "RT-OK" in log["relaxed"]
+    # sd_notify from a child process is refused unless sandbox.notify_access allows it.
+    assert "READY-NOTIFY" in log["unnotified"] and "STATE unnotified failed failed" in lines, report

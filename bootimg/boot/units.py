@@ -58,7 +58,7 @@ from ..errors import BootimgError
 from ..manifest.model import Container, Manifest
 from ..release.build import BuildContext, InjectedFile, root_contributor, root_tree_hook
 from ..sources import treeops
-from . import quadlet
+from . import quadlet, sandbox
 
 UNIT_DIR = "/usr/lib/systemd/system"
 QUADLET_DIR = "/usr/share/containers/systemd"
@@ -407,7 +407,7 @@ def _comments(c: Container, r: Resolved) -> list[str]:
     if c.deadline_ms is not None:
         lines.append(f"# bootimg: deadline_ms={c.deadline_ms} (a per-boot KPI from kernel start; "
                      f"TimeoutStartSec=max(2 x deadline, 5s))")
-    return lines + list(r.notes)
+    return lines + list(r.notes) + sandbox.comment_lines(c)
 
 
 def _start_timeout(c: Container) -> list[str]:
@@ -442,8 +442,8 @@ def container_service(manifest: Manifest, c: Container, r: Resolved) -> str:
     ============================  ==========================================================
     (always)                      Requires=/After=bootimg-image-NAME.service,
                                   RootDirectory=/run/bootimg/containers/NAME, MountAPIVFS=yes,
-                                  ProtectSystem=strict, ProtectHome=yes, PrivateTmp=yes,
-                                  NoNewPrivileges=yes
+                                  the sandbox (sandbox.py: the strictest settings the
+                                  manifest allows, relaxed by its sandbox: key)
     phase early                   DefaultDependencies=no, After=local-fs.target,
                                   Before=sysinit.target, Conflicts=/Before=shutdown.target
                                   (+ wanted by sysinit.target)
@@ -451,23 +451,25 @@ def container_service(manifest: Manifest, c: Container, r: Resolved) -> str:
                                   Before=basic.target, Conflicts=/Before=shutdown.target
                                   (+ wanted by basic.target)
     phase default                 default dependencies (wanted by bootimg-containers.target)
-    readiness notify / started    Type=notify + NotifyAccess=all / Type=exec
+    readiness notify / started    Type=notify + NotifyAccess=main / Type=exec
     essential reboot / emergency  FailureAction=reboot / OnFailure=emergency.target +
                                   OnFailureJobMode=isolate (on the image unit too)
     restart never/on-failure/...  Restart=no / on-failure / always
     deadline_ms N                 # bootimg: deadline_ms=N, TimeoutStartSec=max(2N ms, 5s)
     ordering after/before/...     After=/Before=/Requires=/Wants= (bare name -> NAME.service)
-    network none                  PrivateNetwork=yes
+    network none / host           PrivateNetwork=yes, IPAddressDeny=any, AF_UNIX only /
+                                  AF_UNIX AF_INET AF_INET6 AF_NETLINK (sandbox.py)
     resources                     CPUWeight=, MemoryMax=<MiB>M
     binds                         BindReadOnlyPaths=SRC:TARGET (+ a mount point for TARGET
-                                  in the image unit's skeleton layer: --bind=SRC:TARGET)
+                                  in the image unit's skeleton layer: --bind=SRC:TARGET);
+                                  a /dev/... SRC also DeviceAllow=SRC r
     user U[:G] / name             User=U (Group=G); names -> the image's numeric ids;
                                   After=systemd-sysusers.service, ids in sysusers.d
     command / OCI config          ExecStart= (quoted); else Entrypoint + Cmd; Env under
                                   the manifest's environment; WorkingDir -> WorkingDirectory=
     ============================  ==========================================================
     """
-    service = ["Type=notify", "NotifyAccess=all"] if c.readiness == "notify" else ["Type=exec"]
+    service = ["Type=notify"] if c.readiness == "notify" else ["Type=exec"]
     service.append("Restart=" + {"never": "no"}.get(c.restart, c.restart))
     service += _start_timeout(c)
     if r.user is not None:
@@ -478,8 +480,6 @@ def container_service(manifest: Manifest, c: Container, r: Resolved) -> str:
         service.append(f"WorkingDirectory={unit_path(r.workdir, container=c.name, what='working directory')}")
     service += [f"Environment={env_assignment(k, v)}" for k, v in r.environment]
     service.append("MountAPIVFS=yes")
-    if c.network == "none":
-        service.append("PrivateNetwork=yes")
     service += _resources(c)
     if c.binds:
         service.append("BindReadOnlyPaths=" + " ".join(
@@ -488,7 +488,7 @@ def container_service(manifest: Manifest, c: Container, r: Resolved) -> str:
     return render("container.service.in", {
         "RELEASE": _release(manifest), "NAME": c.name, "COMMENTS": _comments(c, r),
         "UNIT": _unit_lines(manifest, c, r), "SERVICE": service,
-        "EXEC": [f"ExecStart={exec_line(r.argv, container=c.name)}"],
+        "EXEC": [f"ExecStart={exec_line(r.argv, container=c.name)}"], "SANDBOX": sandbox.service_lines(c, r.user),
     })
 
 
@@ -506,8 +506,11 @@ def container_quadlet(manifest: Manifest, c: Container, r: Resolved) -> str:
     if c.readiness == "notify":
         container.append("Notify=true")
     for b in c.binds:
+        if b.source.startswith("/dev/"):
+            continue  # a device node: AddDevice= below (podman's device cgroup refuses a bound one)
         container.append(f"Volume={unit_path(b.source, container=c.name, what='bind source')}:"
                          f"{unit_path(b.target, container=c.name, what='bind target')}:ro")
+    container += sandbox.quadlet_lines(c)
     # Recent quadlet (podman-systemd.unit(5) of the 5.3 line) orders its units after
     # network-online.target unless [Quadlet] DefaultDependencies=false: an ordering cycle for
     # early/basic containers and a pointless wait for network-less ones. Older podman copies
