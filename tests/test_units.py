@@ -10,6 +10,7 @@ systemd-nspawn is available, the units boot for real."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, composefs_mount, example_workspace, have, requires_root, run_cli
 
-from bootimg.boot import quadlet, units
+from bootimg.boot import quadlet, sandbox, security, units
 from bootimg.boot.units import ContainerImage
 from bootimg.composefs.reader import load_image
 from bootimg.composefs.store import ObjectStore
@@ -450,6 +451,183 @@ def test_quadlet_needs_newer_podman_for_workdir(tmp_path):
     assert "# Podman quadlet (needs podman >= 4.6)" in f[f"{units.QUADLET_DIR}/w.container"]
 
 
+# -- the sandbox -------------------------------------------------------------------------------------------
+
+def service_sandbox(text: str) -> list[str]:
+    """The sandbox lines of a NAME.service: [Service] from NoNewPrivileges= on."""
+    lines = section(text, "Service")
+    return lines[lines.index("NoNewPrivileges=yes"):]
+
+
+def unit_scores(files: dict[str, str], names: list[str]) -> dict[str, dict]:
+    """The real systemd-analyze security --offline=true on generated units."""
+    return security.score({p: d.encode() for p, d in files.items() if p.startswith(UNIT + "/")}, names,
+                          "systemd-analyze")
+
+
+@needs_analyze
+@pytest.mark.parametrize("name", ["ivi-demo.yaml", "board.yaml"])
+def test_example_containers_are_sandboxed(tmp_path, name):
+    """Every example container scores <= 2.5 in systemd-analyze security (the unsandboxed
+    units scored 8.0-9.1), and what relaxes a unit's sandbox is its manifest's sandbox: key."""
+    m = load_manifest(REPO / "manifests" / name, on_warning=None)
+    f = generate(m, EXAMPLE_CONFIGS)
+    names = [f"{c.name}.service" for c in m.containers]
+    scores = unit_scores(f, names)
+    assert sorted(scores) == sorted(names)
+    for unit, s in scores.items():
+        assert s["exposure"] <= 2.5 and s["level"] in ("SAFE", "OK"), (unit, s)
+    # systemd-analyze's own verdict (its exit status; --threshold is in tenths), which can fail
+    root = tmp_path / "root"
+    for path, text in f.items():
+        (root / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / path.lstrip("/")).write_text(text)
+    for threshold, code in (("25", 0), ("0", 1)):
+        res = subprocess.run(["systemd-analyze", "security", "--offline=true", f"--root={root}", f"--threshold={threshold}",
+                              "--no-pager", *names], capture_output=True, text=True)
+        assert res.returncode == code, (threshold, res.stdout[-2000:], res.stderr)
+    # Without its sandbox: key a container gets exactly the default settings; with it, the unit
+    # names the relaxations and their reason.
+    relaxed = [c for c in m.containers if c.sandbox is not None]
+    assert [c.name for c in relaxed] == (["vehicle-bus", "rear-camera"] if name == "ivi-demo.yaml" else ["vehicle-bus"])
+    for c in m.containers:
+        r = units.resolve(m, c, EXAMPLE_CONFIGS.get(c.name))
+        default = sandbox.service_lines(dataclasses.replace(c, sandbox=None), r.user)
+        assert service_sandbox(f[f"{UNIT}/{c.name}.service"]) == sandbox.service_lines(c, r.user)
+        assert (sandbox.service_lines(c, r.user) != default) == (c.sandbox is not None), c.name
+        text = f[f"{UNIT}/{c.name}.service"]
+        assert ("# bootimg: sandbox relaxed by the manifest: " in text) == (c.sandbox is not None)
+        if c.sandbox is not None:
+            assert f"# bootimg: reason: {c.sandbox.reason}\n" in text
+
+
+# Each relaxation: the manifest's sandbox keys, the line it puts in the unit (or None) and the one
+# it takes out (or None), and the settings systemd-analyze then counts against the unit.
+RELAXATIONS = [
+    ({"capabilities": ["CAP_NET_RAW"]}, "CapabilityBoundingSet=CAP_NET_RAW", "PrivateUsers=yes",
+     {"CapabilityBoundingSet=~CAP_NET_(BIND_SERVICE|BROADCAST|RAW)", "PrivateUsers=", "AmbientCapabilities="}),
+    ({"address_families": ["AF_PACKET"]}, "RestrictAddressFamilies=AF_UNIX AF_PACKET", None,
+     {"RestrictAddressFamilies=~AF_PACKET"}),
+    ({"address_families": ["AF_INET"]}, "RestrictAddressFamilies=AF_UNIX AF_INET", "IPAddressDeny=any",
+     {"RestrictAddressFamilies=~AF_(INET|INET6)", "IPAddressDeny="}),
+    ({"system_calls": ["@clock"]}, "SystemCallFilter=@clock", None,     # @privileged includes @clock
+     {"SystemCallFilter=~@clock", "SystemCallFilter=~@privileged"}),
+    ({"namespaces": ["net", "user"]}, "RestrictNamespaces=net user", "RestrictNamespaces=yes",
+     {"RestrictNamespaces=~net", "RestrictNamespaces=~user"}),
+    ({"realtime_priority": 10}, "LimitRTPRIO=10", "RestrictRealtime=yes",
+     {"RestrictRealtime=", "SystemCallFilter=~@resources"}),
+    ({"notify_access": "all"}, "NotifyAccess=all", "NotifyAccess=main", {"NotifyAccess="}),
+    ({"umask": "0022"}, "UMask=0022", "UMask=0077", {"UMask="}),
+    ({"allow": ["host_users"]}, None, "PrivateUsers=yes", {"PrivateUsers="}),
+    ({"allow": ["host_ipc"]}, None, "RemoveIPC=yes", {"RemoveIPC="}),
+    ({"allow": ["write_execute_memory"]}, None, "MemoryDenyWriteExecute=yes", {"MemoryDenyWriteExecute="}),
+    ({"allow": ["personality"]}, None, "LockPersonality=yes", {"LockPersonality="}),
+    ({"allow": ["suid_sgid"]}, None, "RestrictSUIDSGID=yes", {"RestrictSUIDSGID="}),
+    ({"allow": ["kernel_tunables"]}, None, "ProtectKernelTunables=yes", {"ProtectKernelTunables="}),
+    ({"allow": ["kernel_modules"]}, None, "ProtectKernelModules=yes", {"ProtectKernelModules="}),
+    ({"allow": ["kernel_logs"]}, None, "ProtectKernelLogs=yes", {"ProtectKernelLogs="}),
+    ({"allow": ["clock"]}, None, "ProtectClock=yes", {"ProtectClock="}),
+    ({"allow": ["hostname"]}, None, "ProtectHostname=yes", {"ProtectHostname="}),
+    ({"allow": ["control_groups"]}, None, "ProtectControlGroups=yes", {"ProtectControlGroups="}),
+    ({"allow": ["other_processes"]}, None, "ProtectProc=invisible", {"ProtectProc="}),
+    ({"allow": ["proc_files"]}, None, "ProcSubset=pid", {"ProcSubset="}),
+    ({"allow": ["foreign_abis"]}, None, "SystemCallArchitectures=native", {"SystemCallArchitectures="}),
+]
+
+
+@needs_analyze
+@pytest.mark.parametrize("relax, added, removed, exposed", RELAXATIONS,
+                         ids=[next(iter(r[0].items())).__repr__() for r in RELAXATIONS])
+def test_a_relaxation_shows_in_the_unit_and_in_its_score(tmp_path, relax, added, removed, exposed):
+    base = {"user": "1100:1100", "readiness": "notify"}
+    m = make_manifest(tmp_path, [box("strict", **base), box("relaxed", **base, sandbox={"reason": "test", **relax})])
+    f = generate(m)
+    strict, loose = (service_sandbox(f[f"{UNIT}/{n}.service"]) for n in ("strict", "relaxed"))
+    if added is not None:
+        assert added in loose and added not in strict
+    if removed is not None:
+        assert removed in strict and removed not in loose
+    assert "# bootimg: sandbox relaxed by the manifest: " in f[f"{UNIT}/relaxed.service"]
+    scores = unit_scores(f, ["strict.service", "relaxed.service"])
+    before = {x["setting"]: x["exposure"] for x in scores["strict.service"]["exposed"]}
+    after = {x["setting"]: x["exposure"] for x in scores["relaxed.service"]["exposed"]}
+    assert set(after) - set(before) == exposed
+    # The overall exposure rises by what the newly exposed settings weigh (each is rounded up
+    # to a tenth in the table, the total once).
+    rise = scores["relaxed.service"]["exposure"] - scores["strict.service"]["exposure"]
+    new = sum(after[s] for s in exposed)
+    assert new - 0.1 * len(exposed) - 1e-9 <= rise <= new + 1e-9, (rise, new)
+
+
+@needs_analyze
+def test_devices_relaxation(tmp_path):
+    """A /dev bind is readable (DeviceAllow=SRC r); sandbox.devices makes it writable, or brings in
+    a node that is not bound. systemd-analyze rates any device list alike, so it shows in the
+    description only."""
+    binds = [{"source": "/dev/video0", "target": "/dev/video0"}]
+    m = make_manifest(tmp_path, [
+        box("ro", binds=binds),
+        box("rw", binds=binds, sandbox={"reason": "t", "devices": [{"path": "/dev/video0", "access": "rw"},
+                                                                   {"path": "/dev/ttyS1", "access": "w"}]}),
+    ])
+    f = generate(m)
+    ro, rw = (service_sandbox(f[f"{UNIT}/{n}.service"]) for n in ("ro", "rw"))
+    assert [x for x in ro if x.startswith(("DeviceAllow=", "BindPaths="))] == ["DeviceAllow=/dev/video0 r"]
+    assert [x for x in rw if x.startswith(("DeviceAllow=", "BindPaths="))] == [
+        "DeviceAllow=/dev/video0 rw", "DeviceAllow=/dev/ttyS1 w", "BindPaths=/dev/ttyS1:/dev/ttyS1"]
+    assert "PrivateDevices=yes" in ro and "PrivateDevices=yes" in rw
+    scores = unit_scores(f, ["ro.service", "rw.service"])
+    desc = {n: next(x["description"] for x in scores[f"{n}.service"]["exposed"] if x["setting"] == "DeviceAllow=")
+            for n in ("ro", "rw")}
+    assert "/dev/video0:r" in desc["ro"] and "/dev/video0:rw" in desc["rw"] and "/dev/ttyS1:w" in desc["rw"]
+    # podman: device nodes as AddDevice= (a bound node would not pass its device cgroup)
+    q = section(f[f"{units.QUADLET_DIR}/rw.container"], "Container")
+    assert "AddDevice=/dev/video0:/dev/video0:rw" in q and "AddDevice=/dev/ttyS1:/dev/ttyS1:w" in q
+    assert not any(x.startswith("Volume=/dev/") for x in q)
+    assert verify(f, ["/usr/bin/ro", "/usr/bin/rw"]).returncode == 0
+
+
+@needs_analyze
+def test_systemd_knows_every_value_the_schema_allows(tmp_path):
+    """A unit with every capability, address family, system call group, namespace and protection
+    the schema offers passes systemd-analyze verify without a word (systemd only warns about, and
+    ignores, a name it does not know), and the schema's capabilities and system call groups are
+    exactly systemd's."""
+    props = json.loads((REPO / "bootimg" / "manifest" / "schema.json").read_text())["definitions"]["sandbox"]["properties"]
+    groups = re.findall(r"[a-z-]+", props["system_calls"]["items"]["pattern"].split(")|")[0])
+    everything = {
+        "reason": "all of it", "capabilities": props["capabilities"]["items"]["enum"],
+        "system_calls": [f"@{g}" for g in groups] + ["sched_setattr"],
+        "address_families": props["address_families"]["items"]["enum"],
+        "devices": [{"path": "/dev/ttyS1", "access": "rw"}], "namespaces": props["namespaces"]["items"]["enum"],
+        "realtime_priority": 99, "notify_access": "all", "umask": "0022", "allow": props["allow"]["items"]["enum"],
+    }
+    m = make_manifest(tmp_path, [box("all", readiness="notify", user="1100", network="host", sandbox=everything)])
+    f = generate(m)
+    res = verify(f, ["/usr/bin/all"])
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+    caps = subprocess.run(["systemd-analyze", "capability", "--no-pager"], capture_output=True, text=True).stdout
+    assert {line.split()[0].upper() for line in caps.splitlines()[1:] if line.strip()} == set(everything["capabilities"])
+    sets = subprocess.run(["systemd-analyze", "syscall-filter", "--no-pager"], capture_output=True, text=True).stdout
+    assert {line[1:] for line in sets.splitlines() if line.startswith("@")} == set(groups)
+
+
+def test_quadlet_sandbox_keys(tmp_path):
+    m = make_manifest(tmp_path, [box("q", sandbox={"reason": "t", "capabilities": ["CAP_NET_RAW", "CAP_NET_ADMIN"],
+                                                   "realtime_priority": 20}), box("p")])
+    f = generate(m)
+    text = f[f"{units.QUADLET_DIR}/q.container"]
+    assert quadlet.check_container(text, "q.container") == []
+    lines = section(text, "Container")
+    assert {"DropCapability=all", "AddCapability=CAP_NET_ADMIN CAP_NET_RAW", "Ulimit=rtprio=20:20"} <= set(lines)
+    assert "# Podman quadlet (needs podman >= 4.7)" in text                  # Ulimit=
+    assert "DropCapability=all" in section(f[f"{units.QUADLET_DIR}/p.container"], "Container")
+    # root keeps them in its bounding set; a non-root user gets them as ambient capabilities too
+    s = service_sandbox(f[f"{UNIT}/q.service"])
+    assert "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW" in s and not any(x.startswith("Ambient") for x in s)
+    assert "PrivateUsers=yes" not in s and "PrivateUsers=yes" in service_sandbox(f[f"{UNIT}/p.service"])
+
+
 # -- templates and packaging -------------------------------------------------------------------------------
 
 def test_templates_ship_and_render_strictly():
@@ -597,6 +775,53 @@ def test_units_from_the_root_image_pass_systemd_analyze(built):
     decoded = {p: d.decode() for p, (d, _) in files.items()}
     res = units.systemd_verify(files, executables=commands_of(m, decoded))
     assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+
+
+@needs_analyze
+def test_build_reports_each_units_sandbox_score(built, tmp_path):
+    ws, (out1, out2) = built
+    manifest, key = str(ws / "manifests" / "ivi-demo.yaml"), str(ws / "build" / "keys" / "release-2026.key")
+    m = load_manifest(ws / "manifests" / "ivi-demo.yaml", on_warning=None)
+    names = [f"{c.name}.service" for c in m.containers]
+    report = json.loads((out1 / "sandbox.json").read_bytes())
+    assert (out1 / "sandbox.json").read_bytes() == (out2 / "sandbox.json").read_bytes()
+    assert report["scored"] is True and report["tool"] == "systemd-analyze security --offline=true"
+    version = subprocess.run(["systemd-analyze", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    assert report["systemd"] == version
+    assert sorted(report["units"]) == sorted(names)
+    # The scores are systemd-analyze's for the units the root image carries.
+    root = tmp_path / "root"
+    for path, (data, _) in root_files(out1).items():
+        (root / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / path.lstrip("/")).write_bytes(data)
+    text = subprocess.run(["systemd-analyze", "security", "--offline=true", f"--root={root}", "--no-pager", *names],
+                          capture_output=True, text=True).stdout
+    overall = dict(re.findall(r"Overall exposure level for (\S+): (\d+\.\d) ", text))
+    assert {u: str(e["exposure"]) for u, e in report["units"].items()} == overall
+    cam = report["units"]["rear-camera.service"]
+    assert cam["relaxed"] == {"devices": ["/dev/video0 rw"]} and cam["reason"].startswith("V4L2")
+    assert "relaxed" not in report["units"]["telemetry.service"]
+    assert all(x["exposure"] > 0 for e in report["units"].values() for x in e["exposed"])
+    # `bootimg build` prints each unit's score; --json carries the report.
+    res = run_cli("build", manifest, "-o", str(tmp_path / "a"), "--key", key)
+    assert res.returncode == 0, res.stderr.decode()
+    printed = res.stdout.decode()
+    assert f"sandbox exposure (systemd-analyze security --offline=true, {version}" in printed
+    for unit, entry in report["units"].items():
+        assert re.search(rf"^ +{re.escape(unit)} +{entry['exposure']} {entry['level']}\b", printed, re.M), printed
+    assert "rear-camera.service" in printed and "relaxed: devices /dev/video0 rw" in printed
+    res = run_cli("build", manifest, "-o", str(tmp_path / "b"), "--key", key, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["sandbox"] == report
+    # Without systemd-analyze on the build host: said plainly, no scores, the same release.
+    res = run_cli("build", manifest, "-o", str(tmp_path / "c"), "--key", key, env={"PATH": str(tmp_path / "empty")})
+    assert res.returncode == 0, res.stderr.decode()
+    assert "sandbox: NOT SCORED: systemd-analyze is not on this build host's PATH" in res.stdout.decode()
+    bare = json.loads((tmp_path / "c" / "sandbox.json").read_bytes())
+    assert bare["scored"] is False and bare["systemd"] is None
+    assert bare["units"]["rear-camera.service"] == {"container": "rear-camera", "relaxed": cam["relaxed"],
+                                                    "reason": cam["reason"]}
+    for name in ("release.json", "release.json.minisig", "images/root.cfs"):
+        assert (tmp_path / "c" / name).read_bytes() == (out1 / name).read_bytes()
 
 
 def test_built_root_has_a_sysroot_directory(built):

@@ -8,10 +8,12 @@ file they add:
   and its configuration;
 - ``units``: the boot-time containers' systemd units, podman quadlets, the target that
   starts them and the image mount helper (docs/boot-design.md, "Boot-time containers");
-  ``quadlet`` checks the quadlet files statically.
+  ``quadlet`` checks the quadlet files statically, ``sandbox`` chooses each container's
+  sandbox settings;
+- ``security``: a release reporter, the units' systemd-analyze security scores (sandbox.json).
 
 Empty directories (an empty ``/sysroot``) cannot be InjectedFiles; ``units.add_sysroot`` is
 a ``root_tree_hook`` on the finished root tree instead.
 """
 
-from . import initramfs, units  # noqa: F401  (importing registers their root contributors)
+from . import initramfs, security, units  # noqa: F401  (importing registers their contributors and reporter)

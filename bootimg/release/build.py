@@ -9,7 +9,8 @@ The pipeline, in order (each step a function below):
    files, registered in ``ROOT_CONTRIBUTORS``);
 3. write the root image;
 4. describe the release (release.json) and sign it; fs-verity PKCS#7 signatures per image;
-5. report what the images share; move the finished directory into place atomically.
+5. report what the images share, and what later layers report (``RELEASE_REPORTERS``, e.g.
+   the containers' sandbox scores); move the finished directory into place atomically.
 
 Everything derives from the manifest and its inputs (timestamps from source_date_epoch,
 canonical JSON, deterministic signatures), so the same inputs give the same bytes.
@@ -57,6 +58,7 @@ class BuildContext:
     containers: dict[str, ImageRecord] = field(default_factory=dict)
     container_configs: dict[str, dict | None] = field(default_factory=dict)
     trusted_keys: list[PublicKey] = field(default_factory=list)
+    injected: dict[str, InjectedFile] = field(default_factory=dict)   # by path, once the root is assembled
 
 
 # Functions that add files to the root tree; later layers (units, initramfs) register here.
@@ -80,6 +82,27 @@ def root_tree_hook(fn: RootTreeHook) -> RootTreeHook:
     return fn
 
 
+@dataclass(frozen=True)
+class Report:
+    """A report file in the release directory (not signed, not used at boot) and the lines
+    `bootimg build` prints about it."""
+
+    file: str
+    data: dict
+    summary: tuple[str, ...] = ()
+
+
+# Functions that describe the built release in a report of their own (None: nothing to
+# report); they run once the root image is written, and their reports sit next to sharing.json.
+ReleaseReporter = Callable[[BuildContext], "Report | None"]
+RELEASE_REPORTERS: list[ReleaseReporter] = []
+
+
+def release_reporter(fn: ReleaseReporter) -> ReleaseReporter:
+    RELEASE_REPORTERS.append(fn)
+    return fn
+
+
 # Here rather than with the imports above: the boot layer imports the names defined so far.
 from .. import boot  # noqa: E402,F401  (registers root contributors)
 
@@ -99,6 +122,7 @@ class BuildResult:
     out: Path
     release: dict
     sharing: dict
+    reports: list[Report] = field(default_factory=list)
 
 
 def build_release(manifest: Manifest, options: BuildOptions) -> BuildResult:
@@ -138,11 +162,14 @@ def build_release(manifest: Manifest, options: BuildOptions) -> BuildResult:
         _prune_store(store, trees)
         report = sharing_report(trees, records)
         (tmp / layout.SHARING_JSON).write_bytes(canonical_json(report))
+        reports = [r for r in (reporter(ctx) for reporter in RELEASE_REPORTERS) if r is not None]
+        for extra in reports:
+            (tmp / extra.file).write_bytes(canonical_json(extra.data))
         _commit(tmp, out, options.fsync)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return BuildResult(out=out, release=release, sharing=report)
+    return BuildResult(out=out, release=release, sharing=report, reports=reports)
 
 
 def _check_signing(manifest: Manifest, options: BuildOptions) -> None:
@@ -193,6 +220,7 @@ def _root_tree(ctx: BuildContext) -> Node:
         injected.extend(contributor(ctx))
     for item in sorted(injected, key=lambda f: f.path):
         treeops.add_file(root, item.path, item.content, item.mode, mtime=epoch, store=ctx.store)
+        ctx.injected[item.path] = item
     for hook in ROOT_TREE_HOOKS:
         hook(ctx, root)
     return root

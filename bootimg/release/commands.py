@@ -31,7 +31,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         force=args.force)
     result = build_release(manifest, options)
     if args.json:
-        json.dump({"release": result.release, "sharing": result.sharing}, sys.stdout, indent=2, sort_keys=True)
+        data = {"release": result.release, "sharing": result.sharing}
+        data.update({Path(r.file).stem: r.data for r in result.reports})
+        json.dump(data, sys.stdout, indent=2, sort_keys=True)
         print()
         return 0
     rel, share = result.release, result.sharing
@@ -43,6 +45,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
           f"{share['shared_objects']} objects, {share['shared_bytes']} bytes; sharing ratio {share['sharing_ratio']}")
     if (result.out / "release.json.minisig").exists():
         print(f"  signed by {key.keyid}")
+    for report in result.reports:
+        for line in report.summary:
+            print(f"  {line}")
     return 0
 
 
@@ -70,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verity-key", metavar="KEY.pem", help="key for fs-verity PKCS#7 image signatures")
     p.add_argument("--verity-cert", metavar="CERT.pem", help="certificate for --verity-key")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--json", action="store_true", help="print release.json and the sharing report as JSON")
+    p.add_argument("--json", action="store_true", help="print release.json, the sharing and sandbox reports as JSON")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("verify", help="check a release: digests, objects, signatures",

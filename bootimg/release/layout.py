@@ -10,6 +10,7 @@ partition, next to nothing else::
     OUT/keys/fsverity-cert.pem  the certificate for those (kernel .fs-verity keyring)
     OUT/objects/xx/...          the one object store shared by every image
     OUT/sharing.json            how much the images share (a report, not used at boot)
+    OUT/sandbox.json            each container unit's systemd-analyze security exposure (a report)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ OBJECTS_DIR = "objects"
 KEYS_DIR = "keys"
 VERITY_CERT = "keys/fsverity-cert.pem"
 SHARING_JSON = "sharing.json"
+SANDBOX_JSON = "sandbox.json"
 ROOT_IMAGE_NAME = "root"
 
 # Inside the root image: what the generator adds so that the root's digest covers it.
