@@ -137,6 +137,17 @@ def test_boots_the_verified_root_and_starts_the_containers_in_order(system, keys
         pid = vm.unit_properties(["vehicle-bus.service"], "MainPID")["vehicle-bus.service"]["MainPID"]
         assert "ID=bootimg-demo" in vm.run("cat", f"/proc/{pid}/root/etc/os-release").stdout
         assert vm.run("stat", "-c", "%u", f"/proc/{pid}").stdout.strip() == "1100"
+        # each in its sandbox: no capabilities, no_new_privs, a seccomp filter, a user namespace
+        # that maps only root and its own user (docs/boot-design.md, "Sandbox")
+        main = vm.unit_properties([f"{n}.service" for n in ALL_CONTAINERS], "MainPID")
+        pids = {n: main[f"{n}.service"]["MainPID"] for n in ALL_CONTAINERS}
+        status = vm.run("grep", "-H", "-E", "'^(CapBnd|CapEff|NoNewPrivs|Seccomp):'",     # quoted for ssh's shell
+                        *[f"/proc/{p}/status" for p in pids.values()]).stdout
+        for name, p in pids.items():
+            got = dict(line.split(":")[1:3] for line in status.splitlines() if line.startswith(f"/proc/{p}/status:"))
+            assert {k: v.strip() for k, v in got.items()} == {"CapBnd": "0000000000000000", "CapEff": "0000000000000000",
+                                                               "NoNewPrivs": "1", "Seccomp": "2"}, (name, status)
+        assert vm.run("cat", f"/proc/{pid}/uid_map").stdout.split() == ["0", "0", "1", "1100", "1100", "1"]
         # the KPI collector (issue 5) on this boot, over ssh: it records which image it measured
         from conftest import run_cli
 
