@@ -16,7 +16,7 @@ RemoveIPC=yes (non-root user, private IPC)  (follows user and host_ipc)
 UMask=0077                                  umask: "0027"
 ProtectSystem=strict, ProtectHome=yes,      (never; the root is the read-only image anyway)
 PrivateTmp=yes, PrivateMounts=yes
-PrivateDevices=yes                          (never) devices: [{path, access}] add nodes
+PrivateDevices=yes                          (never; devices: [{path, access}] add nodes)
 DeviceAllow=SRC r for each /dev bind        devices: [{path: SRC, access: rw}]
 PrivateIPC=yes                              allow: [host_ipc]
 ProtectKernelTunables/Modules/Logs=yes      allow: [kernel_tunables / kernel_modules /
@@ -48,13 +48,14 @@ AF_UNIX is always allowed: sd_notify readiness and the journal's syslog socket n
 A denied system call fails with EPERM rather than killing the process, so a program that
 probes for a feature sees "not permitted" instead of dying on SIGSYS.
 
-Podman (``quadlet_lines``): DropCapability=all plus AddCapability=, and device nodes as
-AddDevice= (a bind would not pass podman's device cgroup); podman applies its own default
-seccomp profile and has no equivalent of the rest.
+Podman (``quadlet_lines``): DropCapability=all plus AddCapability=, device nodes as
+AddDevice= (a bind would not pass podman's device cgroup), Ulimit=rtprio= for a realtime
+priority; podman applies its own default seccomp profile and has no equivalent of the rest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..manifest.model import Container, Sandbox
@@ -198,12 +199,12 @@ def relaxations(c: Container) -> dict[str, object]:
     """What the manifest relaxes, as written there (for comments and the build's report)."""
     if c.sandbox is None:
         return {}
-    data = c.sandbox.__dict__
     out: dict[str, object] = {}
-    for key, value in data.items():
-        if key == "reason" or value in ((), None):
+    for f in dataclasses.fields(c.sandbox):
+        value = getattr(c.sandbox, f.name)
+        if f.name == "reason" or value in ((), None):
             continue
-        out[key] = [f"{d.path} {d.access}" for d in value] if key == "devices" else \
+        out[f.name] = [f"{d.path} {d.access}" for d in value] if f.name == "devices" else \
             (list(value) if isinstance(value, tuple) else value)
     return out
 
@@ -211,9 +212,9 @@ def relaxations(c: Container) -> dict[str, object]:
 def comment_lines(c: Container) -> list[str]:
     """``# bootimg:`` lines naming the relaxations and their reason (one line each, whatever the
     manifest's text holds)."""
-    relaxed = relaxations(c)
     if c.sandbox is None:
         return []
+    relaxed = relaxations(c)
     what = "; ".join(f"{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in relaxed.items())
     return [f"# bootimg: sandbox relaxed by the manifest: {what or 'nothing'}",
             "# bootimg: reason: " + " ".join(c.sandbox.reason.split())]

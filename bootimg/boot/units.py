@@ -506,10 +506,10 @@ def container_quadlet(manifest: Manifest, c: Container, r: Resolved) -> str:
     if c.readiness == "notify":
         container.append("Notify=true")
     for b in c.binds:
-        if b.source.startswith("/dev/"):
-            continue  # a device node: AddDevice= below (podman's device cgroup refuses a bound one)
-        container.append(f"Volume={unit_path(b.source, container=c.name, what='bind source')}:"
-                         f"{unit_path(b.target, container=c.name, what='bind target')}:ro")
+        source = unit_path(b.source, container=c.name, what="bind source")
+        target = unit_path(b.target, container=c.name, what="bind target")
+        if not b.source.startswith("/dev/"):  # device nodes: AddDevice= below (podman's device cgroup)
+            container.append(f"Volume={source}:{target}:ro")
     container += sandbox.quadlet_lines(c)
     # Recent quadlet (podman-systemd.unit(5) of the 5.3 line) orders its units after
     # network-online.target unless [Quadlet] DefaultDependencies=false: an ordering cycle for
