@@ -20,7 +20,8 @@ def meta() -> dict:
             "The input tree becomes the root filesystem; the manifest's boot-time containers are",
             "built from their paths. The release (release.json, images/, objects/) is written to",
             "output.repository inside the tree. An optional 'signing-key' input signs release.json.",
-            "Buildhost commands used: none (the bootimg Python library in the build root).",
+            "Buildhost commands used: systemd-analyze, when the build root has it, to score the",
+            "container units' sandboxes (sandbox.json); the rest is the bootimg Python library.",
         ],
         "schema_2": {
             "options": osbuild_options_schema(),
