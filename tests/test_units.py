@@ -829,6 +829,9 @@ def test_built_root_has_a_sysroot_directory(built):
     node = load_image(out / "images" / "root.cfs").root.lookup(b"/sysroot")
     assert node is not None and node.is_dir()
     assert node.children == {}
+    # and a /tmp for the hook's tmpfs (the example rootfs has none; PrivateDevices= needs it)
+    tmp = load_image(out / "images" / "root.cfs").root.lookup(b"/tmp")
+    assert tmp is not None and tmp.is_dir() and stat.S_IMODE(tmp.mode) == 0o1777 and tmp.children == {}
 
 
 @requires_root

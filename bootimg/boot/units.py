@@ -45,6 +45,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -640,6 +641,16 @@ def add_sysroot(ctx: BuildContext, root: Node) -> None:
         raise BootimgError(f"the root's {SYSROOT} must be empty (the physical root is mounted over it at boot); "
                            f"it holds: {inside}")
     treeops.make_dirs(root, [name], mtime=ctx.manifest.identity.source_date_epoch)
+
+
+@root_tree_hook
+def add_tmp(ctx: BuildContext, root: Node) -> None:
+    """Give a root with containers a /tmp directory (1777) if its tree has none: the initramfs
+    hook mounts a tmpfs there, which the container units need (systemd 252 builds the private
+    /dev of PrivateDevices= in /tmp; boot-design.md, "Sandbox")."""
+    if not ctx.manifest.containers or b"tmp" in root.children:
+        return
+    treeops.make_dirs(root, [b"tmp"], mtime=ctx.manifest.identity.source_date_epoch).mode = stat.S_IFDIR | 0o1777
 
 
 # -- checking with systemd ---------------------------------------------------------------------------

@@ -335,9 +335,9 @@ for d in etc var sysroot; do
     [ -d "$SYSROOT/$d" ] || fatal "the root image has no /$d directory (a mount point)"
 done
 
-# -- 6. /etc and /var ---------------------------------------------------------------------------
+# -- 6. /etc, /var and /tmp ---------------------------------------------------------------------
 
-STEP="6 (/etc and /var)"
+STEP="6 (/etc, /var and /tmp)"
 if [ "$ETC" = transient ]; then
     mkdir -p "$RUN/etc" 2>/dev/null || fatal "cannot create $RUN/etc"
     domount "mount a tmpfs for the transient /etc" -t tmpfs -o mode=0755 bootimg-etc "$RUN/etc"
@@ -354,6 +354,16 @@ else
     domount "mount the transient /var" -t tmpfs -o mode=0755 bootimg-var "$SYSROOT/var"
 fi
 MOUNTED="$SYSROOT/var $MOUNTED"
+# /tmp is a tmpfs (what systemd's tmp.mount makes) over the read-only image: systemd 252 builds
+# a service's private /dev (PrivateDevices=, every boot-time container) in /tmp and puts
+# PrivateTmp= directories there. A root image without a /tmp directory gets none.
+TMP=image
+if [ -d "$SYSROOT/tmp" ] && [ ! -L "$SYSROOT/tmp" ]; then
+    domount "mount the /tmp tmpfs" -t tmpfs -o mode=1777,strictatime,nosuid,nodev,size=50%,nr_inodes=1m \
+        bootimg-tmp "$SYSROOT/tmp"
+    MOUNTED="$SYSROOT/tmp $MOUNTED"
+    TMP=tmpfs
+fi
 
 # -- 7. keep the physical root reachable at /sysroot/sysroot --------------------------------------
 
@@ -365,9 +375,9 @@ PHYS=$SYSROOT/sysroot
 
 STEP="8 (booted.json)"
 if [ -n "$KEYID" ]; then key_json="\"$KEYID\""; else key_json=null; fi
-printf '{"digest": "%s", "trust": "%s", "key": %s, "verity": "%s", "fsverity": "%s", "release": "%s", "image": "%s", "provisioned_now": %s, "on_failure": "%s", "mounts": {"/": "composefs", "/etc": "%s", "/var": "%s", "/sysroot": "physical"}}\n' \
+printf '{"digest": "%s", "trust": "%s", "key": %s, "verity": "%s", "fsverity": "%s", "release": "%s", "image": "%s", "provisioned_now": %s, "on_failure": "%s", "mounts": {"/": "composefs", "/etc": "%s", "/var": "%s", "/tmp": "%s", "/sysroot": "physical"}}\n' \
     "$DIGEST" "$TRUST" "$key_json" "$VERITY" "$FSV" "$RELEASE" "$RELEASE/images/root.cfs" "$PROVISIONED_NOW" \
-    "$ON_FAILURE" "$ETC" "$VAR" >"$RUN/booted.json" 2>/dev/null || fatal "cannot write $RUN/booted.json"
+    "$ON_FAILURE" "$ETC" "$VAR" "$TMP" >"$RUN/booted.json" 2>/dev/null || fatal "cannot write $RUN/booted.json"
 
 note "root $DIGEST mounted (trust $TRUST${KEYID:+, key $KEYID}, verity $VERITY, /etc $ETC, /var $VAR)"
 exit 0
