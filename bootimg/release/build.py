@@ -104,7 +104,7 @@ def release_reporter(fn: ReleaseReporter) -> ReleaseReporter:
 
 
 # Here rather than with the imports above: the boot layer imports the names defined so far.
-from .. import boot  # noqa: E402,F401  (registers root contributors)
+from .. import boot  # noqa: E402,F401  (registers root contributors and reporters)
 
 
 @dataclass(frozen=True)
