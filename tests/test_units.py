@@ -167,8 +167,15 @@ def test_readiness_restart_network_resources(tmp_path):
 
 
 def test_essential(tmp_path):
-    m = make_manifest(tmp_path, [box("r", essential="reboot"), box("e", essential="emergency"), box("n")])
+    m = make_manifest(tmp_path, [box("r", essential="reboot", deadline_ms=2000), box("e", essential="emergency"),
+                                 box("n", restart="never")])
     f = generate(m)
+    # Restarts are exhausted after 5 starts within 5 start timeouts (not systemd's 10 s, which a
+    # container whose sandboxed start takes over 2 s on a slow board never reaches).
+    limits = {n: [x for x in section(f[f"{UNIT}/{n}.service"], "Unit") if x.startswith("StartLimit")] for n in "ren"}
+    assert limits == {"r": ["StartLimitIntervalSec=25s", "StartLimitBurst=5"],
+                      "e": ["StartLimitIntervalSec=450s", "StartLimitBurst=5"], "n": []}
+    assert limits["r"] == [x for x in section(f[f"{units.QUADLET_DIR}/r.container"], "Unit") if x.startswith("StartLimit")]
     for name, expected in (("r", ["FailureAction=reboot"]),
                            ("e", ["OnFailure=emergency.target", "OnFailureJobMode=isolate"]), ("n", [])):
         # On the image unit too: a failed mount only fails the container's job ("dependency"),

@@ -38,6 +38,12 @@ checks it); the unit records it as ``# bootimg: deadline_ms=N`` and sets
 ``TimeoutStartSec=max(2 x deadline, 5 s)``: a container that is merely late on a slow boot
 still comes up (the KPI reports the miss), one that hangs before readiness fails in bounded
 time instead of systemd's default 90 s, so ``essential`` and ``Restart=`` act on it.
+
+Restarts. ``essential`` acts once restarts are exhausted: systemd's start limit, 5 starts
+(``StartLimitBurst=5``) within 5 x the start timeout (``StartLimitIntervalSec=``; 90 s without
+a deadline). systemd's default window of 10 s is never reached by a container whose every
+start takes more than 2 s (setting up its sandbox on a slow board does): it would restart
+forever and its failure would never count.
 """
 
 from __future__ import annotations
@@ -73,6 +79,8 @@ PHASE_TARGETS = {"early": "sysinit.target", "basic": "basic.target"}
 # What a runtime searches for a bare command name when the image sets no PATH (runc/crun).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MIN_START_TIMEOUT_MS = 5000
+DEFAULT_START_TIMEOUT_MS = 90000    # systemd's DefaultTimeoutStartSec=
+START_LIMIT_BURST = 5               # systemd's default StartLimitBurst=
 SYMLINK_HOPS = 40
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -400,7 +408,15 @@ def _unit_lines(manifest: Manifest, c: Container, r: Resolved) -> list[str]:
     for key, refs in (("After", o.after), ("Before", o.before), ("Requires", o.requires), ("Wants", o.wants)):
         if refs:
             lines.append(f"{key}=" + " ".join(manifest.unit_name(ref) for ref in refs))
-    return lines + _failure_lines(c)
+    return lines + _failure_lines(c) + _start_limit(c)
+
+
+def _start_limit(c: Container) -> list[str]:
+    """Restarts are exhausted after START_LIMIT_BURST starts within as many start timeouts."""
+    if c.restart == "never":
+        return []
+    timeout = start_timeout_ms(c.deadline_ms) if c.deadline_ms is not None else DEFAULT_START_TIMEOUT_MS
+    return [f"StartLimitIntervalSec={timespan_ms(START_LIMIT_BURST * timeout)}", f"StartLimitBurst={START_LIMIT_BURST}"]
 
 
 def _comments(c: Container, r: Resolved) -> list[str]:
@@ -455,7 +471,8 @@ def container_service(manifest: Manifest, c: Container, r: Resolved) -> str:
     readiness notify / started    Type=notify + NotifyAccess=main / Type=exec
     essential reboot / emergency  FailureAction=reboot / OnFailure=emergency.target +
                                   OnFailureJobMode=isolate (on the image unit too)
-    restart never/on-failure/...  Restart=no / on-failure / always
+    restart never/on-failure/...  Restart=no / on-failure / always (+ StartLimitBurst=5,
+                                  StartLimitIntervalSec=5 x the start timeout)
     deadline_ms N                 # bootimg: deadline_ms=N, TimeoutStartSec=max(2N ms, 5s)
     ordering after/before/...     After=/Before=/Requires=/Wants= (bare name -> NAME.service)
     network none / host           PrivateNetwork=yes, IPAddressDeny=any, AF_UNIX only /
