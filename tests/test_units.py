@@ -927,7 +927,10 @@ def _script(top: Path, name: str, body: str) -> None:
 
 @pytest.fixture
 def nspawn_release(tmp_path):
-    """A release with three boot-time containers exercising the mapping, for nspawn."""
+    """A release with boot-time containers exercising the mapping and the sandbox, for nspawn:
+    argv (arguments, environment, user), notify (sd_notify from a child, allowed), plain (binds,
+    host network, a read-only device), relaxed (a writable device, realtime), unnotified
+    (sd_notify from a child, not allowed), broken (cannot be executed)."""
     imgs = tmp_path / "images"
     argv, notify, plain, relaxed = imgs / "argv", imgs / "notify", imgs / "plain", imgs / "relaxed"
     _runtime(argv)
@@ -943,6 +946,10 @@ def nspawn_release(tmp_path):
                             '[ -d /tmp ] && [ -d /proc/self ] && echo API-OK\n' + PROBE + 'probe /dev/tun-ro\n'
                             'exec sleep 600\n')
     _runtime(relaxed, ["chrt"])
+    broken = imgs / "broken"
+    _runtime(broken)
+    (broken / "usr/bin/broken").write_text("#!/usr/bin/no-such-interpreter\n")
+    (broken / "usr/bin/broken").chmod(0o755)
     _script(relaxed, "relaxed", PROBE + "probe /dev/net/tun\nexec sleep 600\n")
     (tmp_path / "rootfs" / "etc").mkdir(parents=True)
     (tmp_path / "rootfs" / "etc" / "hostname").write_text("nspawn-test\n")
@@ -961,6 +968,8 @@ def nspawn_release(tmp_path):
                          "notify_access": "all"}},
             {"name": "unnotified", "image": {"type": "directory", "path": "images/notify"}, "readiness": "notify",
              "command": ["notifier"], "restart": "never", "deadline_ms": 1},
+            {"name": "broken", "image": {"type": "directory", "path": "images/broken"}, "command": ["/usr/bin/broken"],
+             "restart": "never"},
             {"name": "plain", "image": {"type": "directory", "path": "images/plain"}, "command": ["/bin/plain"],
              "network": "host", "restart": "never", "resources": {"cpu_weight": 50, "memory_max_mib": 32},
              "binds": [{"source": "/usr/lib/os-release", "target": "/etc/host-os-release"},
@@ -1017,7 +1026,7 @@ After=multi-user.target bootimg-containers.target
 Type=oneshot
 StandardOutput=tty
 TTYPath=/dev/console
-ExecStart=/bin/sh -c 'sleep 1; echo ==REPORT==; for u in argv notify plain relaxed unnotified; do \
+ExecStart=/bin/sh -c 'sleep 1; echo ==REPORT==; for u in argv notify plain relaxed unnotified broken; do \
 echo "STATE $u $(systemctl show -p ActiveState --value $u.service) $(systemctl show -p SubState --value $u.service)"; \
 journalctl -q --no-pager -o cat _SYSTEMD_UNIT=$u.service | sed "s/^/LOG $u /"; done; echo ==END==; systemctl poweroff'
 """
@@ -1037,7 +1046,7 @@ def test_units_boot_in_nspawn(nspawn_release, tmp_path):
     env = {"BOOTIMG_RELEASE": str(out), "BOOTIMG_RUN": str(run)}
     ns = tmp_path / "ns"
     mounted: list[Path] = []
-    names = ("argv", "notify", "plain", "relaxed", "unnotified")
+    names = ("argv", "notify", "plain", "relaxed", "unnotified", "broken")
     with composefs_mount(out / "images" / "root.cfs", out / "objects", tmp_path / "rootimg") as rootimg:
         try:
             for name in names:
@@ -1081,7 +1090,7 @@ def test_units_boot_in_nspawn(nspawn_release, tmp_path):
     assert "==END==" in console, console[-4000:]
     report = console[console.index("==REPORT=="):console.index("==END==")]
     lines = [x.rstrip("\r") for x in report.splitlines()]
-    for name in names[:-1]:
+    for name in names[:-2]:
         assert f"STATE {name} active running" in lines, report
     log = {n: [x[len(f"LOG {n} "):] for x in lines if x.startswith(f"LOG {n} ")] for n in names}
     # Every argument arrived exactly as the manifest wrote it (quoting, %, $, ;, newlines...).
@@ -1114,3 +1123,7 @@ def test_units_boot_in_nspawn(nspawn_release, tmp_path):
             assert "RT-OK" in log["relaxed"]
     # sd_notify from a child process is refused unless sandbox.notify_access allows it.
     assert "READY-NOTIFY" in log["unnotified"] and "STATE unnotified failed failed" in lines, report
+    # systemd's own words on why a container could not start reach the journal (its exec
+    # child logs from inside the container's namespaces, where /dev/kmsg is not)
+    assert "STATE broken failed failed" in lines, report
+    assert "broken.service: Failed to execute /usr/bin/broken: No such file or directory" in log["broken"], report

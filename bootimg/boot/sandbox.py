@@ -17,6 +17,8 @@ UMask=0077                                  umask: "0027"
 ProtectSystem=strict, ProtectHome=yes,      (never; the root is the read-only image anyway)
 PrivateTmp=yes, PrivateMounts=yes
 PrivateDevices=yes                          (never; devices: [{path, access}] add nodes)
+BindReadOnlyPaths=-/run/systemd/journal/    (never; see below)
+socket
 DeviceAllow=SRC r for each /dev bind        devices: [{path: SRC, access: rw}]
 PrivateIPC=yes                              allow: [host_ipc]
 ProtectKernelTunables/Modules/Logs=yes      allow: [kernel_tunables / kernel_modules /
@@ -44,7 +46,11 @@ SystemCallErrorNumber=EPERM
 NotifyAccess=main (readiness notify)        notify_access: exec | all
 ==========================================  ================================================
 
-AF_UNIX is always allowed: sd_notify readiness and the journal's syslog socket need it.
+AF_UNIX is always allowed: sd_notify readiness and the journal's sockets need it. The
+journal's native socket is bound into the container (``-`` if absent), as systemd >= 256 does
+by default (BindLogSockets=): systemd 252 reports why a container could not start (e.g. that
+execve failed, and with which error) from inside its namespaces, where the private /dev has
+no /dev/kmsg, and without the socket that message is lost.
 A denied system call fails with EPERM rather than killing the process, so a program that
 probes for a feature sees "not permitted" instead of dying on SIGSYS.
 
@@ -65,6 +71,7 @@ DENIED_SYSCALLS = "@privileged @resources"
 REALTIME_SYSCALLS = ("sched_setattr", "sched_setparam", "sched_setscheduler")
 HOST_FAMILIES = ("AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK")
 DEFAULT_UMASK = "0077"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 # sandbox.allow value -> the line written while that protection is on, in unit order: the
 # file system and /proc ones before the network settings, the kernel interface ones after.
@@ -153,7 +160,8 @@ def service_lines(c: Container, user: str | None) -> list[str]:
     if not runs_as_root(user) and "host_ipc" not in s.allow:
         lines.append("RemoveIPC=yes")
     lines.append(f"UMask={s.umask or DEFAULT_UMASK}")
-    lines += ["ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "PrivateMounts=yes", "PrivateDevices=yes"]
+    lines += ["ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "PrivateMounts=yes", "PrivateDevices=yes",
+              f"BindReadOnlyPaths=-{JOURNAL_SOCKET}"]
     nodes = devices(c)
     lines += [f"DeviceAllow={_unit(d.source)} {d.access}" for d in nodes]
     unbound = [d for d in nodes if not d.bound]
