@@ -87,12 +87,13 @@ def sign_release(system, secret) -> bytes:
     return sign(secret, data, make_trusted_comment(file="release.json", keyid=secret.keyid, timestamp=1767225600))
 
 
-def boot(system, disk=None, initrd=None, **kw):
-    """A UEFI boot of the disk (or, with another initramfs, a direct kernel boot of it)."""
+def boot(system, disk=None, initrd=None, extra="", **kw):
+    """A UEFI boot of the disk (or, with another initramfs or extra kernel arguments, a direct
+    kernel boot of it)."""
     from bootimg.board import BOARD_MARKER
     from bootimg.vm.qemu import boot as qemu_boot
 
-    machine = system.direct(disk=disk, initrd=initrd) if initrd else system.machine(disk)
+    machine = system.direct(extra, disk=disk, initrd=initrd) if (initrd or extra) else system.machine(disk)
     return qemu_boot(machine, marker=BOARD_MARKER, timeout=kw.pop("timeout", 400), **kw)
 
 
@@ -151,6 +152,17 @@ def test_boots_the_verified_root_and_starts_the_containers_in_order(system, keys
         pid = vm.unit_properties(["vehicle-bus.service"], "MainPID")["vehicle-bus.service"]["MainPID"]
         assert "ID=bootimg-demo" in vm.run("cat", f"/proc/{pid}/root/etc/os-release").stdout
         assert vm.run("stat", "-c", "%u", f"/proc/{pid}").stdout.strip() == "1100"
+        # each in its sandbox: no capabilities, no_new_privs, a seccomp filter, a user namespace
+        # that maps only root and its own user (docs/boot-design.md, "Sandbox")
+        main = vm.unit_properties([f"{n}.service" for n in ALL_CONTAINERS], "MainPID")
+        pids = {n: main[f"{n}.service"]["MainPID"] for n in ALL_CONTAINERS}
+        status = vm.run("grep", "-H", "-E", "'^(CapBnd|CapEff|NoNewPrivs|Seccomp):'",     # quoted for ssh's shell
+                        *[f"/proc/{p}/status" for p in pids.values()]).stdout
+        for name, p in pids.items():
+            got = dict(line.split(":")[1:3] for line in status.splitlines() if line.startswith(f"/proc/{p}/status:"))
+            assert {k: v.strip() for k, v in got.items()} == {"CapBnd": "0000000000000000", "CapEff": "0000000000000000",
+                                                               "NoNewPrivs": "1", "Seccomp": "2"}, (name, status)
+        assert vm.run("cat", f"/proc/{pid}/uid_map").stdout.split() == ["0", "0", "1", "1100", "1100", "1"]
         # the KPI collector (issue 5) on this boot, over ssh: it records which image it measured
         from conftest import run_cli
 
@@ -212,7 +224,10 @@ def test_tampered_container_object_fails_the_container_as_essential_says(system,
     path = f"/bootimg/release/objects/{obj}"
     diskedit.replace_file(disk, path, diskedit.read_file(disk, path) + b"# tampered\n", mode=0o755)
     diskedit.unprovision(disk)
-    result = boot(system, disk, serial_log=tmp_path / "console.log", timeout=500)
+    # systemd reports why the container could not start from inside its sandbox, to the journal
+    # (the container's private /dev has no /dev/kmsg): its errors go to the console here
+    result = boot(system, disk, serial_log=tmp_path / "console.log", timeout=500,
+                  extra="systemd.journald.forward_to_console=1 systemd.journald.max_level_console=err")
     assert result.exit_reason == "emergency", result.summary()
     assert result.stage == "root"
     assert re.search(r"rear-camera\.service: .*(Input/output error|exit-code|status=)", result.console) or \

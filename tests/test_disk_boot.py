@@ -101,7 +101,7 @@ def release(gw: Path) -> dict:
     return json.loads((gw / "release" / "release.json").read_text())
 
 
-PROBE = (f"cat /run/bootimg/booted.json; echo; findmnt -no FSTYPE,OPTIONS /; "
+PROBE = (f"cat /run/bootimg/booted.json; findmnt -no FSTYPE,OPTIONS /; "
          f"systemctl is-system-running --wait >/dev/null; systemctl is-active {CONTAINER}.service; "
          f"findmnt -no OPTIONS /run/bootimg/containers/{CONTAINER}")
 

@@ -133,6 +133,8 @@ def test_model_literals_match_schema_enums():
         model.Essential: container["essential"]["enum"],
         model.Restart: container["restart"]["enum"],
         model.Network: container["network"]["enum"],
+        model.DeviceAccess: defs["sandbox_device"]["properties"]["access"]["enum"],
+        model.NotifyAccess: defs["sandbox"]["properties"]["notify_access"]["enum"],
         model.FsVerity: defs["fsverity"]["enum"],
         model.Trust: [b["properties"]["trust"]["enum"][0] for b in defs["integrity"]["oneOf"]],
         model.EtcPolicy: boot["etc"]["enum"],
@@ -448,6 +450,59 @@ def test_container_fields():
     ]
 
 
+def test_sandbox_fields():
+    text = containers("""\
+        - name: a
+          image: {type: oci, path: a, ref: x}
+          binds: [{source: /dev/video1, target: /dev/video0}]
+          sandbox:
+            capabilities: [CAP_NET_RAWW]
+            system_calls: ["@clocks", sched_setattr, "Bad"]
+            address_families: [AF_CAN, AF_CAN]
+            devices: [{path: /dev/video0, access: rw}, {path: /etc/passwd, access: r},
+                      {path: /dev/ttyS1, access: rwm}, {path: /dev/ttyS1, access: r}]
+            namespaces: [network]
+            realtime_priority: 100
+            notify_access: all
+            umask: "22"
+            allow: [clocks]
+        - name: b
+          image: {type: oci, path: a, ref: x}
+          sandbox: {}
+        """)
+    assert messages(text) == [
+        "containers[0].sandbox: missing required key 'reason'",
+        "containers[0].sandbox.capabilities[0]: must be one of: " + ", ".join(CAPABILITIES)
+        + "; got the string 'CAP_NET_RAWW' (did you mean 'CAP_NET_RAW'?)",
+        "containers[0].sandbox.system_calls[0]: invalid value '@clocks': must be a system call name such as "
+        "'sched_setattr' or a systemd system call group such as '@clock' (systemd-analyze syscall-filter lists them)",
+        "containers[0].sandbox.system_calls[2]: invalid value 'Bad': must be a system call name such as "
+        "'sched_setattr' or a systemd system call group such as '@clock' (systemd-analyze syscall-filter lists them)",
+        "containers[0].sandbox.address_families[1]: duplicate item 'AF_CAN' (same as item 0)",
+        "containers[0].sandbox.devices[0].path: binds[0] puts '/dev/video1' at '/dev/video0'; a device is used at "
+        "the path it has on the system",
+        "containers[0].sandbox.devices[1].path: invalid value '/etc/passwd': must be a device node path under /dev/ "
+        "(letters, digits, '_', '.', '+', '@', '-'; no '.', '..' or '//')",
+        "containers[0].sandbox.devices[2].access: must be one of: r, w, rw; got the string 'rwm' (did you mean 'rw'?)",
+        "containers[0].sandbox.devices[3].path: '/dev/ttyS1' is already listed (devices[2])",
+        "containers[0].sandbox.namespaces[0]: must be one of: cgroup, ipc, mnt, net, pid, user, uts; got the string "
+        "'network' (did you mean 'net'?)",
+        "containers[0].sandbox.realtime_priority: must be <= 99, got 100",
+        "containers[0].sandbox.notify_access: notify_access only applies to a container with readiness: notify",
+        "containers[0].sandbox.umask: invalid value '22': must be octal permission bits as a string, e.g. \"0644\"",
+        "containers[0].sandbox.allow[0]: must be one of: " + ", ".join(ALLOW)
+        + "; got the string 'clocks' (did you mean 'clock'?)",
+        "containers[1].sandbox: missing required key 'reason'",
+    ]
+
+
+def test_sandbox_allow_values_are_the_units_protections():
+    """Every sandbox.allow value switches off exactly one protection of the unit generator."""
+    from bootimg.boot import sandbox
+
+    assert set(ALLOW) == {"host_users"} | set(sandbox.FILESYSTEM_PROTECTIONS) | set(sandbox.KERNEL_PROTECTIONS)
+
+
 def test_boot_checks_and_warnings():
     text = BASE + "boot:\n  kernel_args: [quiet, composefs.digest=abc, 'a b']\n  on_verification_failure: emergency\n"
     result = validate_text(text, "m.yaml", "/base")
@@ -492,6 +547,11 @@ def test_kpi_checks():
 
 # -- the typed model ----------------------------------------------------------------------
 
+_SANDBOX = json.loads((REPO / "bootimg" / "manifest" / "schema.json").read_text())["definitions"]["sandbox"]
+CAPABILITIES = _SANDBOX["properties"]["capabilities"]["items"]["enum"]
+ALLOW = _SANDBOX["properties"]["allow"]["items"]["enum"]
+
+
 def test_model_fields_from_ivi_demo():
     m = load_manifest(MANIFESTS / "ivi-demo.yaml")
     assert m.api_version == "bootimg/v1"
@@ -510,8 +570,12 @@ def test_model_fields_from_ivi_demo():
     cam = m.container("rear-camera")
     assert cam.ordering == model.Ordering(after=("vehicle-bus",), before=(), requires=("vehicle-bus",), wants=())
     assert cam.deadline_ms == 2000 and cam.user is None
+    assert vbus.network == "host" and vbus.sandbox == model.Sandbox(
+        reason="CAN gateway, reads and writes raw CAN frames on can0 (SocketCAN)", address_families=("AF_CAN",))
+    assert m.container("rear-camera").sandbox.devices == (model.SandboxDevice("/dev/video0", "rw"),)
     telemetry = m.container("telemetry")
     assert (telemetry.phase, telemetry.network, telemetry.readiness) == ("default", "host", "started")
+    assert telemetry.sandbox is None
     assert m.container("cluster").command is None
     assert m.integrity == model.Integrity(
         trust="signed", fsverity="required",

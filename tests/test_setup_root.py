@@ -99,6 +99,8 @@ if [ "$(cat "$T/out/rc")" = 0 ]; then
     cat "$S/usr/bin/sh" >"$T/out/external" 2>"$T/out/external.err"; echo $? >"$T/out/external.rc"
     echo probe 2>/dev/null >"$S/etc/bootimg-probe"; echo $? >"$T/out/etc-write.rc"
     echo probe 2>/dev/null >"$S/var/bootimg-probe"; echo $? >"$T/out/var-write.rc"
+    echo probe 2>/dev/null >"$S/tmp/bootimg-probe"; echo $? >"$T/out/tmp-write.rc"
+    stat -c %a "$S/tmp" >"$T/out/tmp-mode" 2>&1
     ls -a "$S/sysroot/bootimg" >"$T/out/physical" 2>&1
     cp -a "$S/sysroot/bootimg/state" "$T/out/state-after" 2>/dev/null
 fi
@@ -509,7 +511,11 @@ def test_signed_root_mounts_with_verity_required(scenario, paths):
         "digest": s.digest, "trust": "signed", "key": s.keyids["release-2026"], "verity": "require",
         "fsverity": "required", "release": "/bootimg/release", "image": "/bootimg/release/images/root.cfs",
         "provisioned_now": False, "on_failure": "reboot",
-        "mounts": {"/": "composefs", "/etc": "transient", "/var": "persistent", "/sysroot": "physical"}}
+        "mounts": {"/": "composefs", "/etc": "transient", "/var": "persistent", "/tmp": "tmpfs", "/sysroot": "physical"}}
+    # /tmp: a tmpfs over the image's (the build gave this root with containers one), writable by anyone
+    assert (at["/sysroot/tmp"]["fstype"], at["/sysroot/tmp"]["source"]) == ("tmpfs", "bootimg-tmp")
+    assert {"nosuid", "nodev"} <= set(at["/sysroot/tmp"]["mount_opts"].split(","))
+    assert o.read("tmp-mode").strip() == "1777" and o.read("tmp-write.rc").strip() == "0"
     # The verified copies the digest was read from.
     assert (s.top / "run/release.json").read_bytes() == (s.rel / "release.json").read_bytes()
     assert any(c.startswith("measure ") for c in o.verity_calls)
@@ -594,6 +600,8 @@ def test_first_boot_provisions_a_readonly_root(scenario):
     assert "/sysroot/etc" not in at and "/run/etc" not in at
     assert (at["/sysroot/var"]["fstype"], at["/sysroot/var"]["source"]) == ("tmpfs", "bootimg-var")
     assert o.read("etc-write.rc").strip() != "0" and o.read("var-write.rc").strip() == "0"
+    # a root image without /tmp (minimal, no containers) keeps none: nothing to mount over
+    assert "/sysroot/tmp" not in at and o.booted["mounts"]["/tmp"] == "image"
 
 
 @kernel_test

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, composefs_mount, example_workspace, have, requires_root, run_cli
 
-from bootimg.boot import quadlet, setup_root, units
+from bootimg.boot import quadlet, sandbox, security, setup_root, units
 from bootimg.boot.units import ContainerImage
 from bootimg.composefs.reader import load_image
 from bootimg.composefs.store import ObjectStore
@@ -150,9 +150,10 @@ def test_readiness_restart_network_resources(tmp_path):
     ])
     f = generate(m)
     n, s, o = (section(f[f"{UNIT}/{x}.service"], "Service") for x in "nso")
-    assert n[:3] == ["Type=notify", "NotifyAccess=all", "Restart=always"]
+    assert n[:2] == ["Type=notify", "Restart=always"] and "NotifyAccess=main" in n
     assert "PrivateNetwork=yes" in n and "CPUWeight=1000" in n and "MemoryMax=64M" in n
     assert s[:2] == ["Type=exec", "Restart=no"] and "PrivateNetwork=yes" not in s
+    assert not any(x.startswith("NotifyAccess=") for x in s)
     assert not any(x.startswith(("CPUWeight", "MemoryMax")) for x in s)
     assert "Restart=on-failure" in o and "MemoryMax=1M" in o and not any(x.startswith("CPUWeight") for x in o)
     for x, lines in zip("nso", (n, s, o)):
@@ -167,8 +168,15 @@ def test_readiness_restart_network_resources(tmp_path):
 
 
 def test_essential(tmp_path):
-    m = make_manifest(tmp_path, [box("r", essential="reboot"), box("e", essential="emergency"), box("n")])
+    m = make_manifest(tmp_path, [box("r", essential="reboot", deadline_ms=2000), box("e", essential="emergency"),
+                                 box("n", restart="never")])
     f = generate(m)
+    # Restarts are exhausted after 5 starts within 5 start timeouts (not systemd's 10 s, which a
+    # container whose sandboxed start takes over 2 s on a slow board never reaches).
+    limits = {n: [x for x in section(f[f"{UNIT}/{n}.service"], "Unit") if x.startswith("StartLimit")] for n in "ren"}
+    assert limits == {"r": ["StartLimitIntervalSec=25s", "StartLimitBurst=5"],
+                      "e": ["StartLimitIntervalSec=450s", "StartLimitBurst=5"], "n": []}
+    assert limits["r"] == [x for x in section(f[f"{units.QUADLET_DIR}/r.container"], "Unit") if x.startswith("StartLimit")]
     for name, expected in (("r", ["FailureAction=reboot"]),
                            ("e", ["OnFailure=emergency.target", "OnFailureJobMode=isolate"]), ("n", [])):
         # On the image unit too: a failed mount only fails the container's job ("dependency"),
@@ -495,6 +503,183 @@ def test_quadlet_needs_newer_podman_for_workdir(tmp_path):
     assert "# Podman quadlet (needs podman >= 4.6)" in f[f"{units.QUADLET_DIR}/w.container"]
 
 
+# -- the sandbox -------------------------------------------------------------------------------------------
+
+def service_sandbox(text: str) -> list[str]:
+    """The sandbox lines of a NAME.service: [Service] from NoNewPrivileges= on."""
+    lines = section(text, "Service")
+    return lines[lines.index("NoNewPrivileges=yes"):]
+
+
+def unit_scores(files: dict[str, str], names: list[str]) -> dict[str, dict]:
+    """The real systemd-analyze security --offline=true on generated units."""
+    return security.score({p: d.encode() for p, d in files.items() if p.startswith(UNIT + "/")}, names,
+                          "systemd-analyze")
+
+
+@needs_analyze
+@pytest.mark.parametrize("name", ["ivi-demo.yaml", "board.yaml"])
+def test_example_containers_are_sandboxed(tmp_path, name):
+    """Every example container scores <= 2.5 in systemd-analyze security (the unsandboxed
+    units scored 8.7-9.1), and what relaxes a unit's sandbox is its manifest's sandbox: key."""
+    m = load_manifest(REPO / "manifests" / name, on_warning=None)
+    f = generate(m, EXAMPLE_CONFIGS)
+    names = [f"{c.name}.service" for c in m.containers]
+    scores = unit_scores(f, names)
+    assert sorted(scores) == sorted(names)
+    for unit, s in scores.items():
+        assert s["exposure"] <= 2.5 and s["level"] in ("SAFE", "OK"), (unit, s)
+    # systemd-analyze's own verdict (its exit status; --threshold is in tenths), which can fail
+    root = tmp_path / "root"
+    for path, text in f.items():
+        (root / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / path.lstrip("/")).write_text(text)
+    for threshold, code in (("25", 0), ("0", 1)):
+        res = subprocess.run(["systemd-analyze", "security", "--offline=true", f"--root={root}", f"--threshold={threshold}",
+                              "--no-pager", *names], capture_output=True, text=True)
+        assert res.returncode == code, (threshold, res.stdout[-2000:], res.stderr)
+    # Without its sandbox: key a container gets exactly the default settings; with it, the unit
+    # names the relaxations and their reason.
+    relaxed = [c for c in m.containers if c.sandbox is not None]
+    assert [c.name for c in relaxed] == (["vehicle-bus", "rear-camera"] if name == "ivi-demo.yaml" else ["vehicle-bus"])
+    for c in m.containers:
+        r = units.resolve(m, c, EXAMPLE_CONFIGS.get(c.name))
+        default = sandbox.service_lines(dataclasses.replace(c, sandbox=None), r.user)
+        assert service_sandbox(f[f"{UNIT}/{c.name}.service"]) == sandbox.service_lines(c, r.user)
+        assert (sandbox.service_lines(c, r.user) != default) == (c.sandbox is not None), c.name
+        text = f[f"{UNIT}/{c.name}.service"]
+        assert ("# bootimg: sandbox relaxed by the manifest: " in text) == (c.sandbox is not None)
+        if c.sandbox is not None:
+            assert f"# bootimg: reason: {c.sandbox.reason}\n" in text
+
+
+# Each relaxation: the manifest's sandbox keys, the line it puts in the unit (or None) and the one
+# it takes out (or None), and the settings systemd-analyze then counts against the unit.
+RELAXATIONS = [
+    ({"capabilities": ["CAP_NET_RAW"]}, "CapabilityBoundingSet=CAP_NET_RAW", "PrivateUsers=yes",
+     {"CapabilityBoundingSet=~CAP_NET_(BIND_SERVICE|BROADCAST|RAW)", "PrivateUsers=", "AmbientCapabilities="}),
+    ({"address_families": ["AF_PACKET"]}, "RestrictAddressFamilies=AF_UNIX AF_PACKET", None,
+     {"RestrictAddressFamilies=~AF_PACKET"}),
+    ({"address_families": ["AF_INET"]}, "RestrictAddressFamilies=AF_UNIX AF_INET", "IPAddressDeny=any",
+     {"RestrictAddressFamilies=~AF_(INET|INET6)", "IPAddressDeny="}),
+    ({"system_calls": ["@clock"]}, "SystemCallFilter=@clock", None,     # @privileged includes @clock
+     {"SystemCallFilter=~@clock", "SystemCallFilter=~@privileged"}),
+    ({"namespaces": ["net", "user"]}, "RestrictNamespaces=net user", "RestrictNamespaces=yes",
+     {"RestrictNamespaces=~net", "RestrictNamespaces=~user"}),
+    ({"realtime_priority": 10}, "LimitRTPRIO=10", "RestrictRealtime=yes",
+     {"RestrictRealtime=", "SystemCallFilter=~@resources"}),
+    ({"notify_access": "all"}, "NotifyAccess=all", "NotifyAccess=main", {"NotifyAccess="}),
+    ({"umask": "0022"}, "UMask=0022", "UMask=0077", {"UMask="}),
+    ({"allow": ["host_users"]}, None, "PrivateUsers=yes", {"PrivateUsers="}),
+    ({"allow": ["host_ipc"]}, None, "RemoveIPC=yes", {"RemoveIPC="}),
+    ({"allow": ["write_execute_memory"]}, None, "MemoryDenyWriteExecute=yes", {"MemoryDenyWriteExecute="}),
+    ({"allow": ["personality"]}, None, "LockPersonality=yes", {"LockPersonality="}),
+    ({"allow": ["suid_sgid"]}, None, "RestrictSUIDSGID=yes", {"RestrictSUIDSGID="}),
+    ({"allow": ["kernel_tunables"]}, None, "ProtectKernelTunables=yes", {"ProtectKernelTunables="}),
+    ({"allow": ["kernel_modules"]}, None, "ProtectKernelModules=yes", {"ProtectKernelModules="}),
+    ({"allow": ["kernel_logs"]}, None, "ProtectKernelLogs=yes", {"ProtectKernelLogs="}),
+    ({"allow": ["clock"]}, None, "ProtectClock=yes", {"ProtectClock="}),
+    ({"allow": ["hostname"]}, None, "ProtectHostname=yes", {"ProtectHostname="}),
+    ({"allow": ["control_groups"]}, None, "ProtectControlGroups=yes", {"ProtectControlGroups="}),
+    ({"allow": ["other_processes"]}, None, "ProtectProc=invisible", {"ProtectProc="}),
+    ({"allow": ["proc_files"]}, None, "ProcSubset=pid", {"ProcSubset="}),
+    ({"allow": ["foreign_abis"]}, None, "SystemCallArchitectures=native", {"SystemCallArchitectures="}),
+]
+
+
+@needs_analyze
+@pytest.mark.parametrize("relax, added, removed, exposed", RELAXATIONS,
+                         ids=[next(iter(r[0].items())).__repr__() for r in RELAXATIONS])
+def test_a_relaxation_shows_in_the_unit_and_in_its_score(tmp_path, relax, added, removed, exposed):
+    base = {"user": "1100:1100", "readiness": "notify"}
+    m = make_manifest(tmp_path, [box("strict", **base), box("relaxed", **base, sandbox={"reason": "test", **relax})])
+    f = generate(m)
+    strict, loose = (service_sandbox(f[f"{UNIT}/{n}.service"]) for n in ("strict", "relaxed"))
+    if added is not None:
+        assert added in loose and added not in strict
+    if removed is not None:
+        assert removed in strict and removed not in loose
+    assert "# bootimg: sandbox relaxed by the manifest: " in f[f"{UNIT}/relaxed.service"]
+    scores = unit_scores(f, ["strict.service", "relaxed.service"])
+    before = {x["setting"]: x["exposure"] for x in scores["strict.service"]["exposed"]}
+    after = {x["setting"]: x["exposure"] for x in scores["relaxed.service"]["exposed"]}
+    assert set(after) - set(before) == exposed
+    # The overall exposure rises by what the newly exposed settings weigh (each is rounded up
+    # to a tenth in the table, the total once).
+    rise = scores["relaxed.service"]["exposure"] - scores["strict.service"]["exposure"]
+    new = sum(after[s] for s in exposed)
+    assert new - 0.1 * len(exposed) - 1e-9 <= rise <= new + 1e-9, (rise, new)
+
+
+@needs_analyze
+def test_devices_relaxation(tmp_path):
+    """A /dev bind is readable (DeviceAllow=SRC r); sandbox.devices makes it writable, or brings in
+    a node that is not bound. systemd-analyze rates any device list alike, so it shows in the
+    description only."""
+    binds = [{"source": "/dev/video0", "target": "/dev/video0"}]
+    m = make_manifest(tmp_path, [
+        box("ro", binds=binds),
+        box("rw", binds=binds, sandbox={"reason": "t", "devices": [{"path": "/dev/video0", "access": "rw"},
+                                                                   {"path": "/dev/ttyS1", "access": "w"}]}),
+    ])
+    f = generate(m)
+    ro, rw = (service_sandbox(f[f"{UNIT}/{n}.service"]) for n in ("ro", "rw"))
+    assert [x for x in ro if x.startswith(("DeviceAllow=", "BindPaths="))] == ["DeviceAllow=/dev/video0 r"]
+    assert [x for x in rw if x.startswith(("DeviceAllow=", "BindPaths="))] == [
+        "DeviceAllow=/dev/video0 rw", "DeviceAllow=/dev/ttyS1 w", "BindPaths=/dev/ttyS1:/dev/ttyS1"]
+    assert "PrivateDevices=yes" in ro and "PrivateDevices=yes" in rw
+    scores = unit_scores(f, ["ro.service", "rw.service"])
+    desc = {n: next(x["description"] for x in scores[f"{n}.service"]["exposed"] if x["setting"] == "DeviceAllow=")
+            for n in ("ro", "rw")}
+    assert "/dev/video0:r" in desc["ro"] and "/dev/video0:rw" in desc["rw"] and "/dev/ttyS1:w" in desc["rw"]
+    # podman: device nodes as AddDevice= (a bound node would not pass its device cgroup)
+    q = section(f[f"{units.QUADLET_DIR}/rw.container"], "Container")
+    assert "AddDevice=/dev/video0:/dev/video0:rw" in q and "AddDevice=/dev/ttyS1:/dev/ttyS1:w" in q
+    assert not any(x.startswith("Volume=/dev/") for x in q)
+    assert verify(f, ["/usr/bin/ro", "/usr/bin/rw"]).returncode == 0
+
+
+@needs_analyze
+def test_systemd_knows_every_value_the_schema_allows(tmp_path):
+    """A unit with every capability, address family, system call group, namespace and protection
+    the schema offers passes systemd-analyze verify without a word (systemd only warns about, and
+    ignores, a name it does not know), and the schema's capabilities and system call groups are
+    exactly systemd's."""
+    props = json.loads((REPO / "bootimg" / "manifest" / "schema.json").read_text())["definitions"]["sandbox"]["properties"]
+    groups = re.findall(r"[a-z-]+", props["system_calls"]["items"]["pattern"].split(")|")[0])
+    everything = {
+        "reason": "all of it", "capabilities": props["capabilities"]["items"]["enum"],
+        "system_calls": [f"@{g}" for g in groups] + ["sched_setattr"],
+        "address_families": props["address_families"]["items"]["enum"],
+        "devices": [{"path": "/dev/ttyS1", "access": "rw"}], "namespaces": props["namespaces"]["items"]["enum"],
+        "realtime_priority": 99, "notify_access": "all", "umask": "0022", "allow": props["allow"]["items"]["enum"],
+    }
+    m = make_manifest(tmp_path, [box("all", readiness="notify", user="1100", network="host", sandbox=everything)])
+    f = generate(m)
+    res = verify(f, ["/usr/bin/all"])
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+    caps = subprocess.run(["systemd-analyze", "capability", "--no-pager"], capture_output=True, text=True).stdout
+    assert {line.split()[0].upper() for line in caps.splitlines()[1:] if line.strip()} == set(everything["capabilities"])
+    sets = subprocess.run(["systemd-analyze", "syscall-filter", "--no-pager"], capture_output=True, text=True).stdout
+    assert {line[1:] for line in sets.splitlines() if line.startswith("@")} == set(groups)
+
+
+def test_quadlet_sandbox_keys(tmp_path):
+    m = make_manifest(tmp_path, [box("q", sandbox={"reason": "t", "capabilities": ["CAP_NET_RAW", "CAP_NET_ADMIN"],
+                                                   "realtime_priority": 20}), box("p")])
+    f = generate(m)
+    text = f[f"{units.QUADLET_DIR}/q.container"]
+    assert quadlet.check_container(text, "q.container") == []
+    lines = section(text, "Container")
+    assert {"DropCapability=all", "AddCapability=CAP_NET_ADMIN CAP_NET_RAW", "Ulimit=rtprio=20:20"} <= set(lines)
+    assert "# Podman quadlet (needs podman >= 4.7)" in text                  # Ulimit=
+    assert "DropCapability=all" in section(f[f"{units.QUADLET_DIR}/p.container"], "Container")
+    # root keeps them in its bounding set; a non-root user gets them as ambient capabilities too
+    s = service_sandbox(f[f"{UNIT}/q.service"])
+    assert "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW" in s and not any(x.startswith("Ambient") for x in s)
+    assert "PrivateUsers=yes" not in s and "PrivateUsers=yes" in service_sandbox(f[f"{UNIT}/p.service"])
+
+
 # -- templates and packaging -------------------------------------------------------------------------------
 
 def test_templates_ship_and_render_strictly():
@@ -636,11 +821,68 @@ def test_units_from_the_root_image_pass_systemd_analyze(built):
     assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
 
 
+@needs_analyze
+def test_build_reports_each_units_sandbox_score(built, tmp_path):
+    ws, (out1, out2) = built
+    manifest, key = str(ws / "manifests" / "ivi-demo.yaml"), str(ws / "build" / "keys" / "release-2026.key")
+    m = load_manifest(ws / "manifests" / "ivi-demo.yaml", on_warning=None)
+    names = [f"{c.name}.service" for c in m.containers]
+    report = json.loads((out1 / "sandbox.json").read_bytes())
+    assert (out1 / "sandbox.json").read_bytes() == (out2 / "sandbox.json").read_bytes()
+    assert report["scored"] is True and report["tool"] == "systemd-analyze security --offline=true"
+    version = subprocess.run(["systemd-analyze", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    assert report["systemd"] == version
+    assert sorted(report["units"]) == sorted(names)
+    # The scores are systemd-analyze's for the units the root image carries.
+    root = tmp_path / "root"
+    for path, (data, _) in root_files(out1).items():
+        (root / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / path.lstrip("/")).write_bytes(data)
+    text = subprocess.run(["systemd-analyze", "security", "--offline=true", f"--root={root}", "--no-pager", *names],
+                          capture_output=True, text=True).stdout
+    overall = dict(re.findall(r"Overall exposure level for (\S+): (\d+\.\d) ", text))
+    assert {u: str(e["exposure"]) for u, e in report["units"].items()} == overall
+    cam = report["units"]["rear-camera.service"]
+    assert cam["relaxed"] == {"devices": ["/dev/video0 rw"]} and cam["reason"].startswith("V4L2")
+    assert "relaxed" not in report["units"]["telemetry.service"]
+    assert all(x["exposure"] > 0 for e in report["units"].values() for x in e["exposed"])
+    # `bootimg build` prints each unit's score; --json carries the report.
+    res = run_cli("build", manifest, "-o", str(tmp_path / "a"), "--key", key, "--no-boot-check")
+    assert res.returncode == 0, res.stderr.decode()
+    printed = res.stdout.decode()
+    assert f"sandbox exposure (systemd-analyze security --offline=true, {version}" in printed
+    for unit, entry in report["units"].items():
+        assert re.search(rf"^ +{re.escape(unit)} +{entry['exposure']} {entry['level']}\b", printed, re.M), printed
+    assert "rear-camera.service" in printed and "relaxed: devices /dev/video0 rw" in printed
+    res = run_cli("build", manifest, "-o", str(tmp_path / "b"), "--key", key, "--no-boot-check", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["sandbox"] == report
+    # Without systemd-analyze on the build host: said plainly, no scores, the same release.
+    bare_path = tmp_path / "bin"        # the host's programs but systemd-analyze
+    bare_path.mkdir()
+    for d in os.environ["PATH"].split(os.pathsep):
+        for tool in (Path(d).iterdir() if Path(d).is_dir() else ()):
+            if tool.name != "systemd-analyze" and not (bare_path / tool.name).exists():
+                (bare_path / tool.name).symlink_to(tool)
+    res = run_cli("build", manifest, "-o", str(tmp_path / "c"), "--key", key, "--no-boot-check",
+                  env={"PATH": str(bare_path)})
+    assert res.returncode == 0, res.stderr.decode()
+    assert "sandbox: NOT SCORED: systemd-analyze is not on this build host's PATH" in res.stdout.decode()
+    bare = json.loads((tmp_path / "c" / "sandbox.json").read_bytes())
+    assert bare["scored"] is False and bare["systemd"] is None
+    assert bare["units"]["rear-camera.service"] == {"container": "rear-camera", "relaxed": cam["relaxed"],
+                                                    "reason": cam["reason"]}
+    for name in ("release.json", "release.json.minisig", "images/root.cfs"):
+        assert (tmp_path / "c" / name).read_bytes() == (out1 / name).read_bytes()
+
+
 def test_built_root_has_a_sysroot_directory(built):
     _, (out, _) = built
     node = load_image(out / "images" / "root.cfs").root.lookup(b"/sysroot")
     assert node is not None and node.is_dir()
     assert node.children == {}
+    # and a /tmp for the hook's tmpfs (the example rootfs has none; PrivateDevices= needs it)
+    tmp = load_image(out / "images" / "root.cfs").root.lookup(b"/tmp")
+    assert tmp is not None and tmp.is_dir() and stat.S_IMODE(tmp.mode) == 0o1777 and tmp.children == {}
 
 
 @requires_root
@@ -726,20 +968,30 @@ def _script(top: Path, name: str, body: str) -> None:
 
 @pytest.fixture
 def nspawn_release(tmp_path):
-    """A release with three boot-time containers exercising the mapping, for nspawn."""
+    """A release with boot-time containers exercising the mapping and the sandbox, for nspawn:
+    argv (arguments, environment, user), notify (sd_notify from a child, allowed), plain (binds,
+    host network, a read-only device), relaxed (a writable device, realtime), unnotified
+    (sd_notify from a child, not allowed), broken (cannot be executed)."""
     imgs = tmp_path / "images"
-    argv, notify, plain = imgs / "argv", imgs / "notify", imgs / "plain"
+    argv, notify, plain, relaxed = imgs / "argv", imgs / "notify", imgs / "plain", imgs / "relaxed"
     _runtime(argv)
     _script(argv, "show", 'for a in "$@"; do printf "ARG[%s]\\n" "$a"; done\n'
                           'for v in A B C D E; do eval "printf \\"ENV[%s=%s]\\\\n\\" $v \\"\\$$v\\""; done\n'
                           'while read -r k v rest; do [ "$k" = Uid: ] && echo "UID[$v]"; done </proc/self/status\n'
-                          'echo READY-ARGV\nexec sleep 600\n')
+                          'echo READY-ARGV\n' + PROBE + 'probe\nexec sleep 600\n')
     _runtime(notify, ["systemd-notify"])
     _script(notify, "notifier", "systemd-notify --ready\necho READY-NOTIFY\nexec sleep 600\n")
-    _runtime(plain)
+    _runtime(plain, ["chrt"])
     _script(plain, "plain", '[ -f /etc/host-os-release ] && echo BIND-FILE-OK\n'
                             '[ -d /data/systemd/system ] && echo BIND-DIR-OK\n'
-                            '[ -d /tmp ] && [ -d /proc/self ] && echo API-OK\nexec sleep 600\n')
+                            '[ -d /tmp ] && [ -d /proc/self ] && echo API-OK\n' + PROBE + 'probe /dev/tun-ro\n'
+                            'exec sleep 600\n')
+    _runtime(relaxed, ["chrt"])
+    broken = imgs / "broken"
+    _runtime(broken)
+    (broken / "usr/bin/broken").write_text("#!/usr/bin/no-such-interpreter\n")
+    (broken / "usr/bin/broken").chmod(0o755)
+    _script(relaxed, "relaxed", PROBE + "probe /dev/net/tun\nexec sleep 600\n")
     (tmp_path / "rootfs" / "etc").mkdir(parents=True)
     (tmp_path / "rootfs" / "etc" / "hostname").write_text("nspawn-test\n")
     doc = {
@@ -752,11 +1004,22 @@ def nspawn_release(tmp_path):
              "restart": "never", "deadline_ms": 3000},
             {"name": "notify", "image": {"type": "directory", "path": "images/notify"}, "phase": "basic",
              "readiness": "notify", "command": ["notifier"], "restart": "never", "deadline_ms": 3000,
-             "ordering": {"after": ["argv"]}},
+             "ordering": {"after": ["argv"]},
+             "sandbox": {"reason": "systemd-notify, a child of the shell script, reports readiness",
+                         "notify_access": "all"}},
+            {"name": "unnotified", "image": {"type": "directory", "path": "images/notify"}, "readiness": "notify",
+             "command": ["notifier"], "restart": "never", "deadline_ms": 1},
+            {"name": "broken", "image": {"type": "directory", "path": "images/broken"}, "command": ["/usr/bin/broken"],
+             "restart": "never"},
             {"name": "plain", "image": {"type": "directory", "path": "images/plain"}, "command": ["/bin/plain"],
              "network": "host", "restart": "never", "resources": {"cpu_weight": 50, "memory_max_mib": 32},
              "binds": [{"source": "/usr/lib/os-release", "target": "/etc/host-os-release"},
-                       {"source": "/usr/lib/systemd", "target": "/data/systemd"}]},
+                       {"source": "/usr/lib/systemd", "target": "/data/systemd"},
+                       {"source": "/dev/net/tun", "target": "/dev/tun-ro"}]},
+            {"name": "relaxed", "image": {"type": "directory", "path": "images/relaxed"}, "command": ["/bin/relaxed"],
+             "restart": "never",
+             "sandbox": {"reason": "writes to a device node, realtime scheduling",
+                         "devices": [{"path": "/dev/net/tun", "access": "rw"}], "realtime_priority": 10}},
         ],
         "integrity": {"trust": "sealed", "fsverity": "optional"},   # this kernel has no fs-verity
     }
@@ -767,6 +1030,36 @@ def nspawn_release(tmp_path):
     return out
 
 
+def _host_realtime() -> tuple[bool, bool]:
+    """Whether this host lets a service have realtime scheduling at all: (systemd can raise
+    RLIMIT_RTPRIO, which takes CAP_SYS_RESOURCE; a cgroup has a realtime budget, which it has
+    not with CONFIG_RT_GROUP_SCHED)."""
+    raised = subprocess.run(["prlimit", "--rtprio=10:10", "true"], capture_output=True).returncode == 0
+    return raised, not any(Path(p).exists() for p in ("/sys/fs/cgroup/cpu/cpu.rt_runtime_us",
+                                                       "/sys/fs/cgroup/cpu.rt_runtime_us"))
+
+
+# What a container's sandbox looks like from inside (POSIX sh, for the nspawn images): its
+# capability bounding set, no_new_privs and seccomp state, user namespace map, /proc subset,
+# what it may do with the device node $1 and whether it may use realtime scheduling.
+PROBE = r"""probe() {
+    while read -r k v rest; do
+        case $k in CapBnd:|CapEff:|NoNewPrivs:|Seccomp:) echo "STATUS[$k$v]" ;; esac
+    done </proc/self/status
+    while read -r inside outside count; do echo "UIDMAP[$inside $outside $count]"; done </proc/self/uid_map
+    [ -e /proc/sys ] || echo NO-PROC-SYS
+    if [ -n "${1:-}" ]; then
+        ( : <"$1" ) 2>/dev/null && echo DEV-READ-OK || echo DEV-READ-DENIED
+        ( : <>"$1" ) 2>/dev/null && echo DEV-WRITE-OK || echo DEV-WRITE-DENIED
+    fi
+    while read -r line; do
+        case $line in "Max realtime priority"*) set -- $line; echo "RTPRIO[$4 $5]" ;; esac
+    done </proc/self/limits
+    if command -v chrt >/dev/null; then chrt -f 10 sleep 0 2>/dev/null && echo RT-OK || echo RT-DENIED; fi
+}
+"""
+
+
 REPORT = """[Unit]
 Description=test report
 After=multi-user.target bootimg-containers.target
@@ -774,7 +1067,7 @@ After=multi-user.target bootimg-containers.target
 Type=oneshot
 StandardOutput=tty
 TTYPath=/dev/console
-ExecStart=/bin/sh -c 'sleep 1; echo ==REPORT==; for u in argv notify plain; do \
+ExecStart=/bin/sh -c 'sleep 1; echo ==REPORT==; for u in argv notify plain relaxed unnotified broken; do \
 echo "STATE $u $(systemctl show -p ActiveState --value $u.service) $(systemctl show -p SubState --value $u.service)"; \
 journalctl -q --no-pager -o cat _SYSTEMD_UNIT=$u.service | sed "s/^/LOG $u /"; done; echo ==END==; systemctl poweroff'
 """
@@ -794,7 +1087,7 @@ def test_units_boot_in_nspawn(nspawn_release, tmp_path):
     env = {"BOOTIMG_RELEASE": str(out), "BOOTIMG_RUN": str(run)}
     ns = tmp_path / "ns"
     mounted: list[Path] = []
-    names = ("argv", "notify", "plain")
+    names = ("argv", "notify", "plain", "relaxed", "unnotified", "broken")
     with composefs_mount(out / "images" / "root.cfs", out / "objects", tmp_path / "rootimg") as rootimg:
         try:
             for name in names:
@@ -815,13 +1108,20 @@ def test_units_boot_in_nspawn(nspawn_release, tmp_path):
             (ns / "etc/group").write_text("root:x:0:\n")
             (ns / "etc/machine-id").write_text("")
             (ns / "etc/systemd/system/report.service").write_text(REPORT)
+            for getty in ("console-getty.service", "getty@.service"):   # no login prompt in the report
+                (ns / "etc/systemd/system" / getty).symlink_to("/dev/null")
             (ns / "etc/systemd/system/multi-user.target.wants/report.service").symlink_to("../report.service")
             subprocess.run(["mount", "-t", "overlay", "nsusr", "-o", f"ro,lowerdir={rootimg}/usr:/usr",
                             str(ns / "usr")], check=True)
             try:
+                # The unified cgroup hierarchy, CAP_BPF and bpf(): the inner systemd enforces
+                # DeviceAllow= with a BPF device filter, as PID 1 of the target does (nspawn gives
+                # it a read-only v1 devices controller on a hybrid host, and neither CAP_BPF nor bpf()).
                 res = subprocess.run(["systemd-nspawn", "--register=no", "--keep-unit", "-q", "-b", "-D", str(ns),
+                                      "--capability=CAP_BPF", "--system-call-filter=bpf",
                                       f"--bind-ro={run}/containers:/run/bootimg/containers"],
-                                     capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+                                     capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"})
             finally:
                 subprocess.run(["umount", str(ns / "usr")], check=True)
         finally:
@@ -831,7 +1131,7 @@ def test_units_boot_in_nspawn(nspawn_release, tmp_path):
     assert "==END==" in console, console[-4000:]
     report = console[console.index("==REPORT=="):console.index("==END==")]
     lines = [x.rstrip("\r") for x in report.splitlines()]
-    for name in names:
+    for name in names[:-2]:
         assert f"STATE {name} active running" in lines, report
     log = {n: [x[len(f"LOG {n} "):] for x in lines if x.startswith(f"LOG {n} ")] for n in names}
     # Every argument arrived exactly as the manifest wrote it (quoting, %, $, ;, newlines...).
@@ -844,3 +1144,27 @@ def test_units_boot_in_nspawn(nspawn_release, tmp_path):
     assert "UID[1100]" in log["argv"]                   # the id exists: sysusers made it at boot
     assert "READY-NOTIFY" in log["notify"]              # and sd_notify reached systemd from the chroot
     assert {"BIND-FILE-OK", "BIND-DIR-OK", "API-OK"} <= set(log["plain"])
+    # The sandbox, seen from inside: no capabilities, no_new_privs, a seccomp filter, a user
+    # namespace mapping only root and the service's user, /proc without its non-process files.
+    for name in ("argv", "plain", "relaxed"):
+        assert {"STATUS[CapBnd:0000000000000000]", "STATUS[CapEff:0000000000000000]", "STATUS[NoNewPrivs:1]",
+                "STATUS[Seccomp:2]", "NO-PROC-SYS"} <= set(log[name]), (name, log[name])
+    assert [x for x in log["argv"] if x.startswith("UIDMAP[")] == ["UIDMAP[0 0 1]", "UIDMAP[1100 1100 1]"]
+    assert [x for x in log["plain"] if x.startswith("UIDMAP[")] == ["UIDMAP[0 0 1]"]
+    # A /dev node bound read-only is readable, not writable (DeviceAllow=... r); sandbox.devices
+    # with access rw makes it writable. No realtime scheduling by default; realtime_priority
+    # sets the limit (whether the kernel then grants SCHED_FIFO depends on its RT group
+    # scheduling: with CONFIG_RT_GROUP_SCHED a cgroup has no realtime budget).
+    assert {"DEV-READ-OK", "DEV-WRITE-DENIED", "RT-DENIED", "RTPRIO[0 0]"} <= set(log["plain"])
+    assert {"DEV-READ-OK", "DEV-WRITE-OK"} <= set(log["relaxed"])
+    raise_rlimit, rt_budget = _host_realtime()
+    if raise_rlimit:
+        assert "RTPRIO[10 10]" in log["relaxed"]
+        if rt_budget:
+            assert "RT-OK" in log["relaxed"]
+    # sd_notify from a child process is refused unless sandbox.notify_access allows it.
+    assert "READY-NOTIFY" in log["unnotified"] and "STATE unnotified failed failed" in lines, report
+    # systemd's own words on why a container could not start reach the journal (its exec
+    # child logs from inside the container's namespaces, where /dev/kmsg is not)
+    assert "STATE broken failed failed" in lines, report
+    assert "broken.service: Failed to execute /usr/bin/broken: No such file or directory" in log["broken"], report

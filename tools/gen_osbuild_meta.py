@@ -29,7 +29,9 @@ def build_meta() -> dict:
             "secret key) signs release.json; 'verity-key' + 'verity-cert' (PEM) add fs-verity",
             "PKCS#7 signatures. The release (release.json, images/, objects/) is written to",
             "output.repository inside the tree, the same bytes `bootimg build` writes.",
-            "Buildhost commands used: none (the bootimg Python package in the build root).",
+            "Buildhost commands used: systemd-analyze, when the build root has it, to score the",
+            "container units' sandboxes (sandbox.json, a report); the rest is the bootimg Python",
+            "package in the build root.",
         ],
         "schema_2": {
             "options": osbuild_options_schema(),

@@ -25,8 +25,10 @@ containers/podman at commit 00b40dba52da73ab66e62edd8b5f57d77692caaf, a podman 5
 development snapshot (it has ``HealthLogDestination``, ``StartWithPod`` and the
 ``[Quadlet]`` group). Older podman accepts fewer keys: :data:`EMITTED_KEYS_SINCE` records,
 for each key bootimg writes, the first podman release that accepts it, so the files need
-podman >= 4.5 (``Rootfs=``, podman PR #17352, merged 2023-02 after 4.4 had branched), or 4.6
-when ``WorkingDir=`` is written; each file's header says which.
+podman >= 4.5 (``Rootfs=``, podman PR #17352, merged 2023-02 after 4.4 had branched), 4.6
+when ``WorkingDir=`` is written, 4.7 with ``Ulimit=`` (a realtime priority); each file's header
+says which. The 4.4 to 4.7 entries agree with containers/podlet's per-release option lists
+(``src/quadlet/container.rs``, ``remove_v4_*_options``).
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ EMITTED_KEYS_SINCE = {
     ("Container", "Notify"): (4, 4),
     ("Container", "Volume"): (4, 4),
     ("Container", "WorkingDir"): (4, 6),          # podman PR #18838, 2023-06
+    ("Container", "DropCapability"): (4, 4),
+    ("Container", "AddCapability"): (4, 4),
+    ("Container", "AddDevice"): (4, 4),
+    ("Container", "Ulimit"): (4, 7),
     ("Quadlet", "DefaultDependencies"): (5, 3),
 }
 

@@ -41,6 +41,12 @@ checks it); the unit records it as ``# bootimg: deadline_ms=N`` and sets
 ``TimeoutStartSec=max(2 x deadline, 5 s)``: a container that is merely late on a slow boot
 still comes up (the KPI reports the miss), one that hangs before readiness fails in bounded
 time instead of systemd's default 90 s, so ``essential`` and ``Restart=`` act on it.
+
+Restarts. ``essential`` acts once restarts are exhausted: systemd's start limit, 5 starts
+(``StartLimitBurst=5``) within 5 x the start timeout (``StartLimitIntervalSec=``; 90 s without
+a deadline). systemd's default window of 10 s is never reached by a container whose every
+start takes more than 2 s (setting up its sandbox on a slow board does): it would restart
+forever and its failure would never count.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -66,6 +73,7 @@ from ..manifest.reserved import (
     QUADLET_DIR,
     SYSROOT,
     SYSUSERS_FILE,
+    TMP_DIR,
     UNIT_DIR,
     image_unit,
     service_unit,
@@ -74,12 +82,14 @@ from ..manifest.reserved import SETUP_ROOT as HELPER
 from ..release.build import BuildContext, InjectedFile
 from ..release.layout import ReleaseDir
 from ..sources import treeops
-from . import quadlet
+from . import quadlet, sandbox
 
 CONTAINERS_MOUNT_DIR = "/run/bootimg/containers"
 # What a runtime searches for a bare command name when the image sets no PATH (runc/crun).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MIN_START_TIMEOUT_MS = 5000
+DEFAULT_START_TIMEOUT_MS = 90000    # systemd's DefaultTimeoutStartSec=
+START_LIMIT_BURST = 5               # systemd's default StartLimitBurst=
 SYMLINK_HOPS = 40
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -393,7 +403,17 @@ def _unit_lines(manifest: Manifest, c: Container, r: Resolved) -> list[str]:
     for key, refs in (("After", o.after), ("Before", o.before), ("Requires", o.requires), ("Wants", o.wants)):
         if refs:
             lines.append(f"{key}=" + " ".join(manifest.unit_name(ref) for ref in refs))
-    return lines + _failure_lines(c)
+    return lines + _failure_lines(c) + _start_limit(c)
+
+
+def _start_limit(c: Container) -> list[str]:
+    """Restarts are exhausted after START_LIMIT_BURST starts within as many start timeouts."""
+    if c.restart == "never":
+        return []
+    timeout = start_timeout_ms(c.deadline_ms) if c.deadline_ms is not None else DEFAULT_START_TIMEOUT_MS
+    # a deadline near the manifest's bound would give a window systemd cannot parse: capped at its largest
+    interval = min(START_LIMIT_BURST * timeout, limits.MAX_TIMESPAN_S * 1000)
+    return [f"StartLimitIntervalSec={timespan_ms(interval)}", f"StartLimitBurst={START_LIMIT_BURST}"]
 
 
 def _comments(c: Container, r: Resolved) -> list[str]:
@@ -401,7 +421,7 @@ def _comments(c: Container, r: Resolved) -> list[str]:
     if c.deadline_ms is not None:
         lines.append(f"# bootimg: deadline_ms={c.deadline_ms} (a per-boot KPI from kernel start; "
                      f"TimeoutStartSec=max(2 x deadline, 5s))")
-    return lines + list(r.notes)
+    return lines + list(r.notes) + sandbox.comment_lines(c)
 
 
 def _start_timeout(c: Container) -> list[str]:
@@ -436,8 +456,8 @@ def container_service(manifest: Manifest, c: Container, r: Resolved) -> str:
     ============================  ==========================================================
     (always)                      Requires=/After=bootimg-image-NAME.service,
                                   RootDirectory=/run/bootimg/containers/NAME, MountAPIVFS=yes,
-                                  ProtectSystem=strict, ProtectHome=yes, PrivateTmp=yes,
-                                  NoNewPrivileges=yes
+                                  the sandbox (sandbox.py: the strictest settings the
+                                  manifest allows, relaxed by its sandbox: key)
     phase early                   DefaultDependencies=no, After=local-fs.target,
                                   Before=sysinit.target, Conflicts=/Before=shutdown.target
                                   (+ wanted by sysinit.target)
@@ -445,23 +465,26 @@ def container_service(manifest: Manifest, c: Container, r: Resolved) -> str:
                                   Before=basic.target, Conflicts=/Before=shutdown.target
                                   (+ wanted by basic.target)
     phase default                 default dependencies (wanted by bootimg-containers.target)
-    readiness notify / started    Type=notify + NotifyAccess=all / Type=exec
+    readiness notify / started    Type=notify + NotifyAccess=main / Type=exec
     essential reboot / emergency  FailureAction=reboot / OnFailure=emergency.target +
                                   OnFailureJobMode=isolate (on the image unit too)
-    restart never/on-failure/...  Restart=no / on-failure / always
+    restart never/on-failure/...  Restart=no / on-failure / always (+ StartLimitBurst=5,
+                                  StartLimitIntervalSec=5 x the start timeout)
     deadline_ms N                 # bootimg: deadline_ms=N, TimeoutStartSec=max(2N ms, 5s)
     ordering after/before/...     After=/Before=/Requires=/Wants= (bare name -> NAME.service)
-    network none                  PrivateNetwork=yes
+    network none / host           PrivateNetwork=yes, IPAddressDeny=any, AF_UNIX only /
+                                  AF_UNIX AF_INET AF_INET6 AF_NETLINK (sandbox.py)
     resources                     CPUWeight=, MemoryMax=<MiB>M
     binds                         BindReadOnlyPaths=SRC:TARGET (+ a mount point for TARGET
-                                  in the image unit's skeleton layer: --bind=SRC:TARGET)
+                                  in the image unit's skeleton layer: --bind=SRC:TARGET);
+                                  a /dev/... SRC also DeviceAllow=SRC r
     user U[:G] / name             User=U (Group=G); names -> the image's numeric ids;
                                   After=systemd-sysusers.service, ids in sysusers.d
     command / OCI config          ExecStart= (quoted); else Entrypoint + Cmd; Env under
                                   the manifest's environment; WorkingDir -> WorkingDirectory=
     ============================  ==========================================================
     """
-    service = ["Type=notify", "NotifyAccess=all"] if c.readiness == "notify" else ["Type=exec"]
+    service = ["Type=notify"] if c.readiness == "notify" else ["Type=exec"]
     service.append("Restart=" + {"never": "no"}.get(c.restart, c.restart))
     service += _start_timeout(c)
     if r.user is not None:
@@ -472,8 +495,6 @@ def container_service(manifest: Manifest, c: Container, r: Resolved) -> str:
         service.append(f"WorkingDirectory={unit_path(r.workdir, container=c.name, what='working directory')}")
     service += [f"Environment={env_assignment(k, v)}" for k, v in r.environment]
     service.append("MountAPIVFS=yes")
-    if c.network == "none":
-        service.append("PrivateNetwork=yes")
     service += _resources(c)
     if c.binds:
         service.append("BindReadOnlyPaths=" + " ".join(
@@ -482,7 +503,7 @@ def container_service(manifest: Manifest, c: Container, r: Resolved) -> str:
     return render("container.service.in", {
         "RELEASE": _release(manifest), "NAME": c.name, "COMMENTS": _comments(c, r),
         "UNIT": _unit_lines(manifest, c, r), "SERVICE": service,
-        "EXEC": [f"ExecStart={exec_line(r.argv, container=c.name)}"],
+        "EXEC": [f"ExecStart={exec_line(r.argv, container=c.name)}"], "SANDBOX": sandbox.service_lines(c, r.user),
     })
 
 
@@ -500,8 +521,11 @@ def container_quadlet(manifest: Manifest, c: Container, r: Resolved) -> str:
     if c.readiness == "notify":
         container.append("Notify=true")
     for b in c.binds:
-        container.append(f"Volume={unit_path(b.source, container=c.name, what='bind source')}:"
-                         f"{unit_path(b.target, container=c.name, what='bind target')}:ro")
+        source = unit_path(b.source, container=c.name, what="bind source")
+        target = unit_path(b.target, container=c.name, what="bind target")
+        if not b.source.startswith("/dev/"):  # device nodes: AddDevice= below (podman's device cgroup)
+            container.append(f"Volume={source}:{target}:ro")
+    container += sandbox.quadlet_lines(c)
     # Recent quadlet (podman-systemd.unit(5) of the 5.3 line) orders its units after
     # network-online.target unless [Quadlet] DefaultDependencies=false: an ordering cycle for
     # early/basic containers and a pointless wait for network-less ones. Older podman copies
@@ -620,6 +644,16 @@ def add_sysroot(ctx: BuildContext, root: Node) -> None:
         raise BootimgError(f"the root's {SYSROOT} must be empty (the physical root is mounted over it at boot); "
                            f"it holds: {inside}")
     treeops.make_dirs(root, [name], mtime=ctx.manifest.identity.source_date_epoch)
+
+
+def add_tmp(ctx: BuildContext, root: Node) -> None:
+    """Give a root with containers a /tmp directory (1777) if its tree has none: bootimg-setup-root
+    mounts a tmpfs there, which the container units need (systemd 252 builds the private /dev of
+    PrivateDevices= in /tmp; boot-design.md, "Sandbox")."""
+    name = TMP_DIR.lstrip("/").encode()
+    if not ctx.manifest.containers or name in root.children:
+        return
+    treeops.make_dirs(root, [name], mtime=ctx.manifest.identity.source_date_epoch).mode = stat.S_IFDIR | 0o1777
 
 
 # -- checking with systemd ---------------------------------------------------------------------------

@@ -20,6 +20,13 @@ from . import schema as schema_mod
 from .diagnostics import Diagnostic, Path
 from .document import Document
 
+# sandbox.system_calls: a system call name or one of systemd 252's groups.
+SYSCALL_PATTERN = (r"^(@("
+                   r"aio|basic-io|chown|clock|cpu-emulation|debug|default|file-system|io-event|ipc|keyring|known|"
+                   r"memlock|module|mount|network-io|obsolete|pkey|privileged|process|raw-io|reboot|resources|"
+                   r"setuid|signal|swap|sync|system-service|timer"
+                   r")|[a-z_][a-z0-9_]*)$")
+
 # What each pattern in schema.json means, in words. tests/test_manifest.py
 # checks that every pattern in the schema has an entry here.
 PATTERN_HINTS: dict[str, str] = {
@@ -42,6 +49,11 @@ PATTERN_HINTS: dict[str, str] = {
     r"^\S+$": "must be one argument without whitespace",
     schema_mod.INPUT_LOCATION["pattern"]: "must be an input location of the osbuild stage: input://NAME or input://NAME/PATH "
                                           "(no '.', '..' or '//'), never a host path",
+    r"^/": "must be an absolute path",
+    r"^/dev(/(?!\.\.?(/|$))[A-Za-z0-9_.+@-]+)+$": "must be a device node path under /dev/ (letters, digits, '_', "
+                                                 "'.', '+', '@', '-'; no '.', '..' or '//')",
+    SYSCALL_PATTERN: "must be a system call name such as 'sched_setattr' or a systemd system call group such as "
+                     "'@clock' (systemd-analyze syscall-filter lists them)",
 }
 
 _YAML_TYPE = {

@@ -33,6 +33,8 @@ VerificationFailure = Literal["reboot", "emergency"]
 Measure = Literal["unit_active", "initrd", "root_mounted", "root_hook", "userspace", "default_target", "boot_finished"]
 Since = Literal["kernel_start", "userspace_start", "power_on"]
 Statistic = Literal["median", "p90", "p95", "max"]
+DeviceAccess = Literal["r", "w", "rw"]
+NotifyAccess = Literal["exec", "all"]
 
 
 class FrozenMap(Mapping[str, str]):
@@ -116,6 +118,31 @@ class Bind:
 
 
 @dataclass(frozen=True)
+class SandboxDevice:
+    """A device node the container may use: ``path`` on the running system and in the container."""
+
+    path: str
+    access: DeviceAccess
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """What a container's sandbox allows beyond the strict default (docs/boot-design.md, "Sandbox");
+    every key widens one setting, ``reason`` says why."""
+
+    reason: str
+    capabilities: tuple[str, ...] = ()       # CAP_* names
+    system_calls: tuple[str, ...] = ()       # names and @groups
+    address_families: tuple[str, ...] = ()   # AF_* names
+    devices: tuple[SandboxDevice, ...] = ()
+    namespaces: tuple[str, ...] = ()         # cgroup ipc mnt net pid user uts
+    realtime_priority: int | None = None
+    notify_access: NotifyAccess | None = None
+    umask: str | None = None                 # octal string
+    allow: tuple[str, ...] = ()              # protections switched off
+
+
+@dataclass(frozen=True)
 class Container:
     name: str
     image: Source
@@ -131,6 +158,7 @@ class Container:
     command: tuple[str, ...] | None = None  # None: the OCI image's entrypoint/cmd
     user: str | None = None  # None: the image's configured user
     deadline_ms: int | None = None
+    sandbox: Sandbox | None = None  # None: the strict default
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,9 @@ DROPIN_NAME = "50-bootimg.conf"
 PHASE_TARGETS = {"early": "sysinit.target", "basic": "basic.target"}
 WANTS_TARGETS = ("multi-user.target", *PHASE_TARGETS.values())  # targets bootimg adds a drop-in to
 SYSROOT = "/sysroot"  # an empty directory: the physical root is mounted there at boot
+# A root with containers gets an empty /tmp (1777) when its source has none (a tmpfs is mounted
+# there at boot); it never replaces anything, so it is no path a manifest cannot claim.
+TMP_DIR = "/tmp"
 
 # Where systemd (system manager) and podman's quadlet generator look for units in a root image.
 UNIT_SEARCH_DIRS = ("/etc/systemd/system", "/usr/local/lib/systemd/system", UNIT_DIR, "/lib/systemd/system")

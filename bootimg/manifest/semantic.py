@@ -77,6 +77,7 @@ class Checker:
         self.commands()
         self.users()
         self.binds()
+        self.sandboxes()
         self.add_files()
         self.integrity()
         self.boot()
@@ -263,6 +264,32 @@ class Checker:
                     self.error(("containers", i, "binds", j, "target"),
                                f"'{target}' is already a bind target (binds[{seen[target]}])")
                 seen.setdefault(target, j)
+
+    def sandboxes(self) -> None:
+        """Relaxations that cannot mean what they say: a device listed twice, one
+        bound from a different host path than its own, notify access without notify readiness."""
+        for i, c in self.containers:
+            sandbox = c.get("sandbox")
+            if not isinstance(sandbox, dict):
+                continue
+            binds = c.get("binds") if isinstance(c.get("binds"), list) else []
+            bound = {b.get("target"): (j, b.get("source")) for j, b in enumerate(binds) if isinstance(b, dict)}
+            devices = sandbox.get("devices")
+            seen: dict[str, int] = {}
+            for j, device in enumerate(devices if isinstance(devices, list) else []):
+                path = device.get("path") if isinstance(device, dict) else None
+                if not isinstance(path, str):
+                    continue
+                where = ("containers", i, "sandbox", "devices", j, "path")
+                if path in seen:
+                    self.error(where, f"'{path}' is already listed (devices[{seen[path]}])")
+                elif path in bound and bound[path][1] != path:
+                    self.error(where, f"binds[{bound[path][0]}] puts '{bound[path][1]}' at '{path}'; a device "
+                                      "is used at the path it has on the system")
+                seen.setdefault(path, j)
+            if "notify_access" in sandbox and c.get("readiness") != "notify":
+                self.error(("containers", i, "sandbox", "notify_access"),
+                           "notify_access only applies to a container with readiness: notify")
 
     # -- rootfs, integrity, boot --------------------------------------------
 

@@ -46,8 +46,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
     _verity_note(result.out)
     disk = _disk(args, result.out) if args.disk else None
     if args.json:
-        json.dump({"release": result.release, "sharing": result.sharing,
-                   **({"disk": disk.to_json()} if disk else {})}, sys.stdout, indent=2, sort_keys=True)
+        data = {"release": result.release, "sharing": result.sharing,
+                **{Path(r.file).stem: r.data for r in result.reports}}
+        if disk:
+            data["disk"] = disk.to_json()
+        json.dump(data, sys.stdout, indent=2, sort_keys=True)
         print()
         return 0
     rel, share = result.release, result.sharing
@@ -61,6 +64,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         sealed = rel["trust"] == "sealed"
         print(f"  signed by {key.keyid}" + (" (trust profile 'sealed': the boot checks the root digest on the kernel "
                                            "command line; the signature is for `bootimg verify --key`)" if sealed else ""))
+    for report in result.reports:
+        for line in report.summary:
+            print(f"  {line}")
     if disk is not None:
         from ..disk.commands import print_disk
 
@@ -119,7 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-boot-check", action="store_true",
                    help="skip the check that the root can boot a verified composefs root (kernel, systemd, "
                         "dracut, initramfs tools): for a release that is never booted as a root")
-    p.add_argument("--json", action="store_true", help="print release.json and the sharing report as JSON")
+    p.add_argument("--json", action="store_true", help="print release.json, the sharing and sandbox reports as JSON")
     p.add_argument("--disk", metavar="DISK", help="also lay the release out on a bootable disk (see `bootimg disk`)")
     add_disk_arguments(p)
     p.set_defaults(func=_cmd_build)

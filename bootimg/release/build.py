@@ -9,7 +9,8 @@ The pipeline, in order (each step a function below):
    units and initramfs module, see ``bootimg.pipeline``);
 3. write the root image;
 4. describe the release (release.json) and sign it; fs-verity PKCS#7 signatures per image;
-5. report what the images share; put the finished directory in place (``output``: one build
+5. report what the images share, and what the caller's ``RootSteps.reporters`` report (the
+   containers' sandbox scores); put the finished directory in place (``output``: one build
    per output at a time, atomic, and only ever replacing a release).
 
 Everything derives from the manifest and its inputs (timestamps from source_date_epoch,
@@ -60,6 +61,7 @@ class BuildContext:
     containers: dict[str, ImageRecord] = field(default_factory=dict)
     container_configs: dict[str, dict | None] = field(default_factory=dict)
     trusted_keys: list[PublicKey] = field(default_factory=list)
+    injected: dict[str, InjectedFile] = field(default_factory=dict)   # by path, once the root is assembled
 
 
 # A function that adds files to the root tree (the boot layer's units and initramfs module).
@@ -70,12 +72,28 @@ RootTreeHook = Callable[[BuildContext, Node], None]
 
 
 @dataclass(frozen=True)
+class Report:
+    """A report file in the release directory (not signed, not used at boot) and the lines
+    `bootimg build` prints about it."""
+
+    file: str
+    data: dict
+    summary: tuple[str, ...] = ()
+
+
+# A function that describes the built release in a report of its own (None: nothing to
+# report); it runs once the root image is written, and its report sits next to sharing.json.
+ReleaseReporter = Callable[[BuildContext], "Report | None"]
+
+
+@dataclass(frozen=True)
 class RootSteps:
     """What layers above the release add to the root tree before its image is written, in
     order; passed explicitly by the caller (``bootimg.pipeline``)."""
 
     contributors: tuple[RootContributor, ...] = ()
     tree_hooks: tuple[RootTreeHook, ...] = ()
+    reporters: tuple[ReleaseReporter, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +112,7 @@ class BuildResult:
     out: Path
     release: dict
     sharing: dict
+    reports: list[Report] = field(default_factory=list)
 
 
 def build_release(manifest: Manifest, options: BuildOptions, steps: RootSteps = RootSteps()) -> BuildResult:
@@ -101,15 +120,16 @@ def build_release(manifest: Manifest, options: BuildOptions, steps: RootSteps = 
     with output.claim(options.out, force=options.force, on_notice=options.on_notice) as claimed:
         tmp = claimed.tmp
         try:
-            release, report = _build_into(tmp, manifest, options, steps)
+            release, report, reports = _build_into(tmp, manifest, options, steps)
         except OSError as err:   # what the steps below do not name themselves (ENOSPC, EIO, ...)
             raise BootimgError(f"cannot build the release: {err.strerror or err}",
                                file=err.filename if isinstance(err.filename, str) else str(tmp)) from None
         claimed.commit(options.fsync)
-    return BuildResult(out=claimed.out, release=release, sharing=report)
+    return BuildResult(out=claimed.out, release=release, sharing=report, reports=reports)
 
 
-def _build_into(tmp: Path, manifest: Manifest, options: BuildOptions, steps: RootSteps) -> tuple[dict, dict]:
+def _build_into(tmp: Path, manifest: Manifest, options: BuildOptions,
+                steps: RootSteps) -> tuple[dict, dict, list[Report]]:
     (tmp / layout.IMAGES_DIR).mkdir()
     # fs-verity is enabled where the release is installed (the target's filesystem);
     # the build host need not have it (`bootimg build` notes it once, about the finished release).
@@ -140,7 +160,10 @@ def _build_into(tmp: Path, manifest: Manifest, options: BuildOptions, steps: Roo
     store.prune(d for tree in trees.values() for d in external_objects(tree))
     report = sharing_report(trees, records)
     (tmp / layout.SHARING_JSON).write_bytes(canonical_json(report))
-    return release, report
+    reports = [r for r in (reporter(ctx) for reporter in steps.reporters) if r is not None]
+    for extra in reports:
+        (tmp / extra.file).write_bytes(canonical_json(extra.data))
+    return release, report, reports
 
 
 def _check_signing(manifest: Manifest, options: BuildOptions) -> None:
@@ -197,6 +220,7 @@ def root_tree(ctx: BuildContext, steps: RootSteps) -> Node:
         injected.extend(contributor(ctx))
     for item in sorted(injected, key=lambda f: f.path):
         treeops.add_file(root, item.path, item.content, item.mode, mtime=epoch, store=ctx.store)
+        ctx.injected[item.path] = item
     for hook in steps.tree_hooks:
         hook(ctx, root)
     return root

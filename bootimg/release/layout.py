@@ -10,6 +10,7 @@ partition, next to nothing else::
     OUT/keys/fsverity-cert.pem  the certificate for those (kernel .fs-verity keyring)
     OUT/objects/xx/...          the one object store shared by every image
     OUT/sharing.json            how much the images share (a report, not used at boot)
+    OUT/sandbox.json            each container unit's systemd-analyze security exposure (a report)
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ OBJECTS_DIR = "objects"
 KEYS_DIR = "keys"
 VERITY_CERT = "keys/fsverity-cert.pem"
 SHARING_JSON = "sharing.json"
+SANDBOX_JSON = "sandbox.json"
 # Every name a release directory can hold at its top level, and nothing else.
-RELEASE_ENTRIES = frozenset((RELEASE_JSON, RELEASE_SIG, IMAGES_DIR, OBJECTS_DIR, KEYS_DIR, SHARING_JSON))
+RELEASE_ENTRIES = frozenset((RELEASE_JSON, RELEASE_SIG, IMAGES_DIR, OBJECTS_DIR, KEYS_DIR, SHARING_JSON,
+                             SANDBOX_JSON))
 # How an image names an object of the store: "ab/cdef..." (its fs-verity digest in hex).
 OBJECT_NAME = re.compile(rb"[0-9a-f]{2}/[0-9a-f]{62}")
 # release.json is small (a few KB per image); anything far larger is not one.

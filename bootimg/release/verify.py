@@ -25,7 +25,8 @@ Checked, every problem one line naming the file:
 - fs-verity PKCS#7 signatures against the release's certificate;
 - the containers' digests the root image carries (/usr/lib/bootimg/containers.json);
 - sharing.json (a report, not signed): recomputed from the images, it must be the same;
-- nothing else in the release directory.
+- nothing else in the release directory but sandbox.json (the container units' sandbox scores
+  by the build host's systemd-analyze: a report that depends on the build host, not checked).
 
 Files are opened without following symlinks and without blocking, and checked to be regular
 files first: a FIFO, device or symlink where a file belongs is reported, never read.
@@ -485,7 +486,7 @@ def _check_sharing(out: Path, release: dict, images: dict[str, Image], report: V
 
 def _check_extra_files(out: Path, release: dict, report: VerifyReport) -> None:
     """Files in the release directory that are no part of it."""
-    expected = {layout.RELEASE_JSON, layout.RELEASE_SIG, layout.SHARING_JSON}
+    expected = {layout.RELEASE_JSON, layout.RELEASE_SIG, layout.SHARING_JSON, layout.SANDBOX_JSON}
     for entry in release["images"].values():
         expected.add(entry["path"])
         if entry.get("fsverity_signature"):

@@ -464,8 +464,8 @@ int setup_root_main(void)
     }
     checkpoint();
 
-    /* -- 6. /etc and /var */
-    step = "6 (/etc and /var)";
+    /* -- 6. /etc, /var and /tmp */
+    step = "6 (/etc, /var and /tmp)";
     char sys_etc[BSR_PATH_MAX], sys_var[BSR_PATH_MAX];
     join(sys_etc, SYSROOT, "/etc");
     join(sys_var, SYSROOT, "/var");
@@ -498,6 +498,20 @@ int setup_root_main(void)
         fatal("cannot mount the transient /var: %s", strerror(errno));
     }
     pushed(sys_var);
+    /* /tmp is a tmpfs (what systemd's tmp.mount makes) over the read-only image: systemd 252
+     * builds a service's private /dev (PrivateDevices=, every boot-time container) in /tmp and
+     * puts PrivateTmp= directories there. A root image without a /tmp directory gets none. */
+    const char *tmp_mount = "image";
+    char sys_tmp[BSR_PATH_MAX];
+    struct stat tst;
+    join(sys_tmp, SYSROOT, "/tmp");
+    if (lstat(sys_tmp, &tst) == 0 && S_ISDIR(tst.st_mode)) {
+        if (mount("bootimg-tmp", sys_tmp, "tmpfs", MS_NOSUID | MS_NODEV | MS_STRICTATIME,
+                  "mode=1777,size=50%,nr_inodes=1m") < 0)
+            fatal("cannot mount the /tmp tmpfs: %s", strerror(errno));
+        pushed(sys_tmp);
+        tmp_mount = "tmpfs";
+    }
     checkpoint();
 
     /* -- 7. keep the physical root reachable at /sysroot/sysroot */
@@ -518,9 +532,9 @@ int setup_root_main(void)
                      "{\"digest\": \"%s\", \"trust\": \"%s\", \"key\": %s, \"verity\": \"%s\", \"fsverity\": \"%s\", "
                      "\"release\": \"%s\", \"image\": \"%s/images/root.cfs\", \"provisioned_now\": %s, "
                      "\"on_failure\": \"%s\", \"mounts\": {\"/\": \"composefs\", \"/etc\": \"%s\", \"/var\": \"%s\", "
-                     "\"/sysroot\": \"physical\"}}\n",
+                     "\"/tmp\": \"%s\", \"/sysroot\": \"physical\"}}\n",
                      digest, cf.trust, key_json, verity ? "require" : "none", cf.fsverity, release, release,
-                     provisioned_now ? "true" : "false", cf.on_failure, cf.etc, cf.var);
+                     provisioned_now ? "true" : "false", cf.on_failure, cf.etc, cf.var, tmp_mount);
     join(p, RUN, "/booted.json");
     if (n < 0 || (size_t)n >= sizeof out || write_file(p, out, (size_t)n, 0644))
         fatal("cannot write %s", p);
