@@ -219,6 +219,11 @@ def test_arm64_release_gets_an_arm64_disk(arm64_program, tmp_path):
         assert subprocess.run(["mtype", "-i", img, f"::{path}"], capture_output=True, env=env).stdout == loader
     listing = subprocess.run(["mdir", "-i", img, "-/", "-b", "::/EFI"], capture_output=True, text=True, env=env).stdout
     assert "X64" not in listing.upper().replace("AA64", "")
+    # `bootimg qemu` / `kpi run` take the machine's architecture from the disk
+    from bootimg.vm.commands import disk_arch
+
+    assert disk_arch(tmp_path / "disk.raw", "raw") is arch.AARCH64
+    assert disk_arch(tmp_path / "disk.raw", "qcow2") is None and disk_arch(tmp_path / "m.yaml", "raw") is None
     # the amd64 kernel + initramfs of another release do not go on this disk
     (boot / "info.json").write_text(json.dumps({"kver": kver, "arch": "amd64", "key": "t"}))
     r = run_cli("disk", str(tmp_path / "rel"), "-o", str(tmp_path / "other.raw"), "--boot", str(boot))
