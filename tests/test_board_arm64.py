@@ -85,8 +85,8 @@ def test_arm64_system_boots_verified_by_uefi_with_its_arm64_containers(system, t
         print(f"arm64 boot: marker after {vm.result.duration:.0f} s; {vm.result.marker}")
         assert vm.run("uname", "-m").stdout.strip() == "aarch64"
         # UEFI firmware -> systemd-boot -> kernel: the loader left its name in an EFI variable
-        info = vm.run(f"tail -c +5 {LOADER_INFO} | tr -d '\\000'").stdout      # UTF-16 after 4 attribute bytes
-        assert info.startswith("systemd-boot "), info
+        info = vm.run(f"cat {LOADER_INFO} | tr -d '\\000'").stdout     # 4 bytes of attributes, UTF-16
+        assert "systemd-boot " in info, info
         booted = json.loads(vm.run("cat", "/run/bootimg/booted.json").stdout)
         assert booted["digest"] == system.digest
         assert booted["verity"] == "require" and booted["fsverity"] == "required" and booted["trust"] == "signed"
