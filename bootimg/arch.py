@@ -65,10 +65,10 @@ X86_64 = Arch(
 AARCH64 = Arch(
     name="arm64", uname="aarch64", elf_machine=EM_AARCH64, efi="aa64",
     root_type="b921b045-1df0-41c3-af44-4c6f280d3fae",
-    # virt: PCIe (virtio-*-pci), PL011 serial, ACPI power button. Under TCG "max" with the
-    # architected pointer-authentication algorithm (QARMA) spends most of its time in PAC
-    # instructions; QEMU's implementation-defined one is several times faster and as correct
-    # for a guest that only needs PAC to work.
+    # virt: PCIe (virtio-*-pci), PL011 serial, ACPI power button. pauth-impdef: QEMU emulates
+    # pointer authentication with its implementation-defined algorithm instead of the
+    # architected QARMA5, which is expensive under TCG (QEMU's advice for TCG; a guest only
+    # needs PAC to work, not a particular algorithm).
     qemu="qemu-system-aarch64", qemu_machine=("-machine", "virt"), qemu_cpu="max,pauth-impdef=on",
     console="ttyAMA0",
     firmware_code=("/usr/share/AAVMF/AAVMF_CODE.fd",),
