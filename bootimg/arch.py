@@ -7,6 +7,7 @@ UEFI firmware, and the compiler for code that runs on the target.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -26,10 +27,18 @@ class Arch:
     root_type: str            # DPS partition type GUID of this architecture's root
     qemu: str                 # qemu-system binary
     qemu_machine: tuple[str, ...]
+    qemu_cpu: str             # -cpu under TCG (KVM takes the host's)
+    console: str              # the serial console's device on that machine: ttyS0, ttyAMA0 (PL011)
     firmware_code: tuple[str, ...]   # UEFI firmware (read-only pflash), first that exists
     firmware_vars: tuple[str, ...]   # its variable store template, same order
     cc: str                   # a compiler producing code for it on a Debian host
     cc_package: str
+    kernel_package: str       # Debian's generic kernel for it
+
+    @property
+    def native(self) -> bool:
+        """Whether this host's CPU runs its programs (else qemu-user through binfmt_misc does)."""
+        return self.uname == os.uname().machine
 
     @property
     def efi_boot_name(self) -> str:
@@ -48,18 +57,23 @@ class Arch:
 X86_64 = Arch(
     name="amd64", uname="x86_64", elf_machine=EM_X86_64, efi="x64",
     root_type="4f68bce3-e8cd-4db1-96e7-fbcaf984b709",
-    qemu="qemu-system-x86_64", qemu_machine=("-machine", "q35"),
+    qemu="qemu-system-x86_64", qemu_machine=("-machine", "q35"), qemu_cpu="max", console="ttyS0",
     firmware_code=("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd"),
     firmware_vars=("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
-    cc="x86_64-linux-gnu-gcc", cc_package="gcc-x86-64-linux-gnu")
+    cc="x86_64-linux-gnu-gcc", cc_package="gcc-x86-64-linux-gnu", kernel_package="linux-image-amd64")
 
 AARCH64 = Arch(
     name="arm64", uname="aarch64", elf_machine=EM_AARCH64, efi="aa64",
     root_type="b921b045-1df0-41c3-af44-4c6f280d3fae",
-    qemu="qemu-system-aarch64", qemu_machine=("-machine", "virt"),
+    # virt: PCIe (virtio-*-pci), PL011 serial, ACPI power button. pauth-impdef: QEMU emulates
+    # pointer authentication with its implementation-defined algorithm instead of the
+    # architected QARMA5, which is expensive under TCG (QEMU's advice for TCG; a guest only
+    # needs PAC to work, not a particular algorithm).
+    qemu="qemu-system-aarch64", qemu_machine=("-machine", "virt"), qemu_cpu="max,pauth-impdef=on",
+    console="ttyAMA0",
     firmware_code=("/usr/share/AAVMF/AAVMF_CODE.fd",),
     firmware_vars=("/usr/share/AAVMF/AAVMF_VARS.fd",),
-    cc="aarch64-linux-gnu-gcc", cc_package="gcc-aarch64-linux-gnu")
+    cc="aarch64-linux-gnu-gcc", cc_package="gcc-aarch64-linux-gnu", kernel_package="linux-image-arm64")
 
 ARCHES = {a.name: a for a in (X86_64, AARCH64)}
 BY_ELF = {a.elf_machine: a for a in ARCHES.values()}

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
+from .arch import Arch
 from .errors import BootimgError
 
 DEFAULT_CACHE_ROOT = "/var/cache/bootimg"
@@ -172,6 +173,77 @@ def chroot_run(root: Path, argv: Sequence[str], *, what: str, log_file: Path | N
     chroot_env.update(env or {})
     full = ["env", "-i", *(f"{k}={v}" for k, v in chroot_env.items()), *full]
     return run(full, what=what, log_file=log_file, timeout=timeout, capture=capture)
+
+
+BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
+BINFMT_CONFS = (Path("/usr/lib/binfmt.d"), Path("/etc/binfmt.d"))
+
+
+def binfmt_rule(arch: Arch, confs: Sequence[Path] = BINFMT_CONFS) -> tuple[str, str]:
+    """qemu-user's binfmt_misc registration line for ``arch`` as the installed package ships it
+    (``/usr/lib/binfmt.d/qemu-aarch64.conf``): ``(name, line)``."""
+    name = f"qemu-{arch.uname}"
+    for d in confs:
+        conf = d / f"{name}.conf"
+        try:
+            lines = conf.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split(line[:1]) if line[:1] and not line.startswith("#") else []
+            if len(fields) >= 8 and fields[1] == name:
+                return name, line.strip()
+        raise HostError(f"no binfmt_misc rule for {name} in it", file=str(conf))
+    raise HostError(f"running {arch.name} programs here needs qemu-user's binfmt_misc rule ({name}.conf): "
+                    f"install qemu-user-static; {SETUP_HINT}")
+
+
+def binfmt_entry(name: str, where: Path = BINFMT_MISC) -> dict[str, str] | None:
+    """A registered binfmt_misc entry (``enabled``, ``interpreter``, ``flags``), or None."""
+    try:
+        text = (where / name).read_text()
+    except FileNotFoundError:
+        return None
+    entry = {"enabled": "no"}
+    for line in text.splitlines():
+        if line in ("enabled", "disabled"):
+            entry["enabled"] = "yes" if line == "enabled" else "no"
+        else:  # "flags: POF", "interpreter /usr/libexec/...", "offset 0"
+            key, _, value = line.replace(":", " ", 1).partition(" ")
+            entry[key] = value.strip()
+    return entry
+
+
+def enable_foreign(arch: Arch) -> None:
+    """Make programs of ``arch`` run on this host, for chroots into a root of that architecture:
+    nothing for the host's own; else qemu-user through binfmt_misc, mounted and registered from
+    the qemu-user-static package's rule when the host has not done it (systemd-binfmt does it at
+    boot where systemd runs). The rule must have the F flag: the kernel opens the interpreter at
+    registration, so it works inside a chroot that has no qemu."""
+    if arch.native:
+        return
+    name, line = binfmt_rule(arch)
+    if not (BINFMT_MISC / "register").exists():
+        need_root(f"running {arch.name} programs (mounting binfmt_misc)")
+        run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_MISC)], what="mounting binfmt_misc")
+    entry = binfmt_entry(name)
+    if entry is None:
+        need_root(f"running {arch.name} programs (registering {name} with binfmt_misc)")
+        try:
+            (BINFMT_MISC / "register").write_text(line)
+        except OSError as err:
+            if binfmt_entry(name) is None:  # another build may have registered it meanwhile
+                raise HostError(f"cannot register {name} with binfmt_misc: {err.strerror}",
+                                file=str(BINFMT_MISC / "register")) from None
+        entry = binfmt_entry(name)
+    if entry is None or entry["enabled"] != "yes":
+        raise HostError(f"the binfmt_misc entry {name} is disabled: echo 1 > {BINFMT_MISC / name}",
+                        file=str(BINFMT_MISC / name))
+    if "F" not in entry.get("flags", ""):
+        raise HostError(f"the binfmt_misc entry {name} lacks the F flag, so its interpreter "
+                        f"({entry.get('interpreter', '?')}) is not found inside a chroot: replace it with "
+                        f"qemu-user-static's rule (echo -1 > {BINFMT_MISC / name}, then rerun)",
+                        file=str(BINFMT_MISC / name))
 
 
 def mounts_under(root: Path) -> list[str]:

@@ -13,6 +13,11 @@ The programs are small POSIX sh services built from the host's own shell and lib
 images share real objects (libc, ld.so, sh) the way real containers share a runtime. On the
 QEMU board (issue 4) the rootfs comes from debootstrap instead; these stay the container
 images. Run: .venv/bin/python tools/example_inputs.py [BUILD_DIR]
+
+With ``--arch arm64`` only the four container images are made, for an arm64 system
+(manifests/board-arm64.yaml), in build/images-arm64/: their shell, libc and ld.so come from an
+arm64 root (``--sysroot``, default build/board-arm64/rootfs, what ``bootimg board rootfs --arch
+arm64`` extracts) and demo-wait is cross-compiled (aarch64-linux-gnu-gcc, static).
 """
 
 from __future__ import annotations
@@ -29,29 +34,69 @@ import tarfile
 from pathlib import Path
 
 EPOCH = 1767225600
-HOST_FILES = [  # (host path, path in image): the shared runtime
-    ("/bin/dash", "usr/bin/sh"),
-    ("/lib/x86_64-linux-gnu/libc.so.6", "usr/lib/x86_64-linux-gnu/libc.so.6"),
-    ("/lib64/ld-linux-x86-64.so.2", "usr/lib64/ld-linux-x86-64.so.2"),
-]
+RUNTIME = {  # architecture -> [(path in the runtime's root, path in image)]: the shared runtime
+    "amd64": [("bin/dash", "usr/bin/sh"),
+              ("lib/x86_64-linux-gnu/libc.so.6", "usr/lib/x86_64-linux-gnu/libc.so.6"),
+              ("lib64/ld-linux-x86-64.so.2", "usr/lib64/ld-linux-x86-64.so.2")],
+    "arm64": [("usr/bin/dash", "usr/bin/sh"),
+              ("usr/lib/aarch64-linux-gnu/libc.so.6", "usr/lib/aarch64-linux-gnu/libc.so.6"),
+              ("usr/lib/ld-linux-aarch64.so.1", "usr/lib/ld-linux-aarch64.so.1")],
+}
 
 
-# usr-merged layout: the programs' interpreter is /lib64/ld-linux-x86-64.so.2.
+# usr-merged layout: the programs' interpreter is /lib64/ld-linux-x86-64.so.2 (arm64:
+# /lib/ld-linux-aarch64.so.1).
 USR_LINKS = {"bin": "usr/bin", "lib": "usr/lib", "lib64": "usr/lib64"}
 DEMO_WAIT_C = Path(__file__).resolve().parent / "demo-wait" / "demo-wait.c"
 
 
-def demo_wait(build: Path) -> bytes:
+def demo_wait(build: Path, arch: str = "amd64") -> bytes:
     """tools/demo-wait/demo-wait.c built static (sd_notify READY=1, then wait): rebuilt only when
-    the source changes; gcc's output is deterministic for the same compiler and source."""
+    the source changes; gcc's output is deterministic for the same compiler and source. Another
+    architecture than the host's is cross-compiled (Debian's gcc-aarch64-linux-gnu)."""
+    from bootimg import arch as archmod
+
+    target = archmod.by_name(arch)
     src = DEMO_WAIT_C.read_bytes()
-    out = build / "demo-wait" / f"demo-wait-{hashlib.sha256(src).hexdigest()[:16]}"
+    tag = "" if target.native else f"{target.name}-"
+    out = build / "demo-wait" / f"demo-wait-{tag}{hashlib.sha256(src).hexdigest()[:16]}"
     if not out.is_file():
+        cc = "gcc" if target.native else target.cc
+        if shutil.which(cc) is None:
+            sys.exit(f"example_inputs: {cc} not found: install {target.cc_package} (sh tools/setup-host.sh)")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        subprocess.run(["gcc", "-static", "-O2", "-s", "-o", str(tmp), str(DEMO_WAIT_C)], check=True)
+        subprocess.run([cc, "-static", "-O2", "-s", "-o", str(tmp), str(DEMO_WAIT_C)], check=True)
         os.replace(tmp, out)
     return out.read_bytes()
+
+
+def read_in(root: Path, rel: str) -> bytes:
+    """The file at ``rel`` of the tree ``root``, its symlinks resolved inside ``root`` (an
+    absolute target is relative to ``root``, never the host's)."""
+    parts, where, hops = [p for p in rel.split("/") if p], [], 0
+    while parts:
+        name = parts.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            where = where[:-1]
+            continue
+        path = root.joinpath(*where, name)
+        if path.is_symlink():
+            hops += 1
+            if hops > 40:
+                sys.exit(f"example_inputs: {root}/{rel}: too many symlinks")
+            target = os.readlink(path)
+            if target.startswith("/"):
+                where = []
+            parts = [p for p in target.split("/") if p] + parts
+        else:
+            where.append(name)
+    path = root.joinpath(*where)
+    if not path.is_file():
+        sys.exit(f"example_inputs: {root}/{rel}: not found (a {rel.split('/')[-1]} of the runtime)")
+    return path.read_bytes()
 
 
 def service_script(name: str, notify: bool) -> bytes:
@@ -60,11 +105,11 @@ def service_script(name: str, notify: bool) -> bytes:
             f"exec /usr/bin/demo-wait{flag} {name}\n").encode()
 
 
-def runtime_files(build: Path) -> dict[str, tuple[bytes, int]]:
+def runtime_files(build: Path, arch: str = "amd64", sysroot: Path = Path("/")) -> dict[str, tuple[bytes, int]]:
     files = {}
-    for host, inside in HOST_FILES:
-        files[inside] = (Path(host).read_bytes(), 0o755)
-    files["usr/bin/demo-wait"] = (demo_wait(build), 0o755)
+    for src, inside in RUNTIME[arch]:
+        files[inside] = (read_in(sysroot, src), 0o755)
+    files["usr/bin/demo-wait"] = (demo_wait(build, arch), 0o755)
     files["etc/os-release"] = (b'NAME="bootimg demo"\nID=bootimg-demo\nVERSION_ID=1.4.0\n', 0o644)
     return files
 
@@ -120,7 +165,7 @@ def zstd(data: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=10).compress(data)
 
 
-def write_oci(top: Path, layers: list[tuple[bytes, str]], ref: str, config: dict) -> None:
+def write_oci(top: Path, layers: list[tuple[bytes, str]], ref: str, config: dict, arch: str = "amd64") -> None:
     """An OCI image layout with one manifest; layers are (tar bytes, 'tar'|'gzip'|'zstd')."""
     blobs = top / "blobs" / "sha256"
     blobs.mkdir(parents=True)
@@ -140,7 +185,7 @@ def write_oci(top: Path, layers: list[tuple[bytes, str]], ref: str, config: dict
         else:
             payload, media = data, "application/vnd.oci.image.layer.v1.tar"
         layer_descs.append({"mediaType": media, **blob(payload)})
-    cfg = {"architecture": "amd64", "os": "linux", "config": config,
+    cfg = {"architecture": arch, "os": "linux", "config": config,
            "rootfs": {"type": "layers", "diff_ids": diff_ids}, "created": "2026-01-01T00:00:00Z"}
     cfg_desc = {"mediaType": "application/vnd.oci.image.config.v1+json",
                 **blob(json.dumps(cfg, sort_keys=True).encode())}
@@ -165,22 +210,13 @@ def make_keys(keys: Path) -> None:
         public.to_file(keys / f"{name}.pub")
 
 
-def main(build: Path) -> None:
-    images = build / "images"
-    for path in (build / "ivi-rootfs", images):
-        shutil.rmtree(path, ignore_errors=True)
+def write_images(images: Path, runtime: dict[str, tuple[bytes, int]], arch: str = "amd64") -> None:
+    """The four containers of the example systems."""
     images.mkdir(parents=True)
-    runtime = runtime_files(build)
-    # Root filesystem: the runtime plus the system's own files.
-    root_files = dict(runtime)
-    root_files["etc/motd"] = (b"bootimg demo: verified composefs root\n", 0o644)
-    root_files["usr/lib/bootimg-demo/banner.txt"] = (b"IVI demo\n" * 40, 0o644)
-    root_files["var/cache/demo/stale.bin"] = (b"x" * 1000, 0o644)        # excluded by the manifest
-    write_dir(build / "ivi-rootfs", root_files, USR_LINKS)
     # vehicle-bus: OCI, base runtime layer (gzip) + app layer (plain).
     app = {"usr/bin/vbusd": (service_script("vehicle-bus", True), 0o755)}
     write_oci(images / "vehicle-bus", [(tar_bytes(runtime, USR_LINKS), "gzip"), (tar_bytes(app), "tar")],
-              "1.4.0", {"Entrypoint": ["/usr/bin/vbusd"], "Env": ["PATH=/usr/bin"], "User": "1100:1100"})
+              "1.4.0", {"Entrypoint": ["/usr/bin/vbusd"], "Env": ["PATH=/usr/bin"], "User": "1100:1100"}, arch)
     # cluster: OCI with a whiteout of a base file and an opaque directory (zstd layers).
     base = dict(runtime)
     base["usr/share/cluster/theme/old.css"] = (b"body{}\n" * 20, 0o644)
@@ -190,7 +226,7 @@ def main(build: Path) -> None:
              "usr/share/cluster/theme/new.css": (b"body{color:#fff}\n" * 20, 0o644)}
     write_oci(images / "cluster", [(tar_bytes(base, USR_LINKS), "zstd"),
                                    (tar_bytes(upper, whiteouts=["usr/share/cluster/.wh.legacy.txt"]), "zstd")],
-              "latest", {"Cmd": ["/usr/bin/clusterd"], "Env": ["PATH=/usr/bin"]})
+              "latest", {"Cmd": ["/usr/bin/clusterd"], "Env": ["PATH=/usr/bin"]}, arch)
     # rear-camera: a zstd tar.
     cam = dict(runtime)
     cam["usr/bin/rvc"] = (service_script("rear-camera", True), 0o755)
@@ -200,10 +236,42 @@ def main(build: Path) -> None:
     tel["usr/bin/telemetryd"] = (service_script("telemetry", False), 0o755)
     tel["etc/telemetry.toml"] = (b'endpoint = "https://telemetry.example.com/v1"\nbatch = 64\n', 0o644)
     write_dir(images / "telemetry", tel, USR_LINKS)
+
+
+def main(build: Path, arch: str = "amd64", sysroot: Path | None = None) -> None:
+    if arch != "amd64":
+        # Another architecture's containers (its runtime from a root of that architecture).
+        if arch not in RUNTIME:
+            sys.exit(f"example_inputs: no runtime for architecture {arch!r} (have: {', '.join(RUNTIME)})")
+        images = build / f"images-{arch}"
+        shutil.rmtree(images, ignore_errors=True)
+        write_images(images, runtime_files(build, arch, sysroot or build / f"board-{arch}" / "rootfs"), arch)
+        make_keys(build / "keys")
+        return
+    images = build / "images"
+    for path in (build / "ivi-rootfs", images):
+        shutil.rmtree(path, ignore_errors=True)
+    runtime = runtime_files(build, arch, sysroot or Path("/"))
+    # Root filesystem: the runtime plus the system's own files.
+    root_files = dict(runtime)
+    root_files["etc/motd"] = (b"bootimg demo: verified composefs root\n", 0o644)
+    root_files["usr/lib/bootimg-demo/banner.txt"] = (b"IVI demo\n" * 40, 0o644)
+    root_files["var/cache/demo/stale.bin"] = (b"x" * 1000, 0o644)        # excluded by the manifest
+    write_dir(build / "ivi-rootfs", root_files, USR_LINKS)
+    write_images(images, runtime, arch)
     # minimal.yaml: the root as a plain tar.
     (build / "minimal-rootfs.tar").write_bytes(tar_bytes(root_files, USR_LINKS))
     make_keys(build / "keys")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "build"))
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Make the inputs the example manifests point at.")
+    parser.add_argument("build", nargs="?", type=Path, default=Path(__file__).resolve().parent.parent / "build")
+    parser.add_argument("--arch", default="amd64", choices=sorted(RUNTIME),
+                        help="the containers' architecture (arm64: the containers only, in BUILD/images-arm64)")
+    parser.add_argument("--sysroot", type=Path, help="the root the runtime (sh, libc, ld.so) is taken from "
+                                                     "(default: / for amd64, BUILD/board-ARCH/rootfs otherwise)")
+    args = parser.parse_args()
+    main(args.build, args.arch, args.sysroot)

@@ -24,6 +24,9 @@ APT_PACKAGES="$APT_PACKAGES fdisk dosfstools mtools systemd-boot-efi binutils sb
 # host's: Debian's own python3-yaml, -jsonschema, -cryptography, -zstandard and -xxhash are
 # bootimg's dependencies there (tools/install-buildroot.sh adds bootimg itself).
 APT_PACKAGES="$APT_PACKAGES bubblewrap curl python3-jsonschema python3-yaml python3-cryptography python3-zstandard python3-xxhash python3-pip"
+# arm64 systems (the car's architecture): AAVMF (UEFI for qemu-system-aarch64's virt machine), the
+# cross compiler for the example containers' program (static, so libc6-dev-arm64-cross).
+APT_PACKAGES="$APT_PACKAGES qemu-efi-aarch64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
 PY=${PYTHON:-python3}
 # Python.h: a pyenv or self-built interpreter has its own; Debian's python3 needs python3-dev.
 inc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
@@ -70,9 +73,18 @@ SRC
         apt-get install -y -qq --no-install-recommends "$@" >/dev/null
     fi
 }
-qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'; }
-if [ "$(qemu_major)" = "" ] || [ "$(qemu_major)" -lt 8 ] || ! command -v qemu-img >/dev/null; then
-    backports qemu-system-x86 qemu-utils
+qemu_major() { "$1" --version 2>/dev/null | sed -n '1s/.* version \([0-9][0-9]*\)\..*/\1/p'; }
+# qemu-system-arm: qemu-system-aarch64 (the arm64 board); qemu-user-static: an arm64 root's
+# programs on this host (debootstrap's second stage, dracut in the root) through binfmt_misc,
+# registered by bootimg from the package's /usr/lib/binfmt.d rule (F flag: works in chroots).
+need_qemu=""
+for q in qemu-system-x86_64:qemu-system-x86 qemu-system-aarch64:qemu-system-arm qemu-aarch64-static:qemu-user-static; do
+    major=$(qemu_major "${q%%:*}")
+    if [ "$major" = "" ] || [ "$major" -lt 8 ]; then need_qemu="$need_qemu ${q#*:}"; fi
+done
+command -v qemu-img >/dev/null || need_qemu="$need_qemu qemu-utils"
+if [ -n "$need_qemu" ]; then
+    backports $need_qemu qemu-utils
 fi
 e2fs_version() { mke2fs -V 2>&1 | sed -n 's/^mke2fs \([0-9.]*\).*/\1/p'; }
 if ! printf '%s\n' 1.47.1 "$(e2fs_version)" | sort -V -C; then

@@ -13,14 +13,14 @@ from ..errors import BootimgError
 def _spec(args: argparse.Namespace):
     from .rootfs import RootfsSpec
 
-    return RootfsSpec(mirror=args.mirror) if args.mirror else RootfsSpec()
+    return RootfsSpec.for_arch(args.arch, **({"mirror": args.mirror} if args.mirror else {}))
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .board import prepare
 
     board = prepare(_spec(args), cache=args.cache, rebuild=args.rebuild)
-    r, b = board.rootfs, board.boot_files
+    r, b = board.rootfs, board.baseline
     if args.json:
         json.dump({"cache": str(board.cache), "rootfs": {"tarball": str(r.tarball), "key": r.key,
                                                           "cached": r.cached, "seconds": round(r.seconds, 2)},
@@ -43,7 +43,8 @@ def _cmd_boot_baseline(args: argparse.Namespace) -> int:
     if args.times < 1:
         raise BootimgError("--times must be at least 1")
     board = prepare(_spec(args), cache=args.cache)
-    append = args.cmdline if args.cmdline is not None else baseline_cmdline(args.append or "")
+    append = args.cmdline if args.cmdline is not None else baseline_cmdline(args.append or "",
+                                                                            console=board.rootfs.target.console)
 
     def report(i: int, result) -> None:
         if not args.json:
@@ -79,7 +80,7 @@ def _cmd_rootfs(args: argparse.Namespace) -> int:
     from .board import prepare
     from .system import ensure_tree
 
-    board = prepare(_spec(args), cache=args.cache)
+    board = prepare(_spec(args), cache=args.cache, initramfs=False)
     tree = ensure_tree(board, Path(args.build_dir).absolute())
     print(f"{tree}: the board's Debian root ({board.kver}); {tree.parent / 'authorized_keys'}: the vm ssh key")
     return 0
@@ -96,6 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--cache", metavar="DIR", help="cache directory (default $BOOTIMG_CACHE/board "
                                                       "or /var/cache/bootimg/board)")
         p.add_argument("--mirror", metavar="URL", help="Debian mirror (default http://deb.debian.org/debian)")
+        p.add_argument("--arch", default="amd64", metavar="ARCH",
+                       help="the root's architecture: amd64 (default) or arm64 (through qemu-user on an x86_64 host)")
         p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = bsub.add_parser("prepare", help="build (or reuse) the root filesystem, kernel and initramfs",
@@ -122,7 +125,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = bsub.add_parser("rootfs", help="extract the board's root where manifests/board.yaml reads it",
                         description="Extract the cached Debian root to BUILD/board/rootfs and write the vm ssh "
                                     "client's public key to BUILD/board/authorized_keys: the inputs of "
-                                    "manifests/board.yaml. Then: bootimg build, bootimg disk, bootimg qemu.")
+                                    "manifests/board.yaml (with --arch arm64: BUILD/board-arm64/, the inputs of "
+                                    "manifests/board-arm64.yaml). Then: bootimg build, bootimg disk, bootimg qemu.")
     common(p)
     p.add_argument("--build-dir", default="build", metavar="DIR", help="default build")
     p.set_defaults(func=_cmd_rootfs)

@@ -24,6 +24,7 @@ from ..host import (
     cache_dir,
     chroot_run,
     digest,
+    enable_foreign,
     file_lock,
     need_root,
     scratch_dir,
@@ -103,6 +104,7 @@ def build_initramfs(rootfs: Rootfs, *, cache: str | os.PathLike[str] | None = No
             return BootFiles(out / info["kernel"], out / info["initrd"], kver, info["initrd_size"],
                              key, True, time.monotonic() - start, info)
         need_root("building the initramfs")
+        enable_foreign(rootfs.target)
         logs = cdir / "logs"
         logs.mkdir(exist_ok=True)
         log_file = logs / f"boot-{key}.log"

@@ -1,9 +1,13 @@
 """The board's Debian root filesystem: debootstrap + a small customisation, cached as a tarball.
 
-The tarball is keyed by a hash of every input (suite, mirror, package lists, the kernel's suite
-and the customisation script's text), so changing any of them builds a new one and an unchanged
-spec reuses the old one in well under a second. Builds go to a scratch directory next to the
-cache and are renamed into place only when complete.
+The tarball is keyed by a hash of every input (architecture, suite, mirror, package lists, the
+kernel's suite and the customisation script's text), so changing any of them builds a new one and
+an unchanged spec reuses the old one in well under a second. Builds go to a scratch directory next
+to the cache and are renamed into place only when complete.
+
+A root of another architecture than the host's (arm64 on an x86_64 build host) is debootstrapped
+the same way: its maintainer scripts and the chroot steps run through qemu-user, which
+``host.enable_foreign`` registers with binfmt_misc first.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import arch as archmod
 from ..host import (
     HostError,
     Log,
     cache_dir,
     chroot_run,
     digest,
+    enable_foreign,
     file_lock,
     need_root,
     need_tools,
@@ -147,10 +153,13 @@ rm -rf /tmp/* /var/tmp/* /var/log/apt/* /var/log/dpkg.log /var/cache/debconf/*-o
 '''
 
 
-def customize_script() -> str:
-    return (CUSTOMIZE_SH.replace("@GETTY_DROPIN@", GETTY_DROPIN)
-            .replace("@BOARD_READY_SH@", BOARD_READY_SH)
-            .replace("@BOARD_READY_UNIT@", BOARD_READY_UNIT))
+def customize_script(console: str = archmod.X86_64.console) -> str:
+    """The customisation script for a machine whose serial console is ``console`` (ttyS0 on the
+    PC, ttyAMA0 on arm64's virt): the autologin getty and the readiness line go there."""
+    script = (CUSTOMIZE_SH.replace("@GETTY_DROPIN@", GETTY_DROPIN)
+              .replace("@BOARD_READY_SH@", BOARD_READY_SH)
+              .replace("@BOARD_READY_UNIT@", BOARD_READY_UNIT))
+    return script.replace("ttyS0", console)
 
 
 @dataclass(frozen=True)
@@ -165,11 +174,29 @@ class RootfsSpec:
     kernel_packages: tuple[str, ...] = ("linux-image-amd64",)
     hostname: str = "board"
     extra_packages: tuple[str, ...] = field(default=())
+    arch: str = archmod.X86_64.name              # Debian's name: amd64, arm64
+
+    @classmethod
+    def for_arch(cls, name: str, **kw) -> RootfsSpec:
+        """The board root for an architecture: its Debian kernel; besides amd64 also
+        systemd-boot-efi in the root (a build host has only its own architecture's)."""
+        arch = archmod.by_name(name)
+        if arch is archmod.X86_64:
+            return cls(**kw)
+        kw.setdefault("kernel_packages", (arch.kernel_package,))
+        kw.setdefault("extra_packages", ("systemd-boot-efi",))
+        return cls(arch=arch.name, **kw)
+
+    @property
+    def target(self) -> archmod.Arch:
+        return archmod.by_name(self.arch)
 
     def inputs(self) -> dict:
         data = asdict(self)
+        if self.arch == archmod.X86_64.name:
+            del data["arch"]        # the amd64 keys predate the field: existing caches stay valid
         data["format"] = FORMAT
-        data["customize_sh"] = customize_script()
+        data["customize_sh"] = customize_script(self.target.console)
         return data
 
     def key(self) -> str:
@@ -185,10 +212,15 @@ class Rootfs:
     info: dict
     cached: bool
     seconds: float
+    arch: str = archmod.X86_64.name
 
     @property
     def kver(self) -> str:
         return self.info["kver"]
+
+    @property
+    def target(self) -> archmod.Arch:
+        return archmod.by_name(self.arch)
 
     @property
     def info_path(self) -> Path:
@@ -215,26 +247,27 @@ def build_rootfs(spec: RootfsSpec | None = None, *, cache: str | os.PathLike[str
             except (OSError, ValueError) as err:
                 raise HostError(f"unreadable build record ({err}); delete it to rebuild",
                                  file=str(info_file)) from None
-            return Rootfs(tarball, key, info, True, time.monotonic() - start)
+            return Rootfs(tarball, key, info, True, time.monotonic() - start, spec.arch)
         need_root("building the board root filesystem")
         need_tools("debootstrap", "tar", "zstd", "unshare", "chroot", "env")
+        enable_foreign(spec.target)
         logs = cdir / "logs"
         logs.mkdir(exist_ok=True)
         log_file = logs / f"rootfs-{key}.log"
         log_file.write_text(json.dumps(spec.inputs(), indent=1) + "\n")
-        log(f"building root filesystem {key} ({spec.suite}, kernel from {spec.kernel_suite}); "
+        log(f"building root filesystem {key} ({spec.suite} {spec.arch}, kernel from {spec.kernel_suite}); "
             f"log: {log_file}")
         with scratch_dir(cdir, f".build-rootfs-{key}-") as work:
             tree = work / "tree"
             t0 = time.monotonic()
-            run(["debootstrap", f"--variant={spec.variant}", "--components=main",
+            run(["debootstrap", f"--arch={spec.arch}", f"--variant={spec.variant}", "--components=main",
                  "--include=" + ",".join(spec.packages + spec.extra_packages),
                  spec.suite, str(tree), spec.mirror],
                 what="debootstrap", log_file=log_file)
             t_debootstrap = time.monotonic() - t0
             log(f"debootstrap done in {t_debootstrap:.0f} s; customising")
             script = tree / "tmp" / "board-customize.sh"
-            script.write_text(customize_script())
+            script.write_text(customize_script(spec.target.console))
             t0 = time.monotonic()
             chroot_run(tree, ["sh", "-eux", "/tmp/board-customize.sh"], what="customising the root",
                        log_file=log_file,
@@ -265,7 +298,7 @@ def build_rootfs(spec: RootfsSpec | None = None, *, cache: str | os.PathLike[str
             # The record first, then the tarball: a tarball present means a complete build.
             write_json_atomically(info_file, info)
             os.replace(tmp_tar, tarball)
-        return Rootfs(tarball, key, info, False, time.monotonic() - start)
+        return Rootfs(tarball, key, info, False, time.monotonic() - start, spec.arch)
 
 
 _TAR_XATTRS = ["--numeric-owner", "--xattrs", "--xattrs-include=*"]

@@ -7,7 +7,8 @@ board's Debian root) through the general path, plus what only the test rig needs
 In data-flow order:
 
 1. ``board.prepare()``: the cached Debian root tarball; ``ensure_tree`` extracts it where the
-   manifest's ``rootfs.source.path`` points (``build/board/rootfs``) and writes the machine ssh
+   manifest's ``rootfs.source.path`` points (``build/board/rootfs``; an arm64 board's is
+   ``build/board-arm64/rootfs``, ``manifests/board-arm64.yaml``) and writes the machine ssh
    client's public key next to it (``build/board/authorized_keys``, an ``add_files`` source);
 2. ``bootimg build`` (``pipeline.build``) makes the signed release in ``build/board/release``;
 3. ``bootimg initramfs`` (``disk.initramfs.build_initramfs``): dracut in the release's own root;
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .. import arch as archmod
 from ..disk.image import DiskOptions, DiskResult, make_disk
 from ..disk.initramfs import BootFiles, build_initramfs
 from ..host import HostError, Log, digest, file_lock, remove_tree, run, stderr_log, write_json_atomically
@@ -36,7 +38,7 @@ from ..vm.session import authorized_keys
 from .board import Board, prepare
 from .disk import LABEL, DiskImage
 from .disk import make_disk as make_plain_disk
-from .rootfs import MARKER, extract_rootfs
+from .rootfs import MARKER, RootfsSpec, extract_rootfs
 
 DISK_FORMAT = 2                  # bump when provisioning or the disk's layout changes
 BOARD_READY = re.compile(re.escape(MARKER) + r".*")
@@ -75,21 +77,32 @@ class System:
         """The kernel command line of the disk's boot entry."""
         return self.disk_result.cmdline
 
+    @property
+    def arch(self) -> archmod.Arch:
+        """The architecture of the release's root (what ``bootimg disk`` found in it)."""
+        return archmod.by_name(self.disk_result.arch)
+
     def machine(self, disk: Path | None = None, **kw) -> Machine:
         """The UEFI machine: firmware -> the disk's systemd-boot -> the release's entry."""
-        return Machine(disk=disk or self.disk, **kw)
+        return Machine(disk=disk or self.disk, arch=self.arch, **kw)
 
     def direct(self, extra: str = "", *, disk: Path | None = None, initrd: Path | None = None, **kw) -> Machine:
         """The same boot without firmware and loader: QEMU loads the kernel and initramfs and gives
         the entry's command line plus ``extra`` (test-harness arguments the entry cannot carry)."""
         append = " ".join(a for a in (self.cmdline, extra) if a)
-        return Machine(disk=disk or self.disk, kernel=self.kernel, initrd=initrd or self.initrd, append=append, **kw)
+        return Machine(disk=disk or self.disk, kernel=self.kernel, initrd=initrd or self.initrd, append=append,
+                       arch=self.arch, **kw)
+
+
+def board_dir(build: Path, arch: str = archmod.X86_64.name) -> Path:
+    """Where a board's root and outputs go under ``build``: ``board`` (amd64), ``board-arm64``."""
+    return build / ("board" if arch == archmod.X86_64.name else f"board-{arch}")
 
 
 def ensure_tree(board: Board, build: Path, *, log: Log = stderr_log) -> Path:
     """The board root extracted at ``build/board/rootfs`` (re-extracted when the root changes),
-    plus ``build/board/authorized_keys``."""
-    top = build / "board"
+    plus ``build/board/authorized_keys`` (``board-arm64`` for an arm64 board)."""
+    top = board_dir(build, board.rootfs.arch)
     top.mkdir(parents=True, exist_ok=True)
     tree = top / "rootfs"
     stamp = top / "rootfs.key"
@@ -131,12 +144,16 @@ def provision(system: System, *, timeout: float = 900.0, serial_log: Path | None
 def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.PathLike[str],
                    key: str | os.PathLike[str] | None = None, out_name: str = "release",
                    transform: Callable | None = None, provision_timeout: float = 900.0,
+                   spec: RootfsSpec | None = None, baseline: bool | None = None,
                    log: Log = stderr_log) -> System:
     """Build, lay out and provision ``manifest`` for the board (see the module doc).
 
     ``key``: the release signing key (trust profile ``signed``); ``transform``: a function
     Manifest -> Manifest applied after loading (e.g. drop the containers for a root-only
-    benchmark). Outputs go to ``build_dir/board/``."""
+    benchmark); ``spec``: the board root (default amd64; ``RootfsSpec.for_arch("arm64")``);
+    ``baseline``: also prepare the plain baseline's initramfs (default: for the host's own
+    architecture, where the baseline comparisons run). Outputs go to ``build_dir/board/``
+    (``board-ARCH/`` for another architecture)."""
     from .. import pipeline
     from ..manifest import load_manifest
     from ..signing import SecretKey
@@ -147,10 +164,11 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
     # once the board root it names is extracted).
     load_manifest(manifest, check_inputs=False, on_warning=None)
     t0 = time.monotonic()
-    board = prepare(log=log)
+    spec = spec or RootfsSpec()
+    board = prepare(spec, initramfs=spec.target.native if baseline is None else baseline, log=log)
     tree = ensure_tree(board, build, log=log)
     timings["board"] = time.monotonic() - t0
-    top = build / "board"
+    top = board_dir(build, spec.arch)
     t0 = time.monotonic()
     m = load_manifest(manifest, check_inputs=True)
     if transform is not None:
@@ -264,5 +282,5 @@ def baseline_machine(system: System, disk: Path, extra: str = "", **kw) -> Machi
     args = [a for a in system.cmdline.split() if not a.startswith(("root=", "composefs.", "bootimg.release="))
             and a != "rw"]
     append = baseline_cmdline(" ".join([*args, *container_masks(system), *([extra] if extra else [])]),
-                              poweroff=False)
-    return Machine(disk=disk, kernel=system.kernel, initrd=system.board.initrd, append=append, **kw)
+                              poweroff=False, console=system.arch.console)
+    return Machine(disk=disk, kernel=system.kernel, initrd=system.board.initrd, append=append, arch=system.arch, **kw)

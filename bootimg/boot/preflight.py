@@ -54,8 +54,8 @@ KERNEL_FEATURES = {
     "overlay": ("overlayfs", "CONFIG_OVERLAY_FS", "kernel/fs/overlayfs"),
     "loop": ("loop devices", "CONFIG_BLK_DEV_LOOP", "kernel/drivers/block"),
 }
-KERNEL_PACKAGE = "a kernel package (Debian: linux-image-amd64, Fedora: kernel-core)"
-NEW_KERNEL = "a Linux 6.6 or newer kernel (Debian bookworm: linux-image-amd64 from bookworm-backports)"
+KERNEL_PACKAGE = "a kernel package (Debian: linux-image-amd64 or linux-image-arm64, Fedora: kernel-core)"
+NEW_KERNEL = "a Linux 6.6 or newer kernel (Debian bookworm: linux-image-amd64 or -arm64 from bookworm-backports)"
 
 _VERSION = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
 _CONFIG = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$|^# (CONFIG_[A-Za-z0-9_]+) is not set$")

@@ -32,6 +32,7 @@ from ..host import (
     Log,
     cache_dir,
     digest,
+    enable_foreign,
     file_lock,
     need_root,
     need_tools,
@@ -160,6 +161,7 @@ def build_initramfs(release_dir: str | os.PathLike[str], *, cache: str | os.Path
                                file=str(rel.image_path(release["root"]["image"])))
         need_root("building the initramfs (mounting the root image, chroot)")
         need_tools("unshare", "chroot", "mount")
+        enable_foreign(arch)            # an arm64 root's dracut on an x86_64 host: through qemu-user
         logs = cdir / "logs"
         logs.mkdir(exist_ok=True)
         log_file = logs / f"{key}.log"

@@ -16,7 +16,8 @@ def add_machine_arguments(p: argparse.ArgumentParser) -> None:
     """The options that describe the machine a disk boots in (``bootimg qemu``, ``kpi run``)."""
     g = p.add_argument_group("machine")
     g.add_argument("--disk-format", choices=("raw", "qcow2"), help="the disk's format (default: from its name)")
-    g.add_argument("--arch", default="amd64", help="the machine's architecture (amd64, arm64; default amd64)")
+    g.add_argument("--arch", help="the machine's architecture: amd64, arm64 (default: the root partition type of a "
+                                  "raw disk made by `bootimg disk`, else amd64)")
     g.add_argument("--memory", type=int, default=2048, metavar="MiB", help="memory (default 2048)")
     g.add_argument("--smp", type=int, default=2, metavar="N", help="CPUs (default 2)")
     g.add_argument("--kvm", action="store_true", help="use KVM when /dev/kvm works (default: TCG)")
@@ -24,6 +25,27 @@ def add_machine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernel", metavar="FILE", help="boot this kernel directly (no firmware, no loader)")
     g.add_argument("--initrd", metavar="FILE", help="with --kernel: the initramfs")
     g.add_argument("--append", metavar="CMDLINE", default="", help="with --kernel: the kernel command line")
+
+
+def disk_arch(disk: Path, fmt: str):
+    """The architecture a raw disk is for, from its GPT: the Discoverable Partitions root type
+    ``bootimg disk`` gives the data partition. None when it does not say (qcow2, no GPT)."""
+    import shutil
+    import subprocess
+
+    from .. import arch
+
+    if fmt != "raw" or shutil.which("sfdisk") is None:
+        return None
+    proc = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    try:
+        parts = json.loads(proc.stdout)["partitiontable"].get("partitions", [])
+        types = {str(p.get("type", "")).lower() for p in parts}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return next((a for a in arch.ARCHES.values() if a.root_type in types), None)
 
 
 def machine_of(args: argparse.Namespace, *, snapshot: bool = True):
@@ -38,7 +60,8 @@ def machine_of(args: argparse.Namespace, *, snapshot: bool = True):
         raise BootimgError("--initrd and --append go with --kernel (a direct kernel boot)")
     return Machine(disk=disk, disk_format=fmt, kernel=Path(args.kernel) if args.kernel else None,
                    initrd=Path(args.initrd) if args.initrd else None, append=args.append,
-                   arch=arch.by_name(args.arch), efi_vars=Path(args.efi_vars) if args.efi_vars else None,
+                   arch=arch.by_name(args.arch) if args.arch else (disk_arch(disk, fmt) or arch.X86_64),
+                   efi_vars=Path(args.efi_vars) if args.efi_vars else None,
                    memory=args.memory, smp=args.smp, kvm=args.kvm, snapshot=snapshot)
 
 

@@ -186,7 +186,7 @@ class Machine:
     efi_vars: Path | None = None       # a persistent UEFI variable store (default: a fresh copy per run)
     memory: int = 2048
     smp: int = 2
-    cpu: str = "max"
+    cpu: str | None = None             # -cpu under TCG (default: the architecture's, Arch.qemu_cpu)
     snapshot: bool = True              # the guest's writes go to a throw-away overlay
     kvm: bool = False                  # use KVM when /dev/kvm works (else TCG)
     extra_args: tuple[str, ...] = ()
@@ -221,7 +221,7 @@ def qemu_argv(machine: Machine, *, efi_vars: Path | None = None, qmp: Path | Non
     """QEMU's command line for ``machine``; ``efi_vars`` is the variable store this run uses."""
     m = machine
     accel = "kvm" if m.kvm and kvm_usable() and m.arch.uname == os.uname().machine else "tcg"
-    argv = [m.arch.qemu, *m.arch.qemu_machine, "-accel", accel, "-cpu", "host" if accel == "kvm" else m.cpu,
+    argv = [m.arch.qemu, *m.arch.qemu_machine, "-accel", accel, "-cpu", "host" if accel == "kvm" else (m.cpu or m.arch.qemu_cpu),
             "-m", str(m.memory), "-smp", str(m.smp), "-nodefaults", "-no-user-config", "-display", "none",
             "-serial", "stdio", "-no-reboot"]
     if m.uefi:
