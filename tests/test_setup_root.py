@@ -212,29 +212,55 @@ class Outcome:
 
 class Scenario:
     """A physical root holding a release, an initramfs made by module-setup.sh, and a kernel
-    command line; run() runs the program on it in a private mount namespace."""
+    command line; run() runs the program on it in a private mount namespace.
+
+    layout "releases" (boot contract 2): the release at /bootimg/releases/VERSION without its
+    objects, which are the shared store /bootimg/objects, and bootimg.release= on the command
+    line. layout "single": one release at /bootimg/release with its objects/, and a boot.conf
+    without BOOTIMG_RELEASES and BOOTIMG_OBJECTS, as releases made before contract 2 have."""
 
     def __init__(self, top: Path, release: Path, program: Path, *, provisioned: bool = True,
-                 keyids: dict[str, str] | None = None):
+                 keyids: dict[str, str] | None = None, layout: str = "single"):
         self.top = top
         self.program = program
         self.keyids = keyids or {}
         self.release_src = release
+        self.layout = layout
         for d in ("sysroot", "run", "out", "shim-state"):
             (top / d).mkdir(parents=True)
         self.phys = top / "phys"
-        self.rel = self.phys / "bootimg" / "release"
-        shutil.copytree(release, self.rel)
-        (self.phys / "bootimg" / "state" / "var").mkdir(parents=True)
+        self.version = json.loads((release / "release.json").read_bytes())["version"]
+        self.state = self.phys / "bootimg" / "state"
+        if layout == "single":
+            self.rel = self.phys / "bootimg" / "release"
+            self.objects = self.rel / "objects"
+            shutil.copytree(release, self.rel)
+        else:
+            self.rel = self.phys / "bootimg" / "releases" / self.version
+            self.objects = self.phys / "bootimg" / "objects"
+            shutil.copytree(release, self.rel, ignore=lambda d, names: ["objects"] if Path(d) == release else [])
+            shutil.copytree(release / "objects", self.objects)
+        (self.state / "var").mkdir(parents=True)
         if provisioned:
-            (self.phys / "bootimg" / "state" / ".provisioned").touch()
+            (self.state / ".provisioned").touch()
         self.initrd = top / "initrd"
         res = run_module_setup(extract_module_root(release, top / "root"), self.initrd, top / "module-setup.log",
                                "install || exit $?")
         assert res.returncode == 0, res.stdout + res.stderr
+        conf = self.conf.read_text()
+        assert f"BOOTIMG_RELEASES={initramfs.RELEASES_PATH}\n" in conf and f"BOOTIMG_OBJECTS={initramfs.OBJECTS_PATH}\n" in conf
+        if layout == "single":
+            self.conf.write_text("".join(ln for ln in conf.splitlines(keepends=True)
+                                         if not ln.startswith(("BOOTIMG_RELEASES=", "BOOTIMG_OBJECTS="))))
         (top / "harness.sh").write_text(HARNESS)
-        self.cmdline = "quiet rw"
+        self.base_cmdline = "quiet rw" + (f" bootimg.release={self.release_path}" if layout == "releases" else "")
+        self.cmdline = self.base_cmdline
         self.digest = root_digest(release)
+
+    @property
+    def release_path(self) -> str:
+        """The release directory on the partition, e.g. /bootimg/releases/1.4.0."""
+        return "/" + str(self.rel.relative_to(self.phys))
 
     @property
     def keys(self) -> Path:
@@ -245,7 +271,7 @@ class Scenario:
         return self.initrd / "etc" / "bootimg" / "boot.conf"
 
     def seal(self, digest: str | None = None) -> None:
-        self.cmdline = f"composefs.digest=v1-sha256-12:{digest or self.digest} rw quiet"
+        self.cmdline = f"composefs.digest=v1-sha256-12:{digest or self.digest} {self.base_cmdline}"
 
     def run(self, *, verity: str = "enabled", phys_ro: bool = False, env: dict[str, str] | None = None) -> Outcome:
         t = self.top
@@ -259,7 +285,7 @@ class Scenario:
             "BOOTIMG_CMDLINE": str(t / "cmdline"), "BOOTIMG_KEYS_DIR": str(self.keys),
             "BOOTIMG_KMSG": str(t / "out" / "kmsg"),
             "BOOTIMG_TEST_VERITY": verity, "BOOTIMG_TEST_VERITY_STATE": str(t / "shim-state"),
-            "BOOTIMG_TEST_LOG": str(t / "out" / "verity.log"),
+            "BOOTIMG_TEST_LOG": str(t / "out" / "verity.log"), "BOOTIMG_TEST_TPM": "none",
         }
         if phys_ro:
             run_env["PHYS_RO"] = "1"
@@ -289,9 +315,12 @@ class Scenario:
 
 @pytest.fixture
 def scenario(releases, keyids, tmp_path, test_program, workspace):
+    made = []
+
     def make(kind: str = "signed", **kw) -> Scenario:
-        s = Scenario(tmp_path / "s", releases[kind], test_program, keyids=keyids, **kw)
+        s = Scenario(tmp_path / f"s{len(made) or ''}", releases[kind], test_program, keyids=keyids, **kw)
         s.workspace = workspace
+        made.append(s)
         return s
     return make
 
@@ -319,7 +348,8 @@ def assert_verified_root(o: Outcome, digest: str) -> dict[str, dict]:
     opts = root["super_opts"].split(",")
     assert "ro" in opts and "metacopy=on" in opts and "redirect_dir=on" in opts
     assert "verity=require" in opts
-    meta, store = str(o.out.parent / "run/meta"), str(o.out.parent / "run/phys") + o.booted["release"] + "/objects"
+    assert o.booted["objects"].startswith("/sysroot/")
+    meta, store = str(o.out.parent / "run/meta"), str(o.out.parent / "run/phys") + o.booted["objects"][len("/sysroot"):]
     # the store is the data-only layer: "::" in mount(2)'s syntax, datadir+ in fsconfig's
     assert f"lowerdir={meta}::{store}" in opts or (f"lowerdir+={meta}" in opts and f"datadir+={store}" in opts), opts
     assert at["/run/meta"]["fstype"] == "erofs" and at["/run/meta"]["source"].startswith("/dev/loop")
@@ -334,7 +364,7 @@ def assert_verified_root(o: Outcome, digest: str) -> dict[str, dict]:
     assert "Input/output error" in o.read("external.err")
     # The physical root (release and state) is reachable at /sysroot/sysroot.
     listing = o.read("physical").split()
-    assert "state" in listing and o.booted["release"].rsplit("/", 1)[1] in listing
+    assert "state" in listing and o.booted["release"].split("/")[2] in listing
     assert o.booted["digest"] == digest and o.booted["verity"] == "require"
     return at
 
@@ -420,7 +450,8 @@ def test_root_image_carries_the_module(releases, keyids):
     lines = [ln for ln in conf.decode().splitlines() if not ln.startswith("#")]
     assert lines == ["BOOTIMG_TRUST=signed", "BOOTIMG_FSVERITY=required", "BOOTIMG_ETC=transient",
                      "BOOTIMG_VAR=persistent", "BOOTIMG_ON_FAILURE=reboot", "BOOTIMG_RELEASE=/bootimg/release",
-                     "BOOTIMG_STATE=/bootimg/state"]
+                     "BOOTIMG_STATE=/bootimg/state", "BOOTIMG_RELEASES=/bootimg/releases", "BOOTIMG_OBJECTS=/bootimg/objects",
+                     "BOOTIMG_ROLLBACK_NV=0x01500016"]
     # shell-sourceable
     res = subprocess.run(["sh", "-c", '. "$1" && echo "$BOOTIMG_TRUST $BOOTIMG_VAR"', "sh", "/dev/stdin"],
                          input=conf.decode(), capture_output=True, text=True)
@@ -464,6 +495,7 @@ def test_module_setup(releases, keyids, tmp_path, kind):
     mod = f"{sysroot}{MODULE_DIR}"
     expected = [
         "instmods erofs overlay loop",
+        "instmods tpm_tis tpm_crb",
         f"inst_binary {PROGRAM}",
         f"inst_simple {mod}/bootimg-root.service {UNIT_DIR}/bootimg-root.service",
         "inst_simple /usr/lib/bootimg/boot.conf /etc/bootimg/boot.conf",
@@ -495,8 +527,9 @@ def test_module_setup_refuses_signed_without_keys(releases, tmp_path):
 
 @kernel_test
 @pytest.mark.parametrize("paths", MOUNT_PATHS)
-def test_signed_root_mounts_with_verity_required(scenario, paths):
-    s = scenario("signed")
+@pytest.mark.parametrize("layout", ["releases", "single"])
+def test_signed_root_mounts_with_verity_required(scenario, paths, layout):
+    s = scenario("signed", layout=layout)
     o = s.run(env=paths)
     at = assert_verified_root(o, s.digest)
     # /etc transient: an overlay with a tmpfs upper; /var persistent: the partition's state/var.
@@ -505,11 +538,16 @@ def test_signed_root_mounts_with_verity_required(scenario, paths):
     assert (at["/sysroot/var"]["fstype"], at["/sysroot/var"]["root"]) == ("tmpfs", "/bootimg/state/var")
     assert o.read("etc-write.rc").strip() == "0" and o.read("var-write.rc").strip() == "0"
     assert (o.out / "state-after" / "var" / "bootimg-probe").read_text() == "probe\n"   # persisted
+    release, objects = {"releases": ("/bootimg/releases/1.4.0", "/bootimg/objects"),
+                        "single": ("/bootimg/release", "/bootimg/release/objects")}[layout]
     assert o.booted == {
         "digest": s.digest, "trust": "signed", "key": s.keyids["release-2026"], "verity": "require",
-        "fsverity": "required", "release": "/bootimg/release", "image": "/bootimg/release/images/root.cfs",
+        "fsverity": "required", "release": release, "image": f"{release}/images/root.cfs",
         "provisioned_now": False, "on_failure": "reboot",
-        "mounts": {"/": "composefs", "/etc": "transient", "/var": "persistent", "/sysroot": "physical"}}
+        "mounts": {"/": "composefs", "/etc": "transient", "/var": "persistent", "/sysroot": "physical"},
+        "release_dir": f"/sysroot{release}", "objects": f"/sysroot{objects}", "version": "1.4.0",
+        "security_version": 0, "rollback_minimum": 0, "rollback_store": "file", "rollback_nv": "0x01500016",
+        "rollback_file": "/sysroot/bootimg/state/rollback"}
     # The verified copies the digest was read from.
     assert (s.top / "run/release.json").read_bytes() == (s.rel / "release.json").read_bytes()
     assert any(c.startswith("measure ") for c in o.verity_calls)
