@@ -43,16 +43,20 @@ RFC8032 = [
 ]
 
 
-@pytest.fixture(scope="session")
-def check(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("check") / "check"
+def build_check(out: Path) -> Path:
+    """tests/setup_root/check.c with the program's sources, under ASan/UBSan, with the test hooks
+    (tpm-read and tpm-raise talk to swtpm's socket: BOOTIMG_TEST_TPM=unix:PATH)."""
     src = setup_root.source_dir()
-    # the test hooks: tpm-read and tpm-raise talk to swtpm's socket (BOOTIMG_TEST_TPM=unix:PATH)
     res = subprocess.run(["gcc", "-std=c11", "-D_GNU_SOURCE", "-DBOOTIMG_TEST_HOOKS", "-O1", "-g", *SANITIZE, "-Wall",
                           "-Wextra", "-Werror", "-Wno-unused-parameter", f"-I{src}", "-o", str(out), str(CHECK_C),
                           *(str(src / s) for s in SOURCES)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def check(tmp_path_factory) -> Path:
+    return build_check(tmp_path_factory.mktemp("check") / "check")
 
 
 def run(check: Path, *args) -> subprocess.CompletedProcess:
