@@ -3,10 +3,11 @@
 tests/test_setup_root_fuzz.py run fixed-seed batches of the same drivers).
 
 1. the parsers and the crypto in-process (tests/setup_root/check.c under ASan/UBSan): mutated
-   keys, signatures, release.json, boot.conf, command lines and base64; nothing but the genuine
-   key and signature may verify;
+   keys, signatures, release.json, boot.conf, command lines, base64, TPM responses, security
+   versions and release paths; nothing but the genuine key and signature may verify;
 2. the root setup end to end (tests/setup_root/fuzz_e2e.py, as root, in a private mount
-   namespace): every run fails closed or boots the genuine root.
+   namespace): every run fails closed or boots the genuine root of the release the command line
+   names, not below the rollback minimum.
 
 Usage: sudo .venv/bin/python bench/fuzz_setup_root.py [--seed N] [--rounds 1000000] [--cases 2000]
 """
@@ -38,7 +39,7 @@ def main() -> int:
     print(f"seed {seed}")
 
     import example_inputs
-    from test_setup_root_units import CHECK_C, ENV, SANITIZE, SOURCES
+    from test_setup_root_units import ENV, build_check
 
     from bootimg.boot import setup_root
     from bootimg.cli import main as cli
@@ -49,12 +50,9 @@ def main() -> int:
         example_inputs.main(top / "build")
         release = top / "release"
         if cli(["build", str(top / "manifests" / "ivi-demo.yaml"), "-o", str(release),
-                "--key", str(top / "build" / "keys" / "release-2026.key")]) != 0:
+                "--key", str(top / "build" / "keys" / "release-2026.key"), "--no-boot-check"]) != 0:
             return 1
-        src = setup_root.source_dir()
-        check = top / "check"
-        subprocess.run(["gcc", "-std=c11", "-D_GNU_SOURCE", "-O1", "-g", *SANITIZE, f"-I{src}", "-o", str(check),
-                        str(CHECK_C), *(str(src / s) for s in SOURCES)], check=True)
+        check = build_check(top / "check")
         (top / "boot.conf").write_text("BOOTIMG_TRUST=signed\nBOOTIMG_FSVERITY=required\nBOOTIMG_ETC=transient\n")
         t0 = time.monotonic()
         res = subprocess.run([str(check), "fuzz", str(seed), str(args.rounds), str(top / "build/keys/release-2026.pub"),

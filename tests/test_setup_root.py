@@ -33,6 +33,7 @@ from bootimg.boot import initramfs, setup_root
 from bootimg.composefs import fsverity
 from bootimg.composefs.reader import load_image
 from bootimg.manifest import load_manifest
+from bootimg.release.description import canonical_json
 from bootimg.signing import PublicKey, SecretKey, generate_keypair, make_trusted_comment, sign
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -105,6 +106,22 @@ if [ "$(cat "$T/out/rc")" = 0 ]; then
     cp -a "$S/sysroot/bootimg/state" "$T/out/state-after" 2>/dev/null
 fi
 exit 0
+"""
+
+
+# After switch-root (`unshare -m`): the physical root (a tmpfs copy of $T/phys, read-only if asked)
+# at $T/newroot/sysroot, then the program (bless, mount-image), its mounts, then the state back.
+AFTER_SWITCH_ROOT = r"""#!/bin/sh
+T=$1
+shift
+mkdir -p "$T/newroot/sysroot"
+mount -t tmpfs -o mode=0755 phys "$T/newroot/sysroot" || exit 90
+cp -a "$T/phys/." "$T/newroot/sysroot/" || exit 91
+if [ -n "${PHYS_RO:-}" ]; then mount -o remount,ro "$T/newroot/sysroot" || exit 92; fi
+"$@" >"$T/out/after.stdout" 2>"$T/out/after.stderr"
+echo $? >"$T/out/after.rc"
+cat /proc/self/mountinfo >"$T/out/after.mountinfo"
+rm -rf "$T/phys/bootimg/state" && cp -a "$T/newroot/sysroot/bootimg/state" "$T/phys/bootimg/state"
 """
 
 
@@ -214,29 +231,55 @@ class Outcome:
 
 class Scenario:
     """A physical root holding a release, an initramfs made by module-setup.sh, and a kernel
-    command line; run() runs the program on it in a private mount namespace."""
+    command line; run() runs the program on it in a private mount namespace.
+
+    layout "releases" (boot contract 2): the release at /bootimg/releases/VERSION without its
+    objects, which are the shared store /bootimg/objects, and bootimg.release= on the command
+    line. layout "single": one release at /bootimg/release with its objects/, and a boot.conf
+    without BOOTIMG_RELEASES and BOOTIMG_OBJECTS, as releases made before contract 2 have."""
 
     def __init__(self, top: Path, release: Path, program: Path, *, provisioned: bool = True,
-                 keyids: dict[str, str] | None = None):
+                 keyids: dict[str, str] | None = None, layout: str = "single"):
         self.top = top
         self.program = program
         self.keyids = keyids or {}
         self.release_src = release
+        self.layout = layout
         for d in ("sysroot", "run", "out", "shim-state"):
             (top / d).mkdir(parents=True)
         self.phys = top / "phys"
-        self.rel = self.phys / "bootimg" / "release"
-        shutil.copytree(release, self.rel)
-        (self.phys / "bootimg" / "state" / "var").mkdir(parents=True)
+        self.version = json.loads((release / "release.json").read_bytes())["version"]
+        self.state = self.phys / "bootimg" / "state"
+        if layout == "single":
+            self.rel = self.phys / "bootimg" / "release"
+            self.objects = self.rel / "objects"
+            shutil.copytree(release, self.rel)
+        else:
+            self.rel = self.phys / "bootimg" / "releases" / self.version
+            self.objects = self.phys / "bootimg" / "objects"
+            shutil.copytree(release, self.rel, ignore=lambda d, names: ["objects"] if Path(d) == release else [])
+            shutil.copytree(release / "objects", self.objects)
+        (self.state / "var").mkdir(parents=True)
         if provisioned:
-            (self.phys / "bootimg" / "state" / ".provisioned").touch()
+            (self.state / ".provisioned").touch()
         self.initrd = top / "initrd"
         res = run_module_setup(extract_module_root(release, top / "root"), self.initrd, top / "module-setup.log",
                                "install || exit $?")
         assert res.returncode == 0, res.stdout + res.stderr
+        conf = self.conf.read_text()
+        assert f"BOOTIMG_RELEASES={initramfs.RELEASES_PATH}\n" in conf and f"BOOTIMG_OBJECTS={initramfs.OBJECTS_PATH}\n" in conf
+        if layout == "single":
+            self.conf.write_text("".join(ln for ln in conf.splitlines(keepends=True)
+                                         if not ln.startswith(("BOOTIMG_RELEASES=", "BOOTIMG_OBJECTS="))))
         (top / "harness.sh").write_text(HARNESS)
-        self.cmdline = "quiet rw"
+        self.base_cmdline = "quiet rw" + (f" bootimg.release={self.release_path}" if layout == "releases" else "")
+        self.cmdline = self.base_cmdline
         self.digest = root_digest(release)
+
+    @property
+    def release_path(self) -> str:
+        """The release directory on the partition, e.g. /bootimg/releases/1.4.0."""
+        return "/" + str(self.rel.relative_to(self.phys))
 
     @property
     def keys(self) -> Path:
@@ -247,7 +290,7 @@ class Scenario:
         return self.initrd / "etc" / "bootimg" / "boot.conf"
 
     def seal(self, digest: str | None = None) -> None:
-        self.cmdline = f"composefs.digest=v1-sha256-12:{digest or self.digest} rw quiet"
+        self.cmdline = f"composefs.digest=v1-sha256-12:{digest or self.digest} {self.base_cmdline}"
 
     def run(self, *, verity: str = "enabled", phys_ro: bool = False, env: dict[str, str] | None = None) -> Outcome:
         t = self.top
@@ -261,7 +304,7 @@ class Scenario:
             "BOOTIMG_CMDLINE": str(t / "cmdline"), "BOOTIMG_KEYS_DIR": str(self.keys),
             "BOOTIMG_KMSG": str(t / "out" / "kmsg"),
             "BOOTIMG_TEST_VERITY": verity, "BOOTIMG_TEST_VERITY_STATE": str(t / "shim-state"),
-            "BOOTIMG_TEST_LOG": str(t / "out" / "verity.log"),
+            "BOOTIMG_TEST_LOG": str(t / "out" / "verity.log"), "BOOTIMG_TEST_TPM": "none",
         }
         if phys_ro:
             run_env["PHYS_RO"] = "1"
@@ -278,6 +321,29 @@ class Scenario:
                        booted=json.loads(booted.read_text()) if booted.exists() else None, out=out,
                        verity_calls=(out / "verity.log").read_text().splitlines() if (out / "verity.log").exists() else [])
 
+    def after_switch_root(self, *args: str, phys_ro: bool = False, env: dict[str, str] | None = None
+                          ) -> tuple[int, list[str], list[dict]]:
+        """Run the program with ARGS as the booted system does (the physical root at /sysroot,
+        booted.json in /run/bootimg): exit status, output lines, the mounts it left."""
+        t = self.top
+        (t / "after.sh").write_text(AFTER_SWITCH_ROOT)
+        run_env = {"PATH": os.environ["PATH"], "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=99",
+                   "UBSAN_OPTIONS": "halt_on_error=1:exitcode=98:print_stacktrace=1", "BOOTIMG_RUN": str(t / "run"),
+                   "BOOTIMG_TEST_ROOT": str(t / "newroot"), "BOOTIMG_TEST_TPM": "none",
+                   "BOOTIMG_TEST_LOG": str(t / "out" / "verity.log"), **({"PHYS_RO": "1"} if phys_ro else {}),
+                   **(env or {})}
+        (t / "out" / "verity.log").unlink(missing_ok=True)
+        res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", str(t / "after.sh"), str(t),
+                              str(self.program), *args], env=run_env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, f"harness failed ({res.returncode}): {res.stdout}{res.stderr}"
+        out = t / "out"
+        lines = ((out / "after.stdout").read_text() + (out / "after.stderr").read_text()).splitlines()
+        return int((out / "after.rc").read_text()), lines, self._mounts(out / "after.mountinfo")
+
+    def bless(self, **kw) -> tuple[int, list[str]]:
+        rc, lines, _ = self.after_switch_root("bless", **kw)
+        return rc, lines
+
     def _mounts(self, mountinfo: Path) -> list[dict]:
         mounts = []
         for line in mountinfo.read_text().splitlines():
@@ -291,9 +357,12 @@ class Scenario:
 
 @pytest.fixture
 def scenario(releases, keyids, tmp_path, test_program, workspace):
+    made = []
+
     def make(kind: str = "signed", **kw) -> Scenario:
-        s = Scenario(tmp_path / "s", releases[kind], test_program, keyids=keyids, **kw)
+        s = Scenario(tmp_path / f"s{len(made) or ''}", releases[kind], test_program, keyids=keyids, **kw)
         s.workspace = workspace
+        made.append(s)
         return s
     return make
 
@@ -321,7 +390,8 @@ def assert_verified_root(o: Outcome, digest: str) -> dict[str, dict]:
     opts = root["super_opts"].split(",")
     assert "ro" in opts and "metacopy=on" in opts and "redirect_dir=on" in opts
     assert "verity=require" in opts
-    meta, store = str(o.out.parent / "run/meta"), str(o.out.parent / "run/phys") + o.booted["release"] + "/objects"
+    assert o.booted["objects"].startswith("/sysroot/")
+    meta, store = str(o.out.parent / "run/meta"), str(o.out.parent / "run/phys") + o.booted["objects"][len("/sysroot"):]
     # the store is the data-only layer: "::" in mount(2)'s syntax, datadir+ in fsconfig's
     assert f"lowerdir={meta}::{store}" in opts or (f"lowerdir+={meta}" in opts and f"datadir+={store}" in opts), opts
     assert at["/run/meta"]["fstype"] == "erofs" and at["/run/meta"]["source"].startswith("/dev/loop")
@@ -336,7 +406,7 @@ def assert_verified_root(o: Outcome, digest: str) -> dict[str, dict]:
     assert "Input/output error" in o.read("external.err")
     # The physical root (release and state) is reachable at /sysroot/sysroot.
     listing = o.read("physical").split()
-    assert "state" in listing and o.booted["release"].rsplit("/", 1)[1] in listing
+    assert "state" in listing and o.booted["release"].split("/")[2] in listing
     assert o.booted["digest"] == digest and o.booted["verity"] == "require"
     return at
 
@@ -422,7 +492,8 @@ def test_root_image_carries_the_module(releases, keyids):
     lines = [ln for ln in conf.decode().splitlines() if not ln.startswith("#")]
     assert lines == ["BOOTIMG_TRUST=signed", "BOOTIMG_FSVERITY=required", "BOOTIMG_ETC=transient",
                      "BOOTIMG_VAR=persistent", "BOOTIMG_ON_FAILURE=reboot", "BOOTIMG_RELEASE=/bootimg/release",
-                     "BOOTIMG_STATE=/bootimg/state"]
+                     "BOOTIMG_STATE=/bootimg/state", "BOOTIMG_RELEASES=/bootimg/releases", "BOOTIMG_OBJECTS=/bootimg/objects",
+                     "BOOTIMG_ROLLBACK_NV=0x01500016"]
     # shell-sourceable
     res = subprocess.run(["sh", "-c", '. "$1" && echo "$BOOTIMG_TRUST $BOOTIMG_VAR"', "sh", "/dev/stdin"],
                          input=conf.decode(), capture_output=True, text=True)
@@ -466,6 +537,7 @@ def test_module_setup(releases, keyids, tmp_path, kind):
     mod = f"{sysroot}{MODULE_DIR}"
     expected = [
         "instmods erofs overlay loop",
+        "instmods tpm_tis tpm_crb",
         f"inst_binary {PROGRAM}",
         f"inst_simple {mod}/bootimg-root.service {UNIT_DIR}/bootimg-root.service",
         "inst_simple /usr/lib/bootimg/boot.conf /etc/bootimg/boot.conf",
@@ -497,8 +569,9 @@ def test_module_setup_refuses_signed_without_keys(releases, tmp_path):
 
 @kernel_test
 @pytest.mark.parametrize("paths", MOUNT_PATHS)
-def test_signed_root_mounts_with_verity_required(scenario, paths):
-    s = scenario("signed")
+@pytest.mark.parametrize("layout", ["releases", "single"])
+def test_signed_root_mounts_with_verity_required(scenario, paths, layout):
+    s = scenario("signed", layout=layout)
     o = s.run(env=paths)
     at = assert_verified_root(o, s.digest)
     # /etc transient: an overlay with a tmpfs upper; /var persistent: the partition's state/var.
@@ -507,11 +580,16 @@ def test_signed_root_mounts_with_verity_required(scenario, paths):
     assert (at["/sysroot/var"]["fstype"], at["/sysroot/var"]["root"]) == ("tmpfs", "/bootimg/state/var")
     assert o.read("etc-write.rc").strip() == "0" and o.read("var-write.rc").strip() == "0"
     assert (o.out / "state-after" / "var" / "bootimg-probe").read_text() == "probe\n"   # persisted
+    release, objects = {"releases": ("/bootimg/releases/1.4.0", "/bootimg/objects"),
+                        "single": ("/bootimg/release", "/bootimg/release/objects")}[layout]
     assert o.booted == {
         "digest": s.digest, "trust": "signed", "key": s.keyids["release-2026"], "verity": "require",
-        "fsverity": "required", "release": "/bootimg/release", "image": "/bootimg/release/images/root.cfs",
+        "fsverity": "required", "release": release, "image": f"{release}/images/root.cfs",
         "provisioned_now": False, "on_failure": "reboot",
-        "mounts": {"/": "composefs", "/etc": "transient", "/var": "persistent", "/tmp": "tmpfs", "/sysroot": "physical"}}
+        "mounts": {"/": "composefs", "/etc": "transient", "/var": "persistent", "/tmp": "tmpfs", "/sysroot": "physical"},
+        "release_dir": f"/sysroot{release}", "objects": f"/sysroot{objects}", "version": "1.4.0",
+        "security_version": 0, "rollback_minimum": 0, "rollback_store": "file", "rollback_nv": "0x01500016",
+        "rollback_file": "/sysroot/bootimg/state/rollback"}
     # /tmp: a tmpfs over the image's (the build gave this root with containers one), writable by anyone
     assert (at["/sysroot/tmp"]["fstype"], at["/sysroot/tmp"]["source"]) == ("tmpfs", "bootimg-tmp")
     assert {"nosuid", "nodev"} <= set(at["/sysroot/tmp"]["mount_opts"].split(","))
@@ -839,3 +917,283 @@ def test_required_provisioning_failure_is_fatal(scenario):
     assert "bootimg-provision: cannot enable fs-verity on" in o.stderr
     assert not (s.phys / "bootimg" / "state" / ".provisioned").exists()
 
+
+
+# -- boot contract 2: releases side by side over one object store -------------------------------------
+
+def _objects(d: Path) -> set[str]:
+    return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
+
+
+@kernel_test
+def test_releases_side_by_side_over_one_store(scenario, releases):
+    """Two releases under /bootimg/releases and one object store: the first boot provisions every
+    release's images and the store (not a hidden directory, an installer's temporary), then boots
+    the release the command line names, with the shared store as the data-only layer."""
+    s = scenario("signed", layout="releases", provisioned=False)
+    other = s.phys / "bootimg" / "releases" / "1.3.0"
+    shutil.copytree(s.rel, other)
+    shutil.copyfile(releases["dev"] / "images" / "root.cfs", other / "images" / "root.cfs")
+    for name in _objects(releases["dev"] / "objects") - _objects(s.objects):
+        (s.objects / name).parent.mkdir(exist_ok=True)
+        shutil.copyfile(releases["dev"] / "objects" / name, s.objects / name)
+    temp = s.phys / "bootimg" / "releases" / ".1.5.0.tmp" / "images"
+    temp.mkdir(parents=True)
+    (temp / "root.cfs").write_bytes(b"half written")
+    assert not (s.rel / "objects").exists() and not (other / "objects").exists()
+    o = s.run(verity="track")
+    at = assert_verified_root(o, s.digest)
+    prefix = s.top / "shim-state" / str(s.top / "sysroot").lstrip("/")
+    enabled = sorted(str(p.relative_to(prefix)) for p in prefix.rglob("*") if p.is_file())
+    expected = sorted(str(p.relative_to(s.phys)) for d in (s.rel / "images", other / "images", s.objects)
+                      for p in d.rglob("*") if p.is_file())
+    assert enabled == expected
+    assert f"fs-verity enabled on {len(expected)} files; all {len(expected)} files of" in o.stderr
+    assert o.booted["release"] == "/bootimg/releases/1.4.0" and o.booted["provisioned_now"] is True
+    assert (o.booted["release_dir"], o.booted["objects"]) == ("/sysroot/bootimg/releases/1.4.0", "/sysroot/bootimg/objects")
+    store = f"{s.top}/run/phys/bootimg/objects"
+    opts = at["/sysroot"]["super_opts"].split(",")
+    assert f"datadir+={store}" in opts or any(x.startswith("lowerdir=") and x.endswith(f"::{store}") for x in opts), opts
+    # the other release, by the command line: its own root image (here one the signed release.json
+    # does not describe: refused), over the same store
+    s.cmdline = "quiet rw bootimg.release=/bootimg/releases/1.3.0"
+    o = s.run(verity="track")
+    assert_failed_closed(o, "root image /bootimg/releases/1.3.0/images/root.cfs has fs-verity digest")
+    shutil.copyfile(s.rel / "images" / "root.cfs", other / "images" / "root.cfs")
+    (s.top / "shim-state").joinpath(str(s.top / "sysroot" / other.relative_to(s.phys) / "images/root.cfs").lstrip("/")).touch()
+    o = s.run(verity="track")
+    assert_verified_root(o, s.digest)
+    assert o.booted["release_dir"] == "/sysroot/bootimg/releases/1.3.0"
+    assert f"measure {s.top}/sysroot/bootimg/releases/1.3.0/images/root.cfs" in o.verity_calls
+
+
+V2_REFUSALS = {
+    "no-release-argument": ("quiet rw", "no bootimg.release= on the kernel command line (which release of /bootimg/releases to boot)"),
+    "dot-dot": ("bootimg.release=/bootimg/releases/..", "unsafe release path '/bootimg/releases/..'"),
+    "escape": ("bootimg.release=/bootimg/releases/../release", "unsafe release path '/bootimg/releases/../release'"),
+    "the-single-release": ("bootimg.release=/bootimg/release",
+                           "bootimg.release=/bootimg/release is not a release of /bootimg/releases"),
+    "nested": ("bootimg.release=/bootimg/releases/1.4.0/images", "is not a release of /bootimg/releases"),
+    "hidden": ("bootimg.release=/bootimg/releases/.1.4.0.tmp", "bootimg.release=/bootimg/releases/.1.4.0.tmp is not a release of"),
+    "the-releases-directory": ("bootimg.release=/bootimg/releases", "is not a release of /bootimg/releases"),
+    "sibling-prefix": ("bootimg.release=/bootimg/releases2/1.4.0", "is not a release of /bootimg/releases"),
+    "trailing-slash": ("bootimg.release=/bootimg/releases/1.4.0/", "unsafe release path"),
+}
+
+
+@kernel_test
+@pytest.mark.parametrize("case", list(V2_REFUSALS))
+def test_release_outside_the_releases_is_refused(scenario, case):
+    """Only a direct child of BOOTIMG_RELEASES boots, even where a complete release sits."""
+    s = scenario("signed", layout="releases")
+    for decoy in (s.phys / "bootimg" / "release", s.phys / "bootimg" / "releases" / ".1.4.0.tmp",
+                  s.phys / "bootimg" / "releases2" / "1.4.0"):
+        shutil.copytree(s.rel, decoy)
+    cmdline, reason = V2_REFUSALS[case]
+    s.cmdline = f"quiet {cmdline} rw"
+    assert_failed_closed(s.run(), reason)
+
+
+# -- anti-rollback ----------------------------------------------------------------------------------------
+
+def _set_security_version(s: Scenario, sv: int) -> None:
+    """release.json with this security_version, signed again with the trusted key."""
+    data = json.loads((s.rel / "release.json").read_bytes())
+    data["security_version"] = sv
+    _resign(s, canonical_json(data))
+
+
+@kernel_test
+@pytest.mark.parametrize("minimum", [None, 0, 2, 3, 4, 4294967295])
+def test_rollback_minimum_from_the_state_file(scenario, minimum):
+    s = scenario("signed", layout="releases")
+    _set_security_version(s, 3)
+    if minimum is not None:
+        (s.state / "rollback").write_text(f"{minimum}\n")
+    o = s.run()
+    if minimum is not None and minimum > 3:
+        assert_failed_closed(o, "")
+        assert o.fatal_lines() == [f"bootimg: FATAL: release 1.4.0 has security_version 3, below this device's "
+                                   f"minimum {minimum} (state file /bootimg/state/rollback)"]
+        return
+    assert_verified_root(o, s.digest)        # equal is fine
+    assert (o.booted["security_version"], o.booted["rollback_minimum"]) == (3, minimum or 0)
+    assert o.booted["rollback_store"] == "file" and o.booted["rollback_file"] == "/sysroot/bootimg/state/rollback"
+    assert (s.state / "rollback").exists() == (minimum is not None)         # the initramfs never raises it
+
+
+ROLLBACK_FAILURES = {
+    "cmdline-disagrees": (lambda s: setattr(s, "cmdline", s.cmdline + " bootimg.security_version=2"),
+                          "bootimg.security_version=2 on the kernel command line disagrees with the signed release.json (3)"),
+    "cmdline-higher": (lambda s: setattr(s, "cmdline", s.cmdline + " bootimg.security_version=4"),
+                       "bootimg.security_version=4 on the kernel command line disagrees with the signed release.json (3)"),
+    "cmdline-malformed": (lambda s: setattr(s, "cmdline", s.cmdline + " bootimg.security_version=3x"),
+                          "malformed kernel argument bootimg.security_version=3x (expected a decimal number 0..4294967295)"),
+    "cmdline-too-big": (lambda s: setattr(s, "cmdline", s.cmdline + " bootimg.security_version=4294967296"),
+                        "malformed kernel argument bootimg.security_version=4294967296"),
+    "cmdline-twice": (lambda s: setattr(s, "cmdline", s.cmdline + " bootimg.security_version=3 bootimg.security_version=3"),
+                      "bootimg.security_version= is given 2 times on the kernel command line"),
+    "state-file-malformed": (lambda s: (s.state / "rollback").write_text("three\n"),
+                             "cannot read this device's rollback minimum: the state file /bootimg/state/rollback is malformed"),
+    "state-file-negative": (lambda s: (s.state / "rollback").write_text("-1\n"),
+                            "the state file /bootimg/state/rollback is malformed"),
+    "state-file-a-directory": (lambda s: (s.state / "rollback").mkdir(),
+                               "cannot read the state file /bootimg/state/rollback: Is a directory"),
+    "state-file-a-fifo": (lambda s: os.mkfifo(s.state / "rollback"),
+                          "cannot read the state file /bootimg/state/rollback: Invalid argument"),
+    "nv-index-malformed": (lambda s: s.conf.write_text(s.conf.read_text() + "BOOTIMG_ROLLBACK_NV=0x81000001\n"),
+                           "BOOTIMG_ROLLBACK_NV '0x81000001' is not an NV index (0x01xxxxxx)"),
+    "tpm-unreachable": (lambda s: setattr(s, "env", {"BOOTIMG_TEST_TPM": "unix:/nonexistent/tpm"}),
+                        "cannot read this device's rollback minimum: cannot connect to unix:/nonexistent/tpm"),
+    "tpm-answers-nothing": (lambda s: setattr(s, "env", {"BOOTIMG_TEST_TPM": "/dev/null"}),
+                            "cannot read this device's rollback minimum: malformed TPM response (short"),
+}
+
+
+@kernel_test
+@pytest.mark.parametrize("case", list(ROLLBACK_FAILURES))
+def test_rollback_fails_closed(scenario, case):
+    s = scenario("signed", layout="releases")
+    _set_security_version(s, 3)
+    ROLLBACK_FAILURES[case][0](s)
+    assert_failed_closed(s.run(env=getattr(s, "env", None)), ROLLBACK_FAILURES[case][1])
+
+
+@kernel_test
+def test_signed_security_version_on_the_command_line_may_agree(scenario):
+    s = scenario("signed", layout="releases")
+    _set_security_version(s, 3)
+    s.cmdline += " bootimg.security_version=3"
+    assert_verified_root(s.run(), s.digest)
+
+
+@kernel_test
+def test_sealed_security_version_comes_from_the_command_line(scenario):
+    """sealed: the (sealed UKI's) command line carries it; without it, 0."""
+    s = scenario("sealed", layout="releases")
+    s.seal()
+    (s.state / "rollback").write_text("5\n")
+    assert_failed_closed(s.run(), f"release {s.version} has security_version 0, below this device's minimum 5 "
+                                  "(state file /bootimg/state/rollback)")
+    s.cmdline += " bootimg.security_version=4"
+    assert_failed_closed(s.run(), f"release {s.version} has security_version 4, below this device's minimum 5")
+    s.seal()
+    s.cmdline += " bootimg.security_version=5"
+    o = s.run()
+    assert_verified_root(o, s.digest)
+    assert (o.booted["security_version"], o.booted["rollback_minimum"], o.booted["version"]) == (5, 5, s.version)
+
+
+# -- bless ----------------------------------------------------------------------------------------------------
+
+@kernel_test
+@pytest.mark.parametrize("phys_ro", [False, True], ids=["rw", "ro"])
+def test_bless_raises_the_minimum_and_never_lowers_it(scenario, phys_ro):
+    """After a good boot: the state file goes to the booted security_version (atomically, the
+    physical root made writable for it if it is read-only, and read-only again); again: nothing
+    changes; a higher minimum stays; and the release below it is refused from then on."""
+    s = scenario("dev" if phys_ro else "signed", layout="releases")
+    if phys_ro:                                 # dev: sealed, /var transient (the physical root stays ro)
+        s.seal()
+        s.cmdline += " bootimg.security_version=3"
+    else:
+        _set_security_version(s, 3)
+    o = s.run(phys_ro=phys_ro)
+    assert o.rc == 0, o.stderr
+    assert not (s.state / "rollback").exists()
+    rc, lines, mounts = s.after_switch_root("bless", phys_ro=phys_ro)
+    assert (rc, lines) == (0, [f"bootimg: bless: rollback minimum 3 (release {s.version}): state file "
+                               "/sysroot/bootimg/state/rollback 0 -> 3, no TPM"])
+    assert (s.state / "rollback").read_text() == "3\n"
+    assert sorted(p.name for p in s.state.iterdir()) == [".provisioned", "rollback", "var"]     # no temporary left
+    phys = next(m for m in mounts if m["at"] == "/newroot/sysroot")
+    assert ("ro" in phys["mount_opts"].split(",")) == phys_ro
+    inode = (s.state / "rollback").stat().st_ino
+    rc, lines = s.bless()
+    assert (rc, lines[0].endswith("state file /sysroot/bootimg/state/rollback 3 -> 3, no TPM")) == (0, True), lines
+    (s.state / "rollback").write_text("7\n")
+    rc, lines = s.bless()
+    assert rc == 0 and lines[0].endswith("7 -> 7, no TPM") and (s.state / "rollback").read_text() == "7\n"
+    assert inode and len(lines) == 1
+
+
+@kernel_test
+def test_a_blessed_minimum_refuses_the_older_release(scenario):
+    s = scenario("signed", layout="releases")
+    _set_security_version(s, 3)
+    assert s.run().rc == 0
+    assert s.bless()[0] == 0
+    _set_security_version(s, 2)                   # the previous release, still installed
+    assert_failed_closed(s.run(), "release 1.4.0 has security_version 2, below this device's minimum 3 "
+                                  "(state file /bootimg/state/rollback)")
+
+
+BLESS_FAILURES = {
+    "not-booted-by-bootimg": (lambda s: (s.top / "run" / "booted.json").unlink(),
+                              "bootimg: bless failed: cannot read {run}/booted.json: No such file or directory (the root "
+                              "was not set up by bootimg-setup-root)"),
+    "old-booted-json": (lambda s: _edit_booted(s, lambda b: b.pop("security_version")),
+                        "bootimg: bless failed: {run}/booted.json has no security_version, rollback_file or rollback_nv"),
+    "booted-json-malformed": (lambda s: (s.top / "run" / "booted.json").write_text("{"),
+                              "bootimg: bless failed: {run}/booted.json: line 1 column 2: expected a member name"),
+    "unsafe-rollback-file": (lambda s: _edit_booted(s, lambda b: b.update(rollback_file="/sysroot/../etc/x")),
+                             "bootimg: bless failed: {run}/booted.json: unsafe rollback_file '/sysroot/../etc/x'"),
+    "rollback-file-off-the-partition": (lambda s: _edit_booted(s, lambda b: b.update(rollback_file="/etc/rollback")),
+                                        "bootimg: bless failed: {run}/booted.json: unsafe rollback_file '/etc/rollback'"),
+    "state-file-malformed": (lambda s: (s.state / "rollback").write_text("x\n"),
+                             "bootimg: bless failed: the state file /sysroot/bootimg/state/rollback is malformed"),
+    "tpm-unreachable": (lambda s: setattr(s, "env", {"BOOTIMG_TEST_TPM": "unix:/nonexistent/tpm"}),
+                        "bootimg: bless failed: cannot connect to unix:/nonexistent/tpm"),
+    "usage": (lambda s: setattr(s, "args", ["bless", "now"]), "bootimg: bless failed: usage: bootimg-setup-root bless"),
+}
+
+
+def _edit_booted(s: Scenario, change) -> None:
+    p = s.top / "run" / "booted.json"
+    data = json.loads(p.read_text())
+    change(data)
+    p.write_text(json.dumps(data))
+
+
+@kernel_test
+@pytest.mark.parametrize("case", list(BLESS_FAILURES))
+def test_bless_fails_in_one_line(scenario, case):
+    s = scenario("signed", layout="releases")
+    _set_security_version(s, 3)
+    assert s.run().rc == 0
+    change, message = BLESS_FAILURES[case]
+    change(s)
+    rc, lines, _ = s.after_switch_root(*getattr(s, "args", ["bless"]), env=getattr(s, "env", None))
+    assert rc == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(message.format(run=s.top / "run")), lines
+    # the state file is raised before the TPM is asked: a TPM that does not answer leaves it raised
+    assert (s.state / "rollback").exists() == (case in ("state-file-malformed", "tpm-unreachable"))
+
+
+# -- container images: release and store from booted.json ---------------------------------------------------
+
+@kernel_test
+def test_container_image_comes_from_the_booted_release(scenario, releases):
+    """mount-image takes the release directory and the object store from booted.json: a decoy
+    release elsewhere on the partition (and whatever the kernel command line says) does not matter."""
+    s = scenario("signed", layout="releases")
+    decoy = s.phys / "bootimg" / "releases" / "1.3.0"
+    shutil.copytree(s.rel, decoy)
+    (decoy / "images" / "rear-camera.cfs").write_bytes(b"not this one")
+    assert s.run().rc == 0
+    digest = json.loads((s.rel / "release.json").read_bytes())["images"]["rear-camera"]["digest"]
+    rc, lines, mounts = s.after_switch_root("mount-image", "rear-camera", digest, env={"BOOTIMG_TEST_VERITY": "enabled"})
+    assert (rc, lines) == (0, [])
+    assert (s.top / "out" / "verity.log").read_text().splitlines() == [
+        f"measure {s.top}/newroot/sysroot/bootimg/releases/1.4.0/images/rear-camera.cfs"]
+    at = {m["at"]: m for m in mounts}
+    opts = at["/run/containers/rear-camera"]["super_opts"].split(",")
+    store = f"{s.top}/newroot/sysroot/bootimg/objects"
+    assert "verity=require" in opts
+    assert f"datadir+={store}" in opts or any(x.startswith("lowerdir=") and x.endswith(f"::{store}") for x in opts), opts
+    # no booted.json: refused in one line, nothing mounted
+    (s.top / "run" / "booted.json").unlink()
+    rc, lines, mounts = s.after_switch_root("mount-image", "rear-camera", digest, env={"BOOTIMG_TEST_VERITY": "enabled"})
+    assert rc == 1 and lines == [f"bootimg: FATAL: container rear-camera: cannot read {s.top}/run/booted.json: No such "
+                                 "file or directory (the root was not set up by bootimg-setup-root)"]
+    assert not [m for m in mounts if m["at"].startswith("/run/")]

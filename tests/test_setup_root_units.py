@@ -23,8 +23,8 @@ from bootimg.composefs import fsverity
 from bootimg.signing import generate_keypair, make_trusted_comment, sign
 from bootimg.signing.minisig import PublicKey
 
-SOURCES = ["config.c", "json.c", "minisign.c", "util.c", "sha256.c", "sha512.c", "verity.c",
-           "vendor/monocypher/monocypher.c"]
+SOURCES = ["config.c", "json.c", "minisign.c", "util.c", "sha256.c", "sha512.c", "verity.c", "tpm.c", "rollback.c",
+           "mounts.c", "vendor/monocypher/monocypher.c"]
 CHECK_C = Path(__file__).parent / "setup_root" / "check.c"
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
 ENV = {"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=99", "UBSAN_OPTIONS": "halt_on_error=1:exitcode=98"}
@@ -43,15 +43,20 @@ RFC8032 = [
 ]
 
 
-@pytest.fixture(scope="session")
-def check(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("check") / "check"
+def build_check(out: Path) -> Path:
+    """tests/setup_root/check.c with the program's sources, under ASan/UBSan, with the test hooks
+    (tpm-read and tpm-raise talk to swtpm's socket: BOOTIMG_TEST_TPM=unix:PATH)."""
     src = setup_root.source_dir()
-    res = subprocess.run(["gcc", "-std=c11", "-D_GNU_SOURCE", "-O1", "-g", *SANITIZE, "-Wall", "-Wextra", "-Werror",
-                          "-Wno-unused-parameter", f"-I{src}", "-o", str(out), str(CHECK_C),
+    res = subprocess.run(["gcc", "-std=c11", "-D_GNU_SOURCE", "-DBOOTIMG_TEST_HOOKS", "-O1", "-g", *SANITIZE, "-Wall",
+                          "-Wextra", "-Werror", "-Wno-unused-parameter", f"-I{src}", "-o", str(out), str(CHECK_C),
                           *(str(src / s) for s in SOURCES)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def check(tmp_path_factory) -> Path:
+    return build_check(tmp_path_factory.mktemp("check") / "check")
 
 
 def run(check: Path, *args) -> subprocess.CompletedProcess:
@@ -239,6 +244,13 @@ JSON_CASES = {
     "kernel-argument-not-string": ('{"root": {"kernel_argument": 1}}', "is not a string"),
     "single-quotes": ("{'format': 'x'}", "expected a member name"),
     "nan": ('{"a": NaN}', "unexpected character"),
+    "security-version-negative": ('{"security_version": -1}', '"security_version" is not an integer from 0 to 4294967295'),
+    "security-version-fraction": ('{"security_version": 1.0}', '"security_version" is not an integer'),
+    "security-version-exponent": ('{"security_version": 1e3}', '"security_version" is not an integer'),
+    "security-version-too-big": ('{"security_version": 4294967296}', '"security_version" is not an integer'),
+    "security-version-string": ('{"security_version": "3"}', '"security_version" is not an integer'),
+    "security-version-twice": ('{"security_version": 3, "security_version": 4}', 'duplicate member "security_version"'),
+    "version-not-string": ('{"version": 1}', '"version" is not a string'),
 }
 
 
@@ -247,11 +259,16 @@ def test_release_json_good(check, tmp_path):
     p.write_text(json.dumps(GOOD, indent=2, ensure_ascii=False))
     out = run(check, "json", p).stdout.splitlines()
     assert out == ["format=bootimg-release/1", f"kernel_argument={GOOD['root']['kernel_argument']}",
-                   f"root_digest={'ab' * 32}", "n_kernel_argument=1"]
+                   f"root_digest={'ab' * 32}", "n_kernel_argument=1", "version=", "security_version=absent 0"]
     # two kernel arguments are counted (the program refuses that), escapes decoded
     p.write_text('{"root": {"kernel_argument": "a", "kernel_argument": "b\\u00e9"}, "format": "f\\/"}')
     assert run(check, "json", p).stdout.splitlines() == ["format=f/", "kernel_argument=bé", "root_digest=",
-                                                          "n_kernel_argument=2"]
+                                                          "n_kernel_argument=2", "version=", "security_version=absent 0"]
+    # the version and the security version (0..4294967295); the members of nested objects are not them
+    for sv in (0, 7, 4294967295):
+        p.write_text(json.dumps({**GOOD, "version": "1.4.0", "security_version": sv,
+                                 "boot": {"security_version": 9, "version": "x", "tries": 3}}))
+        assert run(check, "json", p).stdout.splitlines()[-2:] == ["version=1.4.0", f"security_version={sv}"]
 
 
 @pytest.mark.parametrize("case", list(JSON_CASES))
@@ -268,9 +285,10 @@ def test_release_json_refuses(check, tmp_path, case):
 def test_conf(check, tmp_path):
     p = tmp_path / "boot.conf"
     p.write_text("# c\nBOOTIMG_TRUST=signed\nBOOTIMG_TRUST=sealed\nOTHER=1\nBOOTIMG_OBJECTS=/bootimg/objects\n"
-                 "BOOTIMG_RELEASE=/r")
+                 "BOOTIMG_RELEASES=/bootimg/releases\nBOOTIMG_ROLLBACK_NV=0x01500017\nBOOTIMG_RELEASE=/r")
     out = run(check, "conf", p).stdout.splitlines()
     assert "trust=sealed" in out and "objects=/bootimg/objects" in out and "release=/r" in out and "etc=" in out
+    assert "releases=/bootimg/releases" in out and "rollback_nv=0x01500017" in out
     p.write_bytes(b"BOOTIMG_TRUST=signed\0\n")
     assert "contains a NUL byte" in run(check, "conf", p).stdout
     p.write_text("BOOTIMG_TRUST=" + "s" * 100 + "\n")
@@ -290,6 +308,10 @@ def test_conf(check, tmp_path):
     ("bootimg.release=/a,b", {"release_safe": "0"}),
     ("bootimg.release=relative", {"release_safe": "0"}),
     ("xcomposefs.digest=v1-sha256-12:" + "ab" * 32, {"n_digest": "0"}),
+    ("bootimg.security_version=7 rw", {"n_secver": "1", "secver": "7"}),
+    ("bootimg.security_version=1 bootimg.security_version=2", {"n_secver": "2", "secver": "2"}),
+    ("bootimg.security_version=" + "9" * 20, {"n_secver": "1", "secver": ""}),
+    ("xbootimg.security_version=1", {"n_secver": "0"}),
 ])
 def test_cmdline(check, tmp_path, text, expect):
     p = tmp_path / "cmdline"
@@ -317,3 +339,153 @@ def test_fuzz_batch_under_sanitizers(check, signed, tmp_path):
     res = run(check, "fuzz", 20260101, 20000, d / "key.pub", d / "legacy.sig", d / "msg", tmp_path / "boot.conf")
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("fuzz: 20000 rounds"), res.stdout
+
+
+@pytest.mark.parametrize("text, value", [
+    ("0", 0), ("7", 7), ("4294967295", 4294967295), ("4294967296", None), ("-1", None), ("+1", None), ("07", None),
+    ("", None), ("1 ", None), ("0x10", None), ("99999999999999999999", None),
+])
+def test_security_version_numbers(check, text, value):
+    res = run(check, "u32", text)
+    assert res.stdout.strip() == (str(value) if value is not None else "error")
+
+
+@pytest.mark.parametrize("path, ok", [
+    ("/bootimg/releases/1.4.0", True), ("/bootimg/releases/a_b-c.D", True),
+    ("/bootimg/releases/..", False), ("/bootimg/releases/.", False), ("/bootimg/releases/.1.4.0.tmp", False),
+    ("/bootimg/releases/../state", False), ("/bootimg/releases/1.4.0/images", False), ("/bootimg/releases", False),
+    ("/bootimg/releases/", False), ("/bootimg/releasesX/1.4.0", False), ("/bootimg/release", False),
+    ("/bootimg/releases//1.4.0", False), ("/bootimg/releases/1,4", False), ("bootimg/releases/1.4.0", False),
+    ("/other/1.4.0", False),
+])
+def test_release_must_be_a_direct_child_of_the_releases(check, path, ok):
+    assert run(check, "release-in", "/bootimg/releases", path).stdout.strip() == ("yes" if ok else "no")
+
+
+@pytest.mark.parametrize("text, value", [
+    ("0x01500016", 0x01500016), ("0x01ffffff", 0x01FFFFFF), ("0x01C00002", 0x01C00002),
+    ("0x81000001", None), ("0x1500016", None), ("01500016", None), ("0x015000160", None), ("0x0150001g", None),
+])
+def test_nv_index(check, text, value):
+    assert run(check, "nv-index", text).stdout.strip() == (str(value) if value is not None else "error")
+
+
+@pytest.mark.parametrize("content, result", [
+    (None, "0"), (b"3\n", "3"), (b"3", "3"), (b"0\n", "0"), (b"4294967295\n", "4294967295"),
+    (b"", "error: the state file STATE is malformed"), (b"\n", "error: the state file STATE is malformed"),
+    (b"03\n", "error: the state file STATE is malformed"), (b"3\n\n", "error: the state file STATE is malformed"),
+    (b"-1\n", "error: the state file STATE is malformed"), (b"3\0\n", "error: the state file STATE is malformed"),
+    (b"4294967296\n", "error: the state file STATE is malformed"), (b"1" * 40, "larger than 32 bytes"),
+    ("dir", "cannot read the state file STATE: Is a directory"),
+])
+def test_rollback_state_file(check, tmp_path, content, result):
+    p = tmp_path / "rollback"
+    if content == "dir":
+        p.mkdir()
+    elif content is not None:
+        p.write_bytes(content)
+    assert result in run(check, "state", p).stdout
+
+
+def test_booted_json_for_bless_and_mount_image(check, tmp_path):
+    doc = {"digest": "ab" * 32, "release": "/bootimg/releases/1.4.0", "release_dir": "/sysroot/bootimg/releases/1.4.0",
+           "objects": "/sysroot/bootimg/objects", "version": "1.4.0", "security_version": 3, "rollback_minimum": 2,
+           "rollback_store": "file", "rollback_nv": "0x01500016", "rollback_file": "/sysroot/bootimg/state/rollback",
+           "mounts": {"/": "composefs"}}
+    (tmp_path / "booted.json").write_text(json.dumps(doc))
+    assert run(check, "booted", tmp_path).stdout.splitlines() == [
+        "release_dir=/sysroot/bootimg/releases/1.4.0", "objects=/sysroot/bootimg/objects",
+        "rollback_file=/sysroot/bootimg/state/rollback", "rollback_nv=0x01500016", "version=1.4.0", "security_version=3"]
+    (tmp_path / "booted.json").write_text(json.dumps({**doc, "security_version": "3"}))
+    assert '"security_version" is not an integer' in run(check, "booted", tmp_path).stdout
+    (tmp_path / "booted.json").unlink()
+    assert "booted.json: No such file or directory (the root was not set up by bootimg-setup-root)" in \
+        run(check, "booted", tmp_path).stdout
+
+
+# -- the TPM 2.0 commands ----------------------------------------------------------------------------------------
+
+# The commands as TPM 2.0 Library Part 3 lays them out for NV index 0x01500016, written out by hand:
+# tag, size, command code; handles; a password session (TPM_RS_PW, empty nonce, continueSession,
+# empty password); parameters.
+PW_SESSION = "00000009" + "40000009" + "0000" + "01" + "0000"
+TPM_COMMANDS = {
+    "read-public": "8001" + "0000000e" + "00000169" + "01500016",
+    "read": "8002" + "00000023" + "0000014e" + "01500016" + "01500016" + PW_SESSION + "0008" + "0000",
+    "increment": "8002" + "0000001f" + "00000134" + "01500016" + "01500016" + PW_SESSION,
+    # owner hierarchy; empty authValue; TPM2B_NV_PUBLIC {index, SHA-256, attributes COUNTER|OWNERWRITE|
+    # AUTHWRITE|OWNERREAD|AUTHREAD|NO_DA, no policy, 8 bytes}
+    "define": "8002" + "0000002d" + "0000012a" + "40000001" + PW_SESSION + "0000" + "000e" + "01500016" + "000b"
+              + "02060016" + "0000" + "0008",
+}
+
+
+@pytest.mark.parametrize("which", list(TPM_COMMANDS))
+def test_tpm_commands_are_byte_exact(check, which):
+    assert run(check, "tpm-command", which, "0x01500016").stdout.strip() == TPM_COMMANDS[which]
+    other = run(check, "tpm-command", which, "0x01c00123").stdout.strip()
+    assert other == TPM_COMMANDS[which].replace("01500016", "01c00123")
+
+
+# Real responses of swtpm 0.7.1 (libtpms) to the commands above (tests/test_setup_root_tpm.py
+# gets them live from swtpm too).
+SWTPM = {
+    "public-unwritten": "80010000003e00000000000e01500016000b02060016000000080022000b7757e09815ac4f98ee9d99371563a83d0cc000"
+                        "3903f860ab02f2cf8d151e19fc",
+    "public-written": "80010000003e00000000000e01500016000b22060016000000080022000b3afd5889e451c4f03de69ba812cc8502e14d"
+                      "02403e4ecc2f7265ed4f5b7d1d34",
+    "public-undefined": "80010000000a0000018b",
+    "read-2": "80020000001d000000000000000a000800000000000000020000010000",
+    "read-uninitialized": "80010000000a0000014a",
+    "increment": "80020000001300000000000000000000010000",
+    "define": "80020000001300000000000000000000010000",
+    "define-exists": "80010000000a0000014c",
+}
+
+
+@pytest.mark.parametrize("which, response, result", [
+    ("read-public", "public-unwritten", "ok attributes=0x02060016 size=8 value=0"),
+    ("read-public", "public-written", "ok attributes=0x22060016 size=8 value=0"),     # + TPMA_NV_WRITTEN
+    ("read-public", "public-undefined", "rc 0x18b"),                                   # TPM_RC_HANDLE + handle 1
+    ("read", "read-2", "ok attributes=0x00000000 size=0 value=2"),
+    ("read", "read-uninitialized", "rc 0x14a"),
+    ("increment", "increment", "ok attributes=0x00000000 size=0 value=0"),
+    ("define", "define", "ok attributes=0x00000000 size=0 value=0"),
+    ("define", "define-exists", "rc 0x14c"),
+])
+def test_tpm_responses_of_swtpm(check, which, response, result):
+    assert run(check, "tpm-response", which, "0x01500016", SWTPM[response]).stdout.strip() == result
+
+
+def _resize(h: str, delta: int) -> str:
+    """A response with its size field changed by delta (to match a changed length)."""
+    return h[:4] + f"{int(h[4:12], 16) + delta:08x}" + h[12:]
+
+
+MALFORMED = {
+    "empty": ("read", ""),
+    "header-only-9": ("read", SWTPM["read-2"][:18]),
+    "truncated": ("read", SWTPM["read-2"][:-2]),
+    "size-field-too-big": ("read", _resize(SWTPM["read-2"], 1)),
+    "extra-byte": ("read", SWTPM["read-2"] + "00"),
+    "extra-byte-resized": ("read", _resize(SWTPM["read-2"] + "00", 1)),
+    "no-session-tag": ("read", "8001" + SWTPM["read-2"][4:]),
+    "seven-byte-counter": ("read", _resize(SWTPM["read-2"][:20] + "00000009" + "0007" + "00" * 7 + "0000010000", -1)),
+    "parameter-size-lies": ("read", SWTPM["read-2"][:20] + "0000000b" + SWTPM["read-2"][28:]),
+    "nonce-overruns": ("read", SWTPM["read-2"][:-10] + "ffff010000"),
+    "no-session": ("increment", _resize(SWTPM["increment"][:28], -5)),
+    "error-with-body": ("read", _resize("80010000000a0000014a" + "00", 1)),
+    "error-with-session-tag": ("read", "8002" + SWTPM["read-uninitialized"][4:]),
+    "public-other-index": ("read-public", SWTPM["public-written"].replace("01500016", "01500017")),
+    "public-size-lies": ("read-public", SWTPM["public-written"][:20] + "000f" + SWTPM["public-written"][24:]),
+    "public-policy-overruns": ("read-public", SWTPM["public-written"][:44] + "00ff" + SWTPM["public-written"][48:]),
+    "public-name-truncated": ("read-public", _resize(SWTPM["public-written"][:-2], -1)),
+    "public-name-too-long": ("read-public", _resize(SWTPM["public-written"][:52] + "0043" + "00" * 0x43, 0x43 - 0x22)),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_tpm_malformed_responses_fail_closed(check, case):
+    which, response = MALFORMED[case]
+    res = run(check, "tpm-response", which, "0x01500016", response)
+    assert res.returncode == 1 and res.stdout.startswith("error: malformed TPM response ("), res.stdout

@@ -748,13 +748,18 @@ def test_helper_refuses_bad_arguments_in_one_line(args, message):
     assert message in res.stderr
 
 
-def test_helper_release_dir_from_the_kernel_command_line(tmp_path):
-    # Without BOOTIMG_RELEASE the release is /sysroot + bootimg.release= (or /bootimg/release).
+def test_helper_release_dir_from_booted_json(tmp_path):
+    # Without BOOTIMG_RELEASE the release and the store are booted.json's (the booted release's).
     res = run_helper("a", DIGEST, env={"BOOTIMG_RUN": str(tmp_path)})
-    cmdline = Path("/proc/cmdline").read_text()
-    m = re.search(r"(?:^|\s)bootimg\.release=(/\S*)", cmdline)
-    expected = "/sysroot" + (m.group(1) if m else "/bootimg/release")
-    assert f"{expected}/objects: no such directory" in res.stderr
+    assert f"cannot read {tmp_path}/booted.json: No such file or directory" in res.stderr
+    (tmp_path / "booted.json").write_text(json.dumps({"release_dir": "/sysroot/bootimg/releases/1.4.0",
+                                                      "objects": "/sysroot/bootimg/objects"}))
+    res = run_helper("a", DIGEST, env={"BOOTIMG_RUN": str(tmp_path), "BOOTIMG_TEST_ROOT": "/nonexistent"})
+    assert res.stderr == "bootimg: FATAL: container a: /nonexistent/sysroot/bootimg/objects: no such directory\n"
+    (tmp_path / "booted.json").write_text(json.dumps({"release_dir": "/sysroot/bootimg/releases/../x",
+                                                      "objects": "/sysroot/bootimg/objects"}))
+    res = run_helper("a", DIGEST, env={"BOOTIMG_RUN": str(tmp_path)})
+    assert res.stderr == f"bootimg: FATAL: container a: {tmp_path}/booted.json has no safe release_dir and objects\n"
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,9 @@ APT_PACKAGES="erofs-utils fsverity attr util-linux e2fsprogs minisign signify-op
 # make and the aarch64 cross compiler build bootimg-setup-root (bootimg/boot/setup_root/) for roots of
 # either architecture (x86_64 with gcc itself).
 APT_PACKAGES="$APT_PACKAGES make gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
+# swtpm (a TPM 2.0 simulator, libtpms) and tpm2-tools test bootimg-setup-root's rollback counter
+# against a real TPM (tests/test_setup_root_tpm.py).
+APT_PACKAGES="$APT_PACKAGES swtpm swtpm-tools tpm2-tools"
 # (shellcheck) lints the generated dracut module-setup.sh; busybox runs shell scripts under a second POSIX shell (tests).
 APT_PACKAGES="$APT_PACKAGES shellcheck busybox systemd-container"
 # debootstrap, e2fsprogs (mkfs.ext4 -d) and zstd build the QEMU board's Debian root (bootimg.board).

@@ -37,7 +37,12 @@ from ..sources import treeops
 from . import setup_root
 
 MODULE_NAME = "bootimg"
-STATE_PATH = "/bootimg/state"
+# The data partition (docs/boot-design.md): releases side by side over one object store, and state.
+RELEASES_PATH = "/bootimg/releases"               # RELEASES_PATH/<version>: bootimg.release= names one
+OBJECTS_PATH = "/bootimg/objects"                 # the fs-verity object store all releases share
+STATE_PATH = "/bootimg/state"                     # var/, .provisioned, rollback
+ROLLBACK_FILE = f"{STATE_PATH}/rollback"          # the rollback minimum's copy on the partition (decimal)
+ROLLBACK_NV = 0x01500016                          # the rollback minimum's TPM 2.0 NV counter
 
 # template name -> (mode in the root)
 TEMPLATES = {
@@ -50,8 +55,11 @@ TEMPLATES = {
 # the root has every one of them. The program needs no tool of the root's: nothing but libc.
 DRACUT_DEPENDS = ("systemd",)                     # dracut modules 90bootimg depends on
 KERNEL_MODULES = ("erofs", "overlay", "loop")     # built in or modules of the root's kernel
+# The TPM's drivers, for the rollback counter: installed when the kernel has them as modules (a
+# machine without a TPM boots without them), not required by the boot check.
+OPTIONAL_KERNEL_MODULES = ("tpm_tis", "tpm_crb")
 _WORD = re.compile(r"[A-Za-z0-9._+-]+")
-assert all(_WORD.fullmatch(w) for w in DRACUT_DEPENDS + KERNEL_MODULES)
+assert all(_WORD.fullmatch(w) for w in DRACUT_DEPENDS + KERNEL_MODULES + OPTIONAL_KERNEL_MODULES)
 
 # The program reads no environment; these would change what the dynamic loader does to it.
 UNSET_ENVIRONMENT = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT")
@@ -84,6 +92,7 @@ def render(name: str, manifest: Manifest) -> str:
         "SETUP_ROOT": SETUP_ROOT,
         "DRACUT_DEPENDS": " ".join(DRACUT_DEPENDS),
         "KERNEL_MODULES": " ".join(KERNEL_MODULES),
+        "OPTIONAL_KERNEL_MODULES": " ".join(OPTIONAL_KERNEL_MODULES),
     }
     text = _PLACEHOLDER.sub(lambda m: values.get(m.group(0)[1:-1], m.group(0)), template(name))
     left = _PLACEHOLDER.findall(text)
@@ -102,7 +111,10 @@ def boot_conf(manifest: Manifest) -> str:
             f"BOOTIMG_VAR={b.var}\n"
             f"BOOTIMG_ON_FAILURE={b.on_verification_failure}\n"
             f"BOOTIMG_RELEASE={RELEASE_PATH}\n"
-            f"BOOTIMG_STATE={STATE_PATH}\n")
+            f"BOOTIMG_STATE={STATE_PATH}\n"
+            f"BOOTIMG_RELEASES={RELEASES_PATH}\n"
+            f"BOOTIMG_OBJECTS={OBJECTS_PATH}\n"
+            f"BOOTIMG_ROLLBACK_NV=0x{ROLLBACK_NV:08x}\n")
 
 
 def dracut_conf() -> str:

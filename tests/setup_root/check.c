@@ -7,9 +7,20 @@
  *   check json FILE                         the extracted members, or "error: ..."
  *   check conf FILE | cmdline FILE          the parsed values, or "error: ..."
  *   check verity FILE                       the user-space fs-verity digest
+ *   check release-in RELEASES PATH          "yes" when PATH is a release of RELEASES, else "no"
+ *   check nv-index TEXT | u32 TEXT          the parsed value, or "error"
+ *   check state FILE                        the rollback state file's value, or "error: ..."
+ *   check booted RUN_DIR                    what bless and mount-image read from RUN_DIR/booted.json
+ *   check tpm-command WHICH INDEX           the command's bytes (hex); WHICH: read-public, read,
+ *                                           increment, define
+ *   check tpm-response WHICH INDEX HEX      the unmarshalled response, "rc 0x..." or "error: ..."
+ *   check tpm-read INDEX | tpm-raise INDEX TARGET
+ *                                           the counter of the TPM (BOOTIMG_TEST_TPM=unix:PATH)
  *   check fuzz SEED N KEYFILE SIGFILE MSGFILE CONFFILE
- *       N rounds of mutations of those inputs through every parser; a mutated signature or
- *       message that still verifies must be the original one (exit 3 otherwise). */
+ *       N rounds of mutations of those inputs, and of TPM responses, security versions and
+ *       release paths, through every parser; a mutated signature or message that still
+ *       verifies must be the original one, an accepted release path must be a direct child
+ *       (exit 3 otherwise). */
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -84,6 +95,38 @@ static int same_sig(const struct minisign_sig *a, const struct minisign_sig *b)
            && memcmp(a->global_sig, b->global_sig, 64) == 0;
 }
 
+/* Real responses of swtpm 0.7.1 (libtpms) for NV index 0x01500016. */
+static const char *const TPM_RESPONSES[][2] = {
+    {"read-public", "80010000003e00000000000e01500016000b02060016000000080022000b7757e09815ac4f98ee9d99371563a83d0cc000"
+                    "3903f860ab02f2cf8d151e19fc"},
+    {"read-public", "80010000000a0000018b"},
+    {"read", "80020000001d000000000000000a000800000000000000020000010000"},
+    {"increment", "80020000001300000000000000000000010000"},
+    {"define", "80010000000a0000014c"},
+};
+
+static int which_of(const char *w)
+{
+    static const char *const names[] = {"read-public", "read", "increment", "define"};
+    for (int i = 0; i < 4; i++)
+        if (strcmp(w, names[i]) == 0)
+            return i;
+    exit(2);
+}
+
+/* What release_in must say, written plainly. */
+static int direct_child(const char *releases, const char *p)
+{
+    size_t n = strlen(releases);
+    if (strncmp(p, releases, n) != 0 || p[n] != '/' || !p[n + 1] || p[n + 1] == '.')
+        return 0;
+    for (const char *c = p + n + 1; *c; c++)
+        if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') || *c == '.'
+              || *c == '_' || *c == '-'))
+            return 0;
+    return 1;
+}
+
 static int fuzz(uint64_t seed, long rounds, char **files)
 {
     size_t klen, slen, mlen, clen;
@@ -101,7 +144,7 @@ static int fuzz(uint64_t seed, long rounds, char **files)
     for (long i = 0; i < rounds; i++) {
         size_t n;
         char *m;
-        switch (i % 6) {
+        switch (i % 9) {
         case 0: {                               /* key */
             m = mutate(key, klen, &n);
             if (parse_pubkey(m, n, &k, err, sizeof err) == 0 && minisign_verify(&k, &s0, (uint8_t *)msg, mlen, err, sizeof err) == 0) {
@@ -144,9 +187,60 @@ static int fuzz(uint64_t seed, long rounds, char **files)
             struct cmdline cl;
             char hex[65];
             m = mutate("quiet composefs.digest=v1-sha256-12:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef bootimg.release=/bootimg/release rw", 117, &n);
+            uint32_t v;
             if (parse_cmdline(m, n, &cl) == 0 && cl.n_digest == 1)
                 parse_digest_arg(cl.digest_arg, hex);
             safe_path(cl.release);
+            if (cl.n_secver && parse_u32(cl.secver, &v) == 0 && strtoull(cl.secver, NULL, 10) != v) {
+                fprintf(stderr, "round %ld: security_version %s read as %u\n", i, cl.secver, v);
+                return 3;
+            }
+            break;
+        }
+        case 6: {                               /* TPM responses */
+            uint8_t r[TPM_MAX_RESPONSE], hexbuf[2 * TPM_MAX_RESPONSE];
+            int k = (int)(next() % 5), which = which_of(TPM_RESPONSES[k][0]);
+            const char *h = TPM_RESPONSES[k][1];
+            size_t hn = strlen(h) / 2;
+            for (size_t j = 0; j < hn; j++) {
+                unsigned x;
+                sscanf(h + 2 * j, "%2x", &x);
+                hexbuf[j] = (uint8_t)x;
+            }
+            m = mutate((char *)hexbuf, hn, &n);
+            if (n > sizeof r)
+                n = sizeof r;
+            memcpy(r, m, n);
+            uint32_t rc, attributes;
+            uint16_t size;
+            uint64_t value;
+            if (tpm_response(which, 0x01500016, r, n, &rc, &attributes, &size, &value, err, sizeof err) >= 0
+                && (n < 10 || ((size_t)r[2] << 24 | (size_t)r[3] << 16 | (size_t)r[4] << 8 | r[5]) != n)) {
+                fprintf(stderr, "round %ld: a TPM response of the wrong length was accepted\n", i);
+                return 3;
+            }
+            break;
+        }
+        case 7: {                               /* security versions in release.json */
+            static const char doc[] = "{\"format\": \"bootimg-release/1\", \"version\": \"1.4.0\", "
+                                      "\"security_version\": 4294967295, \"root\": {\"kernel_argument\": \"x\"}}";
+            struct release_info r;
+            m = mutate(doc, sizeof doc - 1, &n);
+            if (parse_release(m, n, &r, err, sizeof err) == 0 && r.has_security_version) {
+                char *at = strstr(m, "\"security_version\":");
+                if (at && strtoull(at + 19 + strspn(at + 19, " "), NULL, 10) != r.security_version) {
+                    fprintf(stderr, "round %ld: security_version read as %u\n", i, r.security_version);
+                    return 3;
+                }
+            }
+            break;
+        }
+        case 8: {                               /* release paths */
+            m = mutate("/bootimg/releases/1.4.0", 23, &n);
+            if (strlen(m) == n && release_in("/bootimg/releases", m) != (safe_path(m) && direct_child("/bootimg/releases", m))) {
+                fprintf(stderr, "round %ld: release_in is wrong about '%s'\n", i, m);
+                return 3;
+            }
             break;
         }
         default: {
@@ -227,6 +321,8 @@ int main(int argc, char **argv)
         }
         printf("format=%s\nkernel_argument=%s\nroot_digest=%s\nn_kernel_argument=%d\n", r.format, r.kernel_argument,
                r.root_digest, r.n_kernel_argument);
+        printf("version=%s\nsecurity_version=%s%u\n", r.version, r.has_security_version ? "" : "absent ",
+               r.security_version);
         return 0;
     }
     if (argc == 3 && strcmp(argv[1], "conf") == 0) {
@@ -239,8 +335,9 @@ int main(int argc, char **argv)
             printf("error: %s\n", err);
             return 1;
         }
-        printf("trust=%s\nfsverity=%s\netc=%s\nvar=%s\non_failure=%s\nrelease=%s\nstate=%s\nobjects=%s\n", c.trust,
-               c.fsverity, c.etc, c.var, c.on_failure, c.release, c.state, c.objects);
+        printf("trust=%s\nfsverity=%s\netc=%s\nvar=%s\non_failure=%s\nrelease=%s\nstate=%s\nobjects=%s\nreleases=%s\n"
+               "rollback_nv=%s\n", c.trust, c.fsverity, c.etc, c.var, c.on_failure, c.release, c.state, c.objects,
+               c.releases, c.rollback_nv);
         return 0;
     }
     if (argc == 3 && strcmp(argv[1], "cmdline") == 0) {
@@ -254,8 +351,8 @@ int main(int argc, char **argv)
             return 1;
         }
         int ok = c.n_digest == 1 && !c.digest_arg_long && parse_digest_arg(c.digest_arg, hex) == 0;
-        printf("n_digest=%d\ndigest=%s\nrelease=%s\nrelease_safe=%d\n", c.n_digest, ok ? hex : "", c.release,
-               c.release[0] ? safe_path(c.release) : 0);
+        printf("n_digest=%d\ndigest=%s\nrelease=%s\nrelease_safe=%d\nn_secver=%d\nsecver=%s\n", c.n_digest, ok ? hex : "",
+               c.release, c.release[0] ? safe_path(c.release) : 0, c.n_secver, c.secver);
         return 0;
     }
     if (argc == 3 && strcmp(argv[1], "verity") == 0) {
@@ -267,6 +364,85 @@ int main(int argc, char **argv)
         hex_encode(d, 32, hex);
         puts(hex);
         return 0;
+    }
+    if (argc == 4 && strcmp(argv[1], "release-in") == 0) {
+        puts(release_in(argv[2], argv[3]) ? "yes" : "no");
+        return 0;
+    }
+    if (argc == 3 && (strcmp(argv[1], "nv-index") == 0 || strcmp(argv[1], "u32") == 0)) {
+        uint32_t v;
+        if ((argv[1][0] == 'n' ? parse_nv_index(argv[2], &v) : parse_u32(argv[2], &v)) < 0) {
+            puts("error");
+            return 1;
+        }
+        printf("%u\n", v);
+        return 0;
+    }
+    if (argc == 3 && strcmp(argv[1], "state") == 0) {
+        uint64_t v;
+        if (rollback_read_file(argv[2], "STATE", &v, err, sizeof err) < 0) {
+            printf("error: %s\n", err);
+            return 1;
+        }
+        printf("%llu\n", (unsigned long long)v);
+        return 0;
+    }
+    if (argc == 3 && strcmp(argv[1], "booted") == 0) {
+        struct booted_info b;
+        if (read_booted(argv[2], &b, err, sizeof err) < 0) {
+            printf("error: %s\n", err);
+            return 1;
+        }
+        printf("release_dir=%s\nobjects=%s\nrollback_file=%s\nrollback_nv=%s\nversion=%s\nsecurity_version=%s%u\n",
+               b.release_dir, b.objects, b.rollback_file, b.rollback_nv, b.version,
+               b.has_security_version ? "" : "absent ", b.security_version);
+        return 0;
+    }
+    if (argc == 4 && strcmp(argv[1], "tpm-command") == 0) {
+        uint8_t cmd[64];
+        char hex[129];
+        size_t n = tpm_command(which_of(argv[2]), (uint32_t)strtoul(argv[3], NULL, 0), cmd);
+        hex_encode(cmd, n, hex);
+        puts(hex);
+        return 0;
+    }
+    if (argc == 5 && strcmp(argv[1], "tpm-response") == 0) {
+        size_t n = unhex(argv[4], buf, TPM_MAX_RESPONSE);
+        uint32_t rc, attributes = 0;
+        uint16_t size = 0;
+        uint64_t value = 0;
+        int res = tpm_response(which_of(argv[2]), (uint32_t)strtoul(argv[3], NULL, 0), buf, n, &rc, &attributes, &size,
+                               &value, err, sizeof err);
+        if (res < 0)
+            printf("error: %s\n", err);
+        else if (res == 1)
+            printf("rc 0x%03x\n", rc);
+        else
+            printf("ok attributes=0x%08x size=%u value=%llu\n", attributes, size, (unsigned long long)value);
+        return res != 0;
+    }
+    if ((argc == 3 && strcmp(argv[1], "tpm-read") == 0) || (argc == 4 && strcmp(argv[1], "tpm-raise") == 0)) {
+        struct tpm t;
+        uint32_t index = (uint32_t)strtoul(argv[2], NULL, 0);
+        uint64_t before, after;
+        int defined = 0, res = tpm_open(&t, err, sizeof err);
+        if (res == 1 && argc == 3) {
+            res = tpm_counter_read(&t, index, &after, err, sizeof err);
+            if (res == 1)
+                puts("undefined");
+            else if (res == 0)
+                printf("%llu\n", (unsigned long long)after);
+        } else if (res == 1) {
+            res = tpm_counter_raise(&t, index, strtoull(argv[3], NULL, 0), &before, &after, &defined, err, sizeof err);
+            if (res == 0)
+                printf("%llu -> %llu%s\n", (unsigned long long)before, (unsigned long long)after, defined ? " defined" : "");
+        } else if (res == 0) {
+            puts("no TPM");
+        }
+        if (res < 0)
+            printf("error: %s\n", err);
+        tpm_close(&t);
+        return res < 0;
     }
     if (argc == 8 && strcmp(argv[1], "fuzz") == 0)
         return fuzz(strtoull(argv[2], NULL, 0), strtol(argv[3], NULL, 0), argv + 4);

@@ -5,15 +5,21 @@ Run inside a private mount namespace (`unshare -m --propagation private`), as ro
 
     python fuzz_e2e.py PROGRAM RELEASE_DIR WORKDIR SEED COUNT
 
-PROGRAM is the TEST build (paths from the environment, fs-verity simulated as "enabled").
-RELEASE_DIR is a signed release. Each case mutates ONE input (boot.conf, the kernel command
-line, release.json, its signature, a trusted key or its file name) with byte-level damage
-(bit flips, truncation, inserted separators, "/..", NUL bytes, huge runs) and runs the program
-on a bind mount of a physical root holding the release. Every run must end either
+PROGRAM is the TEST build (paths from the environment, fs-verity simulated as "enabled", no
+TPM). RELEASE_DIR is a signed release. The physical root has the boot contract 2 layout: the
+release at /bootimg/releases/VERSION over the shared store /bootimg/objects, with decoys that must
+never boot (a copy at /bootimg/release, the old layout's place, and an installer's temporary
+/bootimg/releases/.VERSION.tmp). Each case mutates ONE input (boot.conf, the kernel command line
+with bootimg.release= and bootimg.security_version=, release.json, its signature, a trusted key
+or its file name, the rollback state file) with byte-level damage (bit flips, truncation,
+inserted separators, "/..", NUL bytes, huge runs) and runs the program on a bind mount of the
+physical root. Every run must end either
 - exit 1 with exactly one "bootimg: FATAL:" line, nothing mounted but the physical root, no
   booted.json, or
-- exit 0 having mounted the genuine root digest with verity=require (a mutation that changed
-  nothing that is authenticated, e.g. the untrusted comment or an unknown boot.conf line).
+- exit 0 having mounted the genuine root digest with verity=require, from the release the
+  command line names (a direct child of /bootimg/releases), at a security_version not below the
+  minimum (a mutation that changed nothing that is authenticated, e.g. the untrusted comment or
+  an unknown boot.conf line).
 Prints one summary line; exits 1 at the first violation (with the case), 0 otherwise.
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -62,7 +69,10 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
             b[pos:pos] = rng.choice([b"BOOTIMG_RELEASE=/bootimg/../x\n", b"bootimg.release=/x/../y ",
                                      b"composefs.digest=v1-sha256-12:" + b"0" * 64 + b" ", b"BOOTIMG_TRUST=sealed\n",
                                      b"BOOTIMG_STATE=//\n", b'"kernel_argument": "composefs.digest=v1-sha256-12:',
-                                     b"BOOTIMG_FSVERITY=optional\n"])
+                                     b"BOOTIMG_FSVERITY=optional\n", b"bootimg.release=/bootimg/release ",
+                                     b"bootimg.release=/bootimg/releases/.1.4.0.tmp ", b"bootimg.security_version=1 ",
+                                     b"bootimg.security_version=4294967296 ", b"BOOTIMG_RELEASES=/bootimg\n",
+                                     b"BOOTIMG_ROLLBACK_NV=0x01500017\n", b'"security_version": 7, ', b"9"])
     return bytes(b)
 
 
@@ -77,22 +87,29 @@ def main() -> int:
     keys0 = {n.decode(): rd.read_file(k) for n, k in root.lookup(b"/usr/lib/bootimg/keys").children.items()}
     json0 = (release / "release.json").read_bytes()
     sig0 = (release / "release.json.minisig").read_bytes()
-    cmdline0 = b"quiet rw composefs.digest=v1-sha256-12:" + genuine.encode() + b" bootimg.release=/bootimg/release\n"
+    described = json.loads(json0)
+    version, secver = described["version"], described["security_version"]
+    cmdline0 = (b"quiet rw composefs.digest=v1-sha256-12:" + genuine.encode() + f" bootimg.release=/bootimg/releases/"
+                f"{version} bootimg.security_version={secver}\n".encode())
+    state0 = f"{secver}\n".encode()
 
     if work.exists():
         shutil.rmtree(work)
     phys, sysroot, run, initrd = work / "phys", work / "sysroot", work / "run", work / "initrd"
     for d in (sysroot, run, initrd / "keys"):
         d.mkdir(parents=True)
-    rel = phys / "bootimg" / "release"
-    shutil.copytree(release, rel)
+    rel = phys / "bootimg" / "releases" / version
+    shutil.copytree(release, rel, ignore=lambda d, names: ["objects"] if Path(d) == release else [])
+    shutil.copytree(release / "objects", phys / "bootimg" / "objects")
+    for decoy in (phys / "bootimg" / "release", phys / "bootimg" / "releases" / f".{version}.tmp"):
+        shutil.copytree(release, decoy)
     (phys / "bootimg" / "state" / "var").mkdir(parents=True)
     (phys / "bootimg" / "state" / ".provisioned").touch()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ASAN_OPTIONS": "detect_leaks=0:exitcode=99",
            "UBSAN_OPTIONS": "halt_on_error=1:exitcode=98", "BOOTIMG_CONF": str(initrd / "boot.conf"),
            "BOOTIMG_SYSROOT": str(sysroot), "BOOTIMG_RUN": str(run), "BOOTIMG_CMDLINE": str(work / "cmdline"),
            "BOOTIMG_KEYS_DIR": str(initrd / "keys"), "BOOTIMG_KMSG": str(work / "kmsg"),
-           "BOOTIMG_TEST_VERITY": "enabled"}
+           "BOOTIMG_TEST_VERITY": "enabled", "BOOTIMG_TEST_TPM": "none"}
     stats = {"refused": 0, "booted": 0}
     for case in range(count):
         # the genuine inputs, then ONE of them damaged
@@ -104,9 +121,10 @@ def main() -> int:
             (initrd / "keys" / name).write_bytes(data)
         (rel / "release.json").write_bytes(json0)
         (rel / "release.json.minisig").write_bytes(sig0)
+        (phys / "bootimg" / "state" / "rollback").write_bytes(state0)
         shutil.rmtree(run)
         run.mkdir()
-        what = rng.choice(["conf", "cmdline", "json", "sig", "key", "keyname"])
+        what = rng.choice(["conf", "cmdline", "cmdline", "json", "sig", "key", "keyname", "state"])
         if what == "conf":
             (initrd / "boot.conf").write_bytes(mutate(rng, conf0))
         elif what == "cmdline":
@@ -115,6 +133,8 @@ def main() -> int:
             (rel / "release.json").write_bytes(mutate(rng, json0))
         elif what == "sig":
             (rel / "release.json.minisig").write_bytes(mutate(rng, sig0))
+        elif what == "state":
+            (phys / "bootimg" / "state" / "rollback").write_bytes(mutate(rng, state0))
         else:
             name = rng.choice(sorted(keys0))
             p = initrd / "keys" / name
@@ -137,7 +157,11 @@ def main() -> int:
             stats["refused"] += 1
         elif res.returncode == 0:
             data = json.loads(booted.read_text())
-            if data["digest"] != genuine or data["verity"] != "require" or fatal:
+            named = [w[16:] for w in (work / "cmdline").read_bytes().decode("latin-1").split() if w.startswith("bootimg.release=")]
+            wanted = named[-1] if named else None
+            if (data["digest"] != genuine or data["verity"] != "require" or fatal or data["release"] != wanted
+                    or not re.fullmatch(r"/bootimg/releases/[A-Za-z0-9_-][A-Za-z0-9._-]*", wanted)
+                    or data["release_dir"] != "/sysroot" + wanted or data["security_version"] < data["rollback_minimum"]):
                 print(f"VIOLATION (booted something else) {where}: {data}")
                 return 1
             stats["booted"] += 1

@@ -20,6 +20,8 @@ depends() {
 
 installkernel() {
     instmods @KERNEL_MODULES@
+    # The TPM (rollback counter), where the kernel has these drivers; without them: no TPM.
+    instmods @OPTIONAL_KERNEL_MODULES@
 }
 
 install() {

@@ -25,6 +25,8 @@ int parse_conf(const char *text, size_t len, struct config *c, char *err, size_t
         {"BOOTIMG_RELEASE=", offsetof(struct config, release), sizeof c->release},
         {"BOOTIMG_STATE=", offsetof(struct config, state), sizeof c->state},
         {"BOOTIMG_OBJECTS=", offsetof(struct config, objects), sizeof c->objects},
+        {"BOOTIMG_RELEASES=", offsetof(struct config, releases), sizeof c->releases},
+        {"BOOTIMG_ROLLBACK_NV=", offsetof(struct config, rollback_nv), sizeof c->rollback_nv},
     };
     memset(c, 0, sizeof *c);
     if (memchr(text, 0, len)) {
@@ -72,6 +74,10 @@ int parse_cmdline(const char *text, size_t len, struct cmdline *c)
             c->release_long = set(c->release, sizeof c->release, w + 16, n - 16) < 0;
             if (c->release_long)
                 c->release[0] = 0;
+        } else if (n >= 25 && memcmp(w, "bootimg.security_version=", 25) == 0) {
+            c->n_secver++;
+            if (set(c->secver, sizeof c->secver, w + 25, n - 25) < 0)
+                c->secver[0] = 0;
         }
     }
     return 0;
@@ -83,4 +89,29 @@ int parse_digest_arg(const char *arg, char hex[65])
         return -1;
     memcpy(hex, arg + 13, 65);
     return 0;
+}
+
+int parse_nv_index(const char *s, uint32_t *index)
+{
+    uint32_t v = 0;
+    if (s[0] != '0' || s[1] != 'x' || strlen(s) != 10)
+        return -1;
+    for (const char *p = s + 2; *p; p++) {
+        unsigned d = *p >= '0' && *p <= '9' ? (unsigned)(*p - '0') : *p >= 'a' && *p <= 'f' ? (unsigned)(*p - 'a' + 10)
+                   : *p >= 'A' && *p <= 'F' ? (unsigned)(*p - 'A' + 10) : 16u;
+        if (d > 15)
+            return -1;
+        v = v << 4 | d;
+    }
+    if (v >> 24 != 0x01)             /* TPM_HT_NV_INDEX */
+        return -1;
+    *index = v;
+    return 0;
+}
+
+int release_in(const char *releases, const char *release)
+{
+    size_t n = strlen(releases);
+    return safe_path(releases) && safe_path(release) && strncmp(release, releases, n) == 0 && release[n] == '/'
+           && release[n + 1] && release[n + 1] != '.' && !strchr(release + n + 1, '/');
 }

@@ -1,7 +1,10 @@
-/* A small strict JSON reader (RFC 8259) for release.json: the whole document is validated
- * (syntax, UTF-8, escapes, a depth limit) and the few members the boot needs are extracted. */
+/* A small strict JSON reader (RFC 8259) for release.json and booted.json: the whole document is
+ * validated (syntax, UTF-8, escapes, a depth limit) and the few members the boot needs are
+ * extracted, each of its type. */
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bsr.h"
@@ -10,8 +13,8 @@ struct parser {
     const unsigned char *p, *end, *start;
     char *err;
     size_t errsize;
-    struct release_info *r;
-    int seen_format, seen_root, seen_digest;
+    struct json_field *f;
+    int nf;
 };
 
 static int fail(struct parser *ps, const char *fmt, ...)
@@ -193,55 +196,51 @@ static int literal(struct parser *ps, const char *word)
     return 0;
 }
 
-/* where: 0 = anywhere, 1 = the top-level object, 2 = the top-level "root" object */
+/* where: -1 = the top-level object, -2 = anywhere else, k >= 0 = the object of field k */
 static int value(struct parser *ps, int depth, int where);
 
 static int member_value(struct parser *ps, int depth, int where, const char *key, int key_of)
 {
-    struct release_info *r = ps->r;
-    if (where == 1 && !key_of && strcmp(key, "format") == 0) {
-        if (ps->seen_format++)
-            return fail(ps, "duplicate member \"format\"");
-        if (ps->p >= ps->end || *ps->p != '"')
-            return fail(ps, "\"format\" is not a string");
-        int of = 0;
-        if (string(ps, r->format, sizeof r->format, &of) < 0)
-            return -1;
-        if (of)
-            r->format[0] = 0;
+    const char *parent = where >= 0 ? ps->f[where].name : NULL;
+    for (int k = 0; k < ps->nf && where != -2 && !key_of; k++) {
+        struct json_field *f = &ps->f[k];
+        if (strcmp(f->name, key) != 0 || (parent ? !f->parent || strcmp(f->parent, parent) != 0 : f->parent != NULL))
+            continue;
+        char what[160];
+        snprintf(what, sizeof what, "%s%s%s\"%s\"", parent ? "\"" : "", parent ? parent : "", parent ? "\"." : "", key);
+        if (f->count++ && !f->multi)
+            return fail(ps, "duplicate member %s", what);
+        if (f->type == JSON_OBJECT) {
+            if (ps->p >= ps->end || *ps->p != '{')
+                return fail(ps, "%s is not an object", what);
+            return value(ps, depth + 1, k);
+        }
+        if (f->type == JSON_STRING) {
+            int of = 0;
+            if (ps->p >= ps->end || *ps->p != '"')
+                return fail(ps, "%s is not a string", what);
+            if (string(ps, f->str, f->size, &of) < 0)
+                return -1;
+            if (of)
+                f->str[0] = 0;
+            return 0;
+        }
+        /* JSON_U32: digits only (the grammar forbids leading zeros), at most 4294967295 */
+        const unsigned char *at = ps->p;
+        char digits[16];
+        size_t n = 0;
+        if (at < ps->end && (*at == '-' || (*at >= '0' && *at <= '9'))) {
+            if (number(ps) < 0)
+                return -1;
+            n = (size_t)(ps->p - at);
+        }
+        if (n == 0 || n >= sizeof digits || (memcpy(digits, at, n), digits[n] = 0, parse_u32(digits, f->num) < 0)) {
+            ps->p = at;
+            return fail(ps, "%s is not an integer from 0 to 4294967295", what);
+        }
         return 0;
     }
-    if (where == 1 && !key_of && strcmp(key, "root") == 0) {
-        if (ps->seen_root++)
-            return fail(ps, "duplicate member \"root\"");
-        if (ps->p >= ps->end || *ps->p != '{')
-            return fail(ps, "\"root\" is not an object");
-        return value(ps, depth + 1, 2);
-    }
-    if (where == 2 && !key_of && strcmp(key, "kernel_argument") == 0) {
-        r->n_kernel_argument++;
-        if (ps->p >= ps->end || *ps->p != '"')
-            return fail(ps, "\"root\".\"kernel_argument\" is not a string");
-        int of = 0;
-        if (string(ps, r->kernel_argument, sizeof r->kernel_argument, &of) < 0)
-            return -1;
-        if (of)
-            r->kernel_argument[0] = 0;
-        return 0;
-    }
-    if (where == 2 && !key_of && strcmp(key, "digest") == 0) {
-        if (ps->seen_digest++)
-            return fail(ps, "duplicate member \"root\".\"digest\"");
-        if (ps->p >= ps->end || *ps->p != '"')
-            return fail(ps, "\"root\".\"digest\" is not a string");
-        int of = 0;
-        if (string(ps, r->root_digest, sizeof r->root_digest, &of) < 0)
-            return -1;
-        if (of)
-            r->root_digest[0] = 0;
-        return 0;
-    }
-    return value(ps, depth + 1, 0);
+    return value(ps, depth + 1, -2);
 }
 
 static int value(struct parser *ps, int depth, int where)
@@ -294,7 +293,7 @@ static int value(struct parser *ps, int depth, int where)
             return 0;
         }
         for (;;) {
-            if (value(ps, depth + 1, 0) < 0)
+            if (value(ps, depth + 1, -2) < 0)
                 return -1;
             ws(ps);
             if (ps->p < ps->end && *ps->p == ',') {
@@ -322,18 +321,72 @@ static int value(struct parser *ps, int depth, int where)
     }
 }
 
-int parse_release(const char *text, size_t len, struct release_info *r, char *err, size_t errsize)
+int json_extract(const char *text, size_t len, struct json_field *f, int nf, char *err, size_t errsize)
 {
     struct parser ps = {(const unsigned char *)text, (const unsigned char *)text + len, (const unsigned char *)text,
-                        err, errsize, r, 0, 0, 0};
-    memset(r, 0, sizeof *r);
+                        err, errsize, f, nf};
+    for (int k = 0; k < nf; k++) {
+        f[k].count = 0;
+        if (f[k].str)
+            f[k].str[0] = 0;
+    }
     ws(&ps);
     if (ps.p >= ps.end || *ps.p != '{')
         return fail(&ps, "the document is not a JSON object");
-    if (value(&ps, 1, 1) < 0)
+    if (value(&ps, 1, -1) < 0)
         return -1;
     ws(&ps);
     if (ps.p != ps.end)
         return fail(&ps, "content after the JSON document");
     return 0;
+}
+
+#define STR(parent, name, buf) {parent, name, JSON_STRING, 0, buf, sizeof buf, NULL, 0}
+
+int parse_release(const char *text, size_t len, struct release_info *r, char *err, size_t errsize)
+{
+    memset(r, 0, sizeof *r);
+    struct json_field f[] = {
+        STR(NULL, "format", r->format),
+        STR(NULL, "version", r->version),
+        {NULL, "security_version", JSON_U32, 0, NULL, 0, &r->security_version, 0},
+        {NULL, "root", JSON_OBJECT, 0, NULL, 0, NULL, 0},
+        {"root", "kernel_argument", JSON_STRING, 1, r->kernel_argument, sizeof r->kernel_argument, NULL, 0},
+        STR("root", "digest", r->root_digest),
+    };
+    int rc = json_extract(text, len, f, 6, err, errsize);
+    r->has_security_version = f[2].count;
+    r->n_kernel_argument = f[4].count;
+    return rc;
+}
+
+int read_booted(const char *run, struct booted_info *b, char *err, size_t errsize)
+{
+    char path[BSR_PATH_MAX], *text, e2[200];
+    size_t len;
+    memset(b, 0, sizeof *b);
+    if (path_join(path, sizeof path, run, "/booted.json") < 0) {
+        snprintf(err, errsize, "path too long");
+        return -1;
+    }
+    int e = read_file(path, MAX_CONF, &text, &len);
+    if (e) {
+        snprintf(err, errsize, "cannot read %s: %s (the root was not set up by bootimg-setup-root)", path,
+                 e == EFBIG ? "larger than 64 KiB" : strerror(e));
+        return -1;
+    }
+    struct json_field f[] = {
+        STR(NULL, "release_dir", b->release_dir),
+        STR(NULL, "objects", b->objects),
+        STR(NULL, "rollback_file", b->rollback_file),
+        STR(NULL, "rollback_nv", b->rollback_nv),
+        STR(NULL, "version", b->version),
+        {NULL, "security_version", JSON_U32, 0, NULL, 0, &b->security_version, 0},
+    };
+    int rc = json_extract(text, len, f, 6, e2, sizeof e2);
+    free(text);
+    b->has_security_version = f[5].count;
+    if (rc < 0)
+        snprintf(err, errsize, "%s: %s", path, e2);
+    return rc;
 }

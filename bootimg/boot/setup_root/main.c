@@ -5,6 +5,8 @@
  *   bootimg-setup-root provision RELEASE_DIR [OBJECTS_DIR]
  *   bootimg-setup-root mount-image [--fsverity=...] [--bind=SRC:TARGET]... NAME DIGEST
  *   bootimg-setup-root mount-image --umount NAME  |  umount-image NAME
+ *   bootimg-setup-root bless              raise the rollback minimum to the booted release's
+ *                                         security_version (bootimg-bless.service, after a good boot)
  *
  * Called as bootimg-mount-image it is mount-image; as bootimg-provision, provision. */
 #include <stdio.h>
@@ -29,11 +31,13 @@ int main(int argc, char **argv)
         return provision_main(argc - 1, argv + 1);
     if (strcmp(argv[1], "mount-image") == 0)
         return mount_image_main(argc - 1, argv + 1);
+    if (strcmp(argv[1], "bless") == 0)
+        return bless_main(argc - 1, argv + 1);
     if (strcmp(argv[1], "umount-image") == 0) {
         char *args[] = {argv[1], "--umount", argc > 2 ? argv[2] : "", NULL};
         return mount_image_main(argc == 3 ? 3 : 4, args);
     }
     dprintf(2, "usage: bootimg-setup-root [setup-root | provision RELEASE_DIR [OBJECTS_DIR] | "
-               "mount-image [--fsverity=required|optional] [--bind=SRC:TARGET]... NAME DIGEST | umount-image NAME]\n");
+               "mount-image [--fsverity=required|optional] [--bind=SRC:TARGET]... NAME DIGEST | umount-image NAME | bless]\n");
     return 2;
 }

@@ -14,8 +14,8 @@
  * Any failure: one line "bootimg: FATAL: container NAME: REASON" on stderr, exit 1, nothing left
  * mounted. --fsverity=optional (development only) turns a missing or different image digest into
  * a warning and mounts with verity=off.
- * RELEASE: /sysroot/PATH for a kernel argument bootimg.release=PATH, else
- * /sysroot/bootimg/release (the physical root is at /sysroot after switch-root). */
+ * RELEASE and the object store: "release_dir" and "objects" of /run/bootimg/booted.json, which the
+ * root setup wrote (so the containers always come from the release that was booted). */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -59,36 +59,9 @@ static void check_name(void)
         die("invalid container name");
 }
 
-static void release_dir(char *out, size_t size)
-{
-#ifdef BOOTIMG_TEST_HOOKS
-    const char *env = getenv("BOOTIMG_RELEASE");
-    if (env && *env) {
-        snprintf(out, size, "%s", env);
-        return;
-    }
-#endif
-    char *text, rel[BSR_PATH_MAX] = "/bootimg/release";
-    size_t len;
-    if (read_file("/proc/cmdline", MAX_CMDLINE, &text, &len) == 0) {
-        struct cmdline cl;
-        parse_cmdline(text, len, &cl);
-        free(text);
-        if (cl.release[0] == '/')
-            snprintf(rel, sizeof rel, "%s", cl.release);
-    }
-    if (snprintf(out, size, "/sysroot%s", rel) >= (int)size)
-        die("release directory too long");
-}
-
 static const char *run_dir(void)
 {
-#ifdef BOOTIMG_TEST_HOOKS
-    const char *env = getenv("BOOTIMG_RUN");
-    if (env && *env)
-        return env;
-#endif
-    return "/run/bootimg";
+    return PARAM("BOOTIMG_RUN", "/run/bootimg");
 }
 
 static int do_umount(const char *run, int fail_hard)
@@ -228,14 +201,26 @@ int mount_image_main(int argc, char **argv)
     char sb[80];
     if (!is_hex64(digest))
         die("invalid digest '%s' (64 lowercase hex digits)", shown(digest, sb));
-    char release[BSR_PATH_MAX], image[BSR_PATH_MAX], objects[BSR_PATH_MAX];
-    release_dir(release, sizeof release);
-    if (release[0] != '/')
-        die("release directory '%s' is not absolute", shown(release, sb));
-    if (strpbrk(release, ",:\\ \t\n\r\v\f"))
+    char release[BSR_PATH_MAX], image[BSR_PATH_MAX], objects[BSR_PATH_MAX], err[512];
+    const char *test_release = PARAM("BOOTIMG_RELEASE", NULL);       /* test builds: a release as is */
+    if (test_release) {
+        if (path_join(release, sizeof release, test_release, "") < 0
+            || path_join(objects, sizeof objects, test_release, "/objects") < 0)
+            die("path too long");
+    } else {
+        struct booted_info b;
+        const char *root = PARAM("BOOTIMG_TEST_ROOT", "");
+        if (read_booted(run, &b, err, sizeof err) < 0)
+            die("%s", err);
+        if (!safe_path(b.release_dir) || !safe_path(b.objects))
+            die("%s/booted.json has no safe release_dir and objects", run);
+        if (snprintf(release, sizeof release, "%s%s", root, b.release_dir) >= (int)sizeof release
+            || snprintf(objects, sizeof objects, "%s%s", root, b.objects) >= (int)sizeof objects)
+            die("path too long");
+    }
+    if (strpbrk(release, ",:\\ \t\n\r\v\f") || strpbrk(objects, ",:\\ \t\n\r\v\f"))
         die("release directory '%s' contains a character overlayfs options cannot hold", shown(release, sb));
-    if (snprintf(image, sizeof image, "%s/images/%s.cfs", release, name) >= (int)sizeof image
-        || snprintf(objects, sizeof objects, "%s/objects", release) >= (int)sizeof objects)
+    if (snprintf(image, sizeof image, "%s/images/%s.cfs", release, name) >= (int)sizeof image)
         die("path too long");
     struct stat st;
     if (stat(objects, &st) < 0 || !S_ISDIR(st.st_mode))
@@ -262,7 +247,7 @@ int mount_image_main(int argc, char **argv)
     }
     const char *verity = strcmp(policy, "required") == 0 ? "require" : "off";
 
-    char meta[BSR_PATH_MAX], skel[BSR_PATH_MAX], target[BSR_PATH_MAX], err[512], fdpath[64];
+    char meta[BSR_PATH_MAX], skel[BSR_PATH_MAX], target[BSR_PATH_MAX], fdpath[64];
     if (snprintf(meta, sizeof meta, "%s/images/%s", run, name) >= (int)sizeof meta
         || snprintf(skel, sizeof skel, "%s/skel/%s", run, name) >= (int)sizeof skel
         || snprintf(target, sizeof target, "%s/containers/%s", run, name) >= (int)sizeof target)

@@ -243,3 +243,22 @@ int is_readonly_mount(const char *path)
     struct statvfs sv;
     return statvfs(path, &sv) == 0 && (sv.f_flag & ST_RDONLY);
 }
+
+/* Remount keeping the mount's other flags (a remount resets what it is not given). */
+int remount(const char *path, int readonly)
+{
+    struct statvfs sv;
+    if (statvfs(path, &sv) < 0)
+        return -1;
+    unsigned long f = MS_REMOUNT | (readonly ? MS_RDONLY : 0);
+    static const struct { unsigned long st, ms; } map[] = {
+        {ST_NOSUID, MS_NOSUID}, {ST_NODEV, MS_NODEV}, {ST_NOEXEC, MS_NOEXEC}, {ST_SYNCHRONOUS, MS_SYNCHRONOUS},
+        {ST_NOATIME, MS_NOATIME}, {ST_NODIRATIME, MS_NODIRATIME}, {ST_RELATIME, MS_RELATIME},
+    };
+    for (size_t i = 0; i < sizeof map / sizeof map[0]; i++)
+        if (sv.f_flag & map[i].st)
+            f |= map[i].ms;
+    if (!(sv.f_flag & (ST_NOATIME | ST_RELATIME)))
+        f |= MS_STRICTATIME;
+    return mount(NULL, path, NULL, f, NULL);
+}

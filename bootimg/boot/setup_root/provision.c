@@ -1,4 +1,4 @@
-/* Provisioning: enable fs-verity on every regular file of a release's images/ and of the object
+/* Provisioning: enable fs-verity on every regular file of releases' images/ and of the object
  * store (xx/ subdirectories), in one process with a few threads (the kernel hashes each file in
  * the caller's context, so threads overlap the reads and the hashing). A file that has fs-verity
  * already answers EEXIST; on a read-only filesystem (EROFS) it is measured instead. */
@@ -120,15 +120,17 @@ static void *worker(void *arg)
     }
 }
 
-int provision(const char *images, const char *objects, const char *label)
+int provision(const char *const *images, int nimages, const char *objects, const char *label)
 {
     struct job j;
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     memset(&j, 0, sizeof j);
     pthread_mutex_init(&j.lock, NULL);
-    int e = collect(&j, images, 0);
-    const char *where = images;
+    int e = 0;
+    const char *where = objects;
+    for (int i = 0; i < nimages && !e; i++)
+        e = collect(&j, where = images[i], 0);
     if (!e) {
         e = collect(&j, objects, 1);
         where = objects;
@@ -184,5 +186,6 @@ int provision_main(int argc, char **argv)
         dprintf(2, "bootimg-provision: %s is not a release directory (no images/ or objects/)\n", argv[1]);
         return 1;
     }
-    return provision(images, objects, argv[1]);
+    const char *dirs[1] = {images};
+    return provision(dirs, 1, objects, argv[1]);
 }

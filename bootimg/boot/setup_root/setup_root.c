@@ -1,5 +1,7 @@
 /* The root setup (run by bootimg-root.service in the initramfs; docs/boot-design.md steps 1-8):
- * authenticate the root digest (signed release.json or sealed composefs.digest=), check the root
+ * find the release (bootimg.release=, a direct child of BOOTIMG_RELEASES when several releases
+ * share one object store), authenticate the root digest (signed release.json or sealed
+ * composefs.digest=), refuse a release below the device's rollback minimum, check the root
  * image's fs-verity digest, mount EROFS + the composefs overlay with verity=require at /sysroot,
  * apply the /etc and /var policy, keep the physical root at /sysroot/sysroot, write
  * /run/bootimg/booted.json.
@@ -22,19 +24,6 @@
 
 #include "bsr.h"
 
-#ifdef BOOTIMG_TEST_HOOKS
-/* Test builds: the paths the program works on come from the environment (production builds
- * have only the defaults, and read no environment at all). */
-static const char *param(const char *name, const char *def)
-{
-    const char *v = getenv(name);
-    return v && *v ? v : def;
-}
-#define PARAM(name, def) param(name, def)
-#else
-#define PARAM(name, def) (def)
-#endif
-
 static const char *SYSROOT, *RUN;
 static const char *step = "start";
 static char mounted[8][BSR_PATH_MAX];    /* mount points this run made, in order */
@@ -43,8 +32,6 @@ static char phys[BSR_PATH_MAX];          /* where the physical root is, once mov
 static char run_phys[BSR_PATH_MAX];
 static int remounted_rw;
 static sigset_t held;
-
-static int remount(const char *path, int readonly);
 
 static void undo(void)
 {
@@ -101,25 +88,6 @@ static void join(char *out, const char *a, const char *b)
         fatal("path too long: %s%s", a, b);
 }
 
-/* Remount keeping the mount's other flags (a remount resets what it is not given). */
-static int remount(const char *path, int readonly)
-{
-    struct statvfs sv;
-    if (statvfs(path, &sv) < 0)
-        return -1;
-    unsigned long f = MS_REMOUNT | (readonly ? MS_RDONLY : 0);
-    static const struct { unsigned long st, ms; } map[] = {
-        {ST_NOSUID, MS_NOSUID}, {ST_NODEV, MS_NODEV}, {ST_NOEXEC, MS_NOEXEC}, {ST_SYNCHRONOUS, MS_SYNCHRONOUS},
-        {ST_NOATIME, MS_NOATIME}, {ST_NODIRATIME, MS_NODIRATIME}, {ST_RELATIME, MS_RELATIME},
-    };
-    for (size_t i = 0; i < sizeof map / sizeof map[0]; i++)
-        if (sv.f_flag & map[i].st)
-            f |= map[i].ms;
-    if (!(sv.f_flag & (ST_NOATIME | ST_RELATIME)))
-        f |= MS_STRICTATIME;
-    return mount(NULL, path, NULL, f, NULL);
-}
-
 static int is_dir(const char *p)
 {
     struct stat st;
@@ -145,7 +113,7 @@ static int pub_filter(const struct dirent *d)
 
 /* Step 3, signed: the release.json that a trusted key signed (both signatures), its digest. */
 static void authenticate_signed(const char *rel, const char *release, const char *keys_dir, char keyid[17],
-                                char digest[65], const char *cmd_hex)
+                                char digest[65], const char *cmd_hex, struct release_info *info)
 {
     char p[BSR_PATH_MAX], err[256], sb[80];
     char *json, *sigtext;
@@ -216,22 +184,56 @@ static void authenticate_signed(const char *rel, const char *release, const char
     if (!keyid[0])
         fatal("release.json of %s is not signed by a trusted key (%d tried)", release, tried);
 
-    struct release_info info;
-    if (parse_release(json, json_len, &info, err, sizeof err) < 0)
+    if (parse_release(json, json_len, info, err, sizeof err) < 0)
         fatal("signed release.json is not valid JSON: %s", err);
-    if (strcmp(info.format, "bootimg-release/1") != 0)
+    if (strcmp(info->format, "bootimg-release/1") != 0)
         fatal("signed release.json is not a bootimg-release/1 description");
-    if (info.n_kernel_argument != 1)
-        fatal("signed release.json has %d root kernel arguments, expected 1", info.n_kernel_argument);
-    if (strncmp(info.kernel_argument, "composefs.digest=", 17) != 0 || parse_digest_arg(info.kernel_argument + 17, digest) < 0)
+    if (info->n_kernel_argument != 1)
+        fatal("signed release.json has %d root kernel arguments, expected 1", info->n_kernel_argument);
+    if (strncmp(info->kernel_argument, "composefs.digest=", 17) != 0 || parse_digest_arg(info->kernel_argument + 17, digest) < 0)
         fatal("signed release.json has no valid root digest (composefs.digest=v1-sha256-12:<hex>): '%s'",
-              shown(info.kernel_argument, sb));
-    if (info.root_digest[0] && strcmp(info.root_digest, digest) != 0)
+              shown(info->kernel_argument, sb));
+    if (info->root_digest[0] && strcmp(info->root_digest, digest) != 0)
         fatal("signed release.json: root.digest disagrees with root.kernel_argument");
     if (cmd_hex[0] && strcmp(cmd_hex, digest) != 0)
         fatal("composefs.digest= on the kernel command line disagrees with the signed release.json");
     free(json);
     free(sigtext);
+}
+
+static int visible(const struct dirent *d)
+{
+    return d->d_name[0] != '.';
+}
+
+/* The images/ directories of every release under dir (provisioning covers them all). */
+static int release_images(const char *dir, char ***out)
+{
+    struct dirent **names = NULL;
+    int n = scandir(dir, &names, visible, alphasort), k = 0;
+    char p[BSR_PATH_MAX];
+    *out = n > 0 ? calloc((size_t)n, sizeof **out) : NULL;
+    for (int i = 0; i < n; i++) {
+        if (*out && snprintf(p, sizeof p, "%s/%s/images", dir, names[i]->d_name) < (int)sizeof p && is_dir(p))
+            (*out)[k++] = strdup(p);
+        free(names[i]);
+    }
+    free(names);
+    if (n < 0 || (n > 0 && !*out))
+        fatal("cannot list the releases in %s: %s", dir, strerror(n < 0 ? errno : ENOMEM));
+    for (int i = 0; i < k; i++)
+        if (!(*out)[i])
+            fatal("out of memory");
+    return k;
+}
+
+/* A version for messages and booted.json: the signed one when it is a plain word, else the
+ * release directory's name. */
+static const char *release_version(const struct release_info *info, const char *release)
+{
+    const char *v = info->version;
+    size_t n = strspn(v, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+~-");
+    return n && !v[n] ? v : strrchr(release, '/') + 1;
 }
 
 int setup_root_main(void)
@@ -289,6 +291,11 @@ int setup_root_main(void)
         fatal("%s: unsafe BOOTIMG_STATE '%s'", conf_path, shown(cf.state, sb));
     if (cf.objects[0] && !safe_path(cf.objects))
         fatal("%s: unsafe BOOTIMG_OBJECTS '%s'", conf_path, shown(cf.objects, sb));
+    if (cf.releases[0] && !safe_path(cf.releases))
+        fatal("%s: unsafe BOOTIMG_RELEASES '%s'", conf_path, shown(cf.releases, sb));
+    uint32_t nv = ROLLBACK_NV_DEFAULT;
+    if (cf.rollback_nv[0] && parse_nv_index(cf.rollback_nv, &nv) < 0)
+        fatal("%s: BOOTIMG_ROLLBACK_NV '%s' is not an NV index (0x01xxxxxx)", conf_path, shown(cf.rollback_nv, sb));
     int signed_trust = strcmp(cf.trust, "signed") == 0, required = strcmp(cf.fsverity, "required") == 0;
 
     /* -- kernel command line */
@@ -306,10 +313,18 @@ int setup_root_main(void)
     if (cl.n_digest == 1 && (cl.digest_arg_long || parse_digest_arg(cl.digest_arg, cmd_hex) < 0))
         fatal("malformed kernel argument composefs.digest=%s (expected v1-sha256-12:<64 hex digits>)",
               shown(cl.digest_arg, sb));
+    uint32_t cmd_secver = 0;
+    if (cl.n_secver > 1)
+        fatal("bootimg.security_version= is given %d times on the kernel command line", cl.n_secver);
+    if (cl.n_secver == 1 && parse_u32(cl.secver, &cmd_secver) < 0)
+        fatal("malformed kernel argument bootimg.security_version=%s (expected a decimal number 0..4294967295)",
+              shown(cl.secver, sb));
     if (cl.release_long)
         fatal("unsafe release path (bootimg.release= is too long)");
     if (cl.release[0])
         snprintf(cf.release, sizeof cf.release, "%s", cl.release);
+    else if (cf.releases[0])
+        fatal("no bootimg.release= on the kernel command line (which release of %s to boot)", cf.releases);
     checkpoint();
 
     /* -- 1. find the release directory on the physical root */
@@ -317,6 +332,8 @@ int setup_root_main(void)
     const char *release = cf.release;
     if (!safe_path(release))
         fatal("unsafe release path '%s'", shown(release, sb));
+    if (cf.releases[0] && !release_in(cf.releases, release))
+        fatal("bootimg.release=%s is not a release of %s", release, cf.releases);
     char rel[BSR_PATH_MAX], image[BSR_PATH_MAX], objects_rel[BSR_PATH_MAX], objects[BSR_PATH_MAX];
     join(rel, SYSROOT, release);
     join(image, rel, "/images/root.cfs");
@@ -350,10 +367,23 @@ int setup_root_main(void)
                 fatal("cannot remount the physical root read-write for provisioning: %s", strerror(errno));
             remounted_rw = back_to_ro = 1;
         }
-        note("provisioning: enabling fs-verity on release %s (first boot)", release);
-        char images[BSR_PATH_MAX];
+        char images[BSR_PATH_MAX], all[BSR_PATH_MAX], **dirs = NULL;
+        const char *one[1] = {images};
+        int ndirs = 1;
         join(images, rel, "/images");
-        if (provision(images, objects, rel) == 0) {
+        if (cf.releases[0]) {
+            note("provisioning: enabling fs-verity on the releases in %s and the object store (first boot)",
+                 cf.releases);
+            join(all, SYSROOT, cf.releases);
+            ndirs = release_images(all, &dirs);
+        } else {
+            note("provisioning: enabling fs-verity on release %s (first boot)", release);
+        }
+        int res = provision(dirs ? (const char *const *)dirs : one, ndirs, objects, cf.releases[0] ? all : rel);
+        for (int i = 0; dirs && i < ndirs; i++)
+            free(dirs[i]);
+        free(dirs);
+        if (res == 0) {
             if (mkdir_p(state, 0755) || write_file(marker, "", 0, 0644))
                 fatal("cannot create %s/.provisioned on the root partition", cf.state);
             provisioned_now = 1;
@@ -383,12 +413,38 @@ int setup_root_main(void)
     if ((e = mkdir_p(RUN, 0755)) != 0)
         fatal("cannot create %s: %s", RUN, strerror(e));
     char keyid[17] = "", digest[65];
+    struct release_info info;
+    memset(&info, 0, sizeof info);
     if (signed_trust) {
-        authenticate_signed(rel, release, keys_dir, keyid, digest, cmd_hex);
+        authenticate_signed(rel, release, keys_dir, keyid, digest, cmd_hex, &info);
     } else {
         if (!cmd_hex[0])
             fatal("no composefs.digest= on the kernel command line (trust profile sealed)");
         memcpy(digest, cmd_hex, 65);
+    }
+    checkpoint();
+
+    /* -- 3b. anti-rollback: the release's security version against the device's minimum */
+    step = "3b (anti-rollback)";
+    uint32_t secver = signed_trust ? info.security_version : cmd_secver;
+    const char *version = release_version(&info, release);
+    if (signed_trust && cl.n_secver && cmd_secver != secver)
+        fatal("bootimg.security_version=%u on the kernel command line disagrees with the signed release.json (%u)",
+              cmd_secver, secver);
+    char rb_file[BSR_PATH_MAX], rb_label[BSR_PATH_MAX];
+    struct rollback rb;
+    join(rb_label, cf.state, "/rollback");
+    join(rb_file, SYSROOT, rb_label);
+    if (rollback_minimum(rb_file, rb_label, nv, &rb, err, sizeof err) < 0)
+        fatal("cannot read this device's rollback minimum: %s", err);
+    if (secver < rb.minimum) {
+        char store[BSR_PATH_MAX + 32];
+        if (rb.from_tpm)
+            snprintf(store, sizeof store, "TPM NV 0x%08x", nv);
+        else
+            snprintf(store, sizeof store, "state file %s", rb_label);
+        fatal("release %s has security_version %u, below this device's minimum %llu (%s)", version, secver,
+              (unsigned long long)rb.minimum, store);
     }
     checkpoint();
 
@@ -523,7 +579,7 @@ int setup_root_main(void)
 
     /* -- 8. record what was booted (every value is checked: safe paths, hex, fixed words) */
     step = "8 (booted.json)";
-    char out[6 * BSR_PATH_MAX], key_json[24];
+    char out[10 * BSR_PATH_MAX], key_json[24];
     if (keyid[0])
         snprintf(key_json, sizeof key_json, "\"%s\"", keyid);
     else
@@ -532,9 +588,12 @@ int setup_root_main(void)
                      "{\"digest\": \"%s\", \"trust\": \"%s\", \"key\": %s, \"verity\": \"%s\", \"fsverity\": \"%s\", "
                      "\"release\": \"%s\", \"image\": \"%s/images/root.cfs\", \"provisioned_now\": %s, "
                      "\"on_failure\": \"%s\", \"mounts\": {\"/\": \"composefs\", \"/etc\": \"%s\", \"/var\": \"%s\", "
-                     "\"/tmp\": \"%s\", \"/sysroot\": \"physical\"}}\n",
+                     "\"/tmp\": \"%s\", \"/sysroot\": \"physical\"}, \"release_dir\": \"/sysroot%s\", \"objects\": \"/sysroot%s\", "
+                     "\"version\": \"%s\", \"security_version\": %u, \"rollback_minimum\": %llu, \"rollback_store\": \"%s\", "
+                     "\"rollback_nv\": \"0x%08x\", \"rollback_file\": \"/sysroot%s\"}\n",
                      digest, cf.trust, key_json, verity ? "require" : "none", cf.fsverity, release, release,
-                     provisioned_now ? "true" : "false", cf.on_failure, cf.etc, cf.var, tmp_mount);
+                     provisioned_now ? "true" : "false", cf.on_failure, cf.etc, cf.var, tmp_mount, release, objects_rel,
+                     version, secver, (unsigned long long)rb.minimum, rb.tpm ? "tpm" : "file", nv, rb_label);
     join(p, RUN, "/booted.json");
     if (n < 0 || (size_t)n >= sizeof out || write_file(p, out, (size_t)n, 0644))
         fatal("cannot write %s", p);

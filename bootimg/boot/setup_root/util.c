@@ -208,3 +208,36 @@ void hex_encode(const uint8_t *in, size_t n, char *out)
     }
     out[2 * n] = 0;
 }
+
+int parse_u32(const char *s, uint32_t *v)
+{
+    uint64_t x = 0;
+    size_t n = 0;
+    for (; s[n] >= '0' && s[n] <= '9'; n++) {
+        x = x * 10 + (uint64_t)(s[n] - '0');
+        if (x > 0xffffffffu)
+            return -1;
+    }
+    if (n == 0 || s[n] || (s[0] == '0' && n > 1))
+        return -1;
+    *v = (uint32_t)x;
+    return 0;
+}
+
+int fsync_path(const char *path, int directory)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | (directory ? O_DIRECTORY : 0));
+    if (fd < 0)
+        return errno;
+    int e = fsync(fd) < 0 ? errno : 0;
+    close(fd);
+    return e;
+}
+
+#ifdef BOOTIMG_TEST_HOOKS
+const char *test_param(const char *name, const char *def)
+{
+    const char *v = getenv(name);
+    return v && *v ? v : def;
+}
+#endif
