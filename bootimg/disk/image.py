@@ -3,8 +3,9 @@
 Partitions::
 
     1  ESP           FAT32, systemd-boot + the release's boot entry (esp.py)
-    2  bootimg-data  ext4 with the verity feature: the release and the state of the boot contract
-                     (docs/boot-design.md): /bootimg/release, /bootimg/state/var
+    2  bootimg-data  ext4 with the verity feature: the shared object store, the release and the
+                     state of the boot contract (boot/partition.py, docs/boot-design.md):
+                     /bootimg/objects, /bootimg/releases/VERSION, /bootimg/state/var
 
 The tools are the ecosystem's own: ``sfdisk`` for the partition table, ``mke2fs -d`` from a tar
 for the data partition, ``mkfs.vfat`` + ``mcopy`` for the ESP, ``qemu-img`` for qcow2. Every
@@ -23,10 +24,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..boot.initramfs import RELEASE_PATH, STATE_PATH
+from ..boot import loader, partition
 from ..composefs.tree import Node
 from ..errors import BootimgError
 from ..host import HostError, Log, need_tools, run, scratch_dir, stderr_log
+from ..release import layout
 from ..release.description import parse_release
 from ..release.layout import ReleaseDir
 from . import esp as espmod
@@ -130,11 +132,18 @@ def node_entries(node: Node, prefix: str, rel: ReleaseDir, dropped: list[str] | 
 
 def data_entries(rel: ReleaseDir, release: dict, root: Node, epoch: int,
                  dropped: list[str] | None = None) -> Iterator[fs.Entry]:
-    """The data partition: the release directory and the initial state (docs/boot-design.md)."""
-    top = RELEASE_PATH.strip("/").split("/")[0]
-    yield fs.Entry(top, "dir", 0o755, mtime=epoch)
-    yield from fs.host_tree(rel.path, RELEASE_PATH.strip("/"), mtime=epoch)
-    state = STATE_PATH.strip("/")
+    """The data partition (``boot.partition``, docs/boot-design.md): the shared object store
+    holding the release's objects, the release beside it, and the initial state."""
+    yield fs.Entry(partition.TOP.strip("/"), "dir", 0o755, mtime=epoch)
+    yield from fs.host_tree(rel.objects, partition.OBJECTS.strip("/"), mtime=epoch)
+    yield fs.Entry(partition.RELEASES.strip("/"), "dir", 0o755, mtime=epoch)
+    where = partition.release_path(release["version"]).strip("/")
+    yield fs.Entry(where, "dir", 0o755, mtime=epoch)
+    for name in (layout.RELEASE_JSON, layout.RELEASE_SIG, layout.SHARING_JSON):
+        if (rel.path / name).is_file():
+            yield fs.Entry(f"{where}/{name}", "file", 0o644, mtime=epoch, source=rel.path / name)
+    yield from fs.host_tree(rel.path / layout.IMAGES_DIR, f"{where}/{layout.IMAGES_DIR}", mtime=epoch)
+    state = partition.STATE.strip("/")
     yield fs.Entry(state, "dir", 0o755, mtime=epoch)
     if release.get("boot", {}).get("var") == "persistent":
         var = root.lookup(b"var")
@@ -197,13 +206,12 @@ def make_disk(release_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     epoch = int(release["source_date_epoch"])
     seed = disk_seed(release)
     disk_guid, esp_uuid, data_uuid = (fs.seeded_uuid(f"{seed}/{p}") for p in ("disk", "esp", "data"))
-    cmdline = espmod.kernel_cmdline(release, data_uuid, RELEASE_PATH)
-    spec = espmod.entry_spec(release, cmdline)
+    cmdline = loader.kernel_cmdline(release, data_uuid, partition.release_path(release["version"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     with scratch_dir(out.parent, f".{out.name}.tmp-") as work:
         # -- the ESP ----------------------------------------------------------------------
         tree = work / "esp"
-        sd_boot_from, payload = espmod.write_tree(tree, work, rel, release, root, arch, boot, spec, uki=options.uki,
+        sd_boot_from, payload = espmod.write_tree(tree, work, rel, release, root, arch, boot, cmdline, uki=options.uki,
                                                   secureboot_key=options.secureboot_key,
                                                   secureboot_cert=options.secureboot_cert)
         # Room for two more kernels + initramfs (the next release while this one stays bootable).
@@ -263,7 +271,7 @@ def make_disk(release_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         os.replace(final, out)
     result = DiskResult(
         path=out, format=options.format, size=total, arch=arch.name, disk_guid=disk_guid, esp_partuuid=esp_uuid,
-        data_partuuid=data_uuid, entry=spec.entry_id, cmdline=cmdline,
+        data_partuuid=data_uuid, entry=loader.entry_id(release["name"], release["version"]), cmdline=cmdline,
         partitions={"esp": {"start": esp_start * SECTOR, "size": esp_size, "payload": payload},
                     "data": {"start": data_start * SECTOR, "size": data_size, "content": content, "entries": count}},
         boot={"kver": boot.kver, "kernel_size": boot.kernel.stat().st_size, "initrd_size": boot.initrd.stat().st_size,

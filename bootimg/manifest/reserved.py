@@ -25,8 +25,9 @@ ROOT_IMAGE_NAME = "root"  # images/root.cfs; containers are images/NAME.cfs
 # fs-verity with SHA-256 and 2^12-byte blocks, then the digest in hex.
 KERNEL_DIGEST_PREFIX = "composefs.digest=v1-sha256-12:"
 # Arguments the build derives from the image digests; a manifest's value would fight them.
-DERIVED_KERNEL_ARGS = ("composefs", "composefs.digest")
+DERIVED_KERNEL_ARGS = ("composefs", "composefs.digest", "bootimg.release", "bootimg.security_version")
 RELEASE_PATH = "/bootimg/release"  # on the data partition; bootimg.release= overrides it
+RELEASES_PATH = "/bootimg/releases"  # releases side by side (boot/partition.py)
 
 # -- inside the root image ------------------------------------------------------------------------
 
