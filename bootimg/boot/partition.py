@@ -31,7 +31,7 @@ ROLLBACK_FILE = f"{STATE}/rollback"
 PROVISIONED = f"{STATE}/.provisioned"
 LOCK = f"{STATE}/.lock"
 ROLLBACK_NV_INDEX = 0x01500016         # the TPM 2.0 NV counter holding the rollback minimum
-BOOT_FILES = "boot"                     # in a release directory: vmlinuz, initrd.img, info.json
+BOOT_FILES = "boot"                     # in a release directory: vmlinuz, initrd.img, info.json (layout.BOOT_DIR)
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}$")   # identity.version's pattern
 
 

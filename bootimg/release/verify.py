@@ -504,6 +504,10 @@ def _check_extra_files(out: Path, release: dict, report: VerifyReport) -> None:
             rel = d if rel_top == "." else f"{rel_top}/{d}"
             if rel == layout.OBJECTS_DIR or os.path.islink(os.path.join(top, d)):
                 continue
+            if rel == layout.BOOT_DIR:
+                report.notes.append(f"{layout.BOOT_DIR}/: the kernel and initramfs an installer puts on the ESP; "
+                                    "not covered by the release's signature (a signed UKI is)")
+                continue
             if rel in dirs or any(p.startswith(rel + "/") for p in dirs):
                 kept.append(d)
             else:
