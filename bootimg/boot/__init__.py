@@ -11,11 +11,13 @@ root's fs-verity digest covers every file), in order; ``bootimg.pipeline`` passe
   containers"); ``quadlet`` checks the quadlet files statically;
 - ``initramfs.add_program``: ``bootimg-setup-root`` compiled for the root's architecture (a tree
   hook: the architecture is read from the root's own binaries);
-- ``units.add_sysroot``: an empty ``/sysroot`` (a tree hook: InjectedFile only makes files).
+- ``units.add_sysroot``: an empty ``/sysroot`` (a tree hook: InjectedFile only makes files);
+- ``assessment``: when a boot counts as good (``boot-complete.target``), the unit that raises
+  the rollback minimum then, and an empty ``/efi`` for the ESP.
 """
 
 from ..release.build import RootSteps
-from . import initramfs, units
+from . import assessment, initramfs, units
 
-ROOT_STEPS = RootSteps(contributors=(initramfs.contribute, units.container_units),
-                       tree_hooks=(initramfs.add_program, units.add_sysroot))
+ROOT_STEPS = RootSteps(contributors=(initramfs.contribute, units.container_units, assessment.contribute),
+                       tree_hooks=(initramfs.add_program, units.add_sysroot, assessment.add_esp_mount))

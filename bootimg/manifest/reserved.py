@@ -47,6 +47,10 @@ DROPIN_NAME = "50-bootimg.conf"
 PHASE_TARGETS = {"early": "sysinit.target", "basic": "basic.target"}
 WANTS_TARGETS = ("multi-user.target", *PHASE_TARGETS.values())  # targets bootimg adds a drop-in to
 SYSROOT = "/sysroot"  # an empty directory: the physical root is mounted there at boot
+ESP_MOUNT = "/efi"    # an empty directory: systemd's gpt-auto generator mounts the ESP there
+BLESS_UNIT = "bootimg-bless.service"
+ASSESSMENT_DROPINS = ("boot-complete.target", "multi-user.target")   # 60-bootimg-assessment.conf each
+ASSESSMENT_DROPIN_NAME = "60-bootimg-assessment.conf"
 
 # Where systemd (system manager) and podman's quadlet generator look for units in a root image.
 UNIT_SEARCH_DIRS = ("/etc/systemd/system", "/usr/local/lib/systemd/system", UNIT_DIR, "/lib/systemd/system")
@@ -90,9 +94,13 @@ def root_paths(container_names: Iterable[str] = ()) -> list[ReservedPath]:
         ReservedPath(SYSROOT, "an empty directory the physical root is mounted on at boot", tree=True),
         ReservedPath(f"{UNIT_DIR}/{CONTAINERS_TARGET}", "the target that starts the containers"),
         ReservedPath(SYSUSERS_FILE, "the containers' users"),
+        ReservedPath(ESP_MOUNT, "an empty directory the ESP is mounted on (boot counting, updates)", tree=True),
+        ReservedPath(f"{UNIT_DIR}/{BLESS_UNIT}", "the unit that raises the rollback minimum after a good boot"),
     ]
     out += [ReservedPath(f"{UNIT_DIR}/{target}.d/{DROPIN_NAME}", f"the drop-in that makes {target} start containers")
             for target in WANTS_TARGETS]
+    out += [ReservedPath(f"{UNIT_DIR}/{target}.d/{ASSESSMENT_DROPIN_NAME}", f"the boot assessment's drop-in for {target}")
+            for target in ASSESSMENT_DROPINS]
     for name in container_names:
         out += [
             ReservedPath(f"{UNIT_DIR}/{service_unit(name)}", f"the unit of container '{name}'"),
