@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..boot.partition import DataPartition
-from ..disk.image import DATA_LABEL, partitions
+from ..disk.gpt import DATA_LABEL, ESP_TYPE, partitions
 from ..errors import BootimgError
 from ..host import need_root, need_tools, run
 from .esp import DirEsp, Esp, ImageEsp
@@ -30,7 +30,6 @@ from .esp import DirEsp, Esp, ImageEsp
 BOOTED_JSON = Path("/run/bootimg/booted.json")
 PHYSICAL_ROOT = Path("/sysroot")
 ESP_MOUNTS = (Path("/efi"), Path("/boot/efi"), Path("/boot"))
-ESP_TYPE = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
 
 
 @dataclass

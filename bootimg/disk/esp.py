@@ -33,7 +33,6 @@ from .initramfs import BootFiles
 
 BOOT_EFI_DIR = "/usr/lib/systemd/boot/efi"
 ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]*$")
-ESP_TYPE = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
 
 
 def systemd_boot_binary(arch: Arch, release: ReleaseDir, root: Node, dest: Path) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,18 +26,17 @@ from pathlib import Path
 from ..boot import loader, partition
 from ..composefs.tree import Node
 from ..errors import BootimgError
-from ..host import HostError, Log, need_tools, run, scratch_dir, stderr_log
+from ..host import Log, need_tools, run, scratch_dir, stderr_log
 from ..release import layout
 from ..release.description import parse_release
 from ..release.layout import ReleaseDir
 from . import esp as espmod
 from . import fs
+from .gpt import DATA_LABEL, ESP_TYPE, SECTOR, Partition, data_partition_offset, partitions
 from .initramfs import BootFiles, build_initramfs, root_arch
 
 MiB = fs.MiB
-SECTOR = 512
 ALIGN = MiB
-DATA_LABEL = "bootimg-data"
 FORMATS = ("raw", "qcow2")
 DEFAULT_HEADROOM = 512 * MiB
 
@@ -247,7 +245,7 @@ def make_disk(release_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         esp_start = ALIGN // SECTOR
         data_start = esp_start + esp_size // SECTOR
         script = (f"label: gpt\nlabel-id: {disk_guid}\nunit: sectors\nsector-size: {SECTOR}\nfirst-lba: 2048\n"
-                  f"start={esp_start}, size={esp_size // SECTOR}, type={espmod.ESP_TYPE}, uuid={esp_uuid}, name=\"esp\"\n"
+                  f"start={esp_start}, size={esp_size // SECTOR}, type={ESP_TYPE}, uuid={esp_uuid}, name=\"esp\"\n"
                   f"start={data_start}, size={data_size // SECTOR}, type={arch.root_type}, uuid={data_uuid}, "
                   f"name=\"{DATA_LABEL}\"\n")
         with open(raw, "wb") as f:
@@ -280,42 +278,9 @@ def make_disk(release_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     return result
 
 
-@dataclass(frozen=True)
-class Partition:
-    name: str
-    offset: int          # bytes from the start of the disk
-    size: int
-    type: str
-    uuid: str
-
-
-def partitions(disk: str | os.PathLike[str]) -> dict[str, Partition]:
-    """The GPT partitions of a raw disk image, by name (``sfdisk --json``); {} for a disk with no
-    partition table (a bare file system)."""
-    need_tools("sfdisk")
-    proc = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {}
-    table = json.loads(proc.stdout).get("partitiontable", {})
-    sector = int(table.get("sectorsize", SECTOR))
-    return {p.get("name", ""): Partition(p.get("name", ""), int(p["start"]) * sector, int(p["size"]) * sector,
-                                         p["type"].lower(), p.get("uuid", "").lower())
-            for p in table.get("partitions", [])}
-
-
-def data_partition_offset(disk: str | os.PathLike[str]) -> int:
-    """Where the data partition's file system starts: the ``bootimg-data`` partition of a disk
-    ``make_disk`` wrote, or 0 for a bare ext4 image."""
-    parts = partitions(disk)
-    if not parts:
-        return 0
-    if DATA_LABEL not in parts:
-        raise HostError(f"no {DATA_LABEL} partition on this disk", file=str(disk))
-    return parts[DATA_LABEL].offset
-
-
 def describe(result: DiskResult) -> str:
     return json.dumps(result.to_json(), indent=2, sort_keys=True)
 
 
-__all__ = ["DiskOptions", "DiskResult", "make_disk", "partitions", "data_partition_offset", "FORMATS", "DATA_LABEL"]
+__all__ = ["DiskOptions", "DiskResult", "make_disk", "partitions", "data_partition_offset", "Partition", "FORMATS",
+           "DATA_LABEL", "SECTOR"]
