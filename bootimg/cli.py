@@ -24,6 +24,7 @@ COMMAND_MODULES = {
     "bootimg.release.commands": ("verify", "mount", "umount"),
     "bootimg.disk.commands": ("disk", "initramfs"),
     "bootimg.vm.commands": ("qemu",),
+    "bootimg.device.commands": ("install", "gc", "status"),
     "bootimg.board.commands": ("board",),
     "bootimg.kpi.commands": ("kpi",),
 }

@@ -138,12 +138,17 @@ def test_disk_unprivileged_reproducible_and_laid_out(release, boot_dir, tmp_path
     entry = esp_file(disks[0], "/loader/entries/bootimg-disktest-2.0.conf").decode().splitlines()
     options = next(line for line in entry if line.startswith("options ")).split()[1:]
     assert options == [f"root=PARTUUID={info['data_partuuid']}", "rw", rel["root"]["kernel_argument"],
-                       "bootimg.release=/bootimg/release", "console=ttyS0,115200", "quiet"]
+                       "bootimg.release=/bootimg/releases/2.0", "bootimg.security_version=0",
+                       "console=ttyS0,115200", "quiet"]
     assert "linux /bootimg/disktest/2.0/vmlinuz" in entry and "initrd /bootimg/disktest/2.0/initrd.img" in entry
     assert esp_file(disks[0], "/bootimg/disktest/2.0/initrd.img") == (boot_dir / "initrd.img").read_bytes()
-    # the data partition: the release as built, owned by root; /var from the root image
-    assert data_debugfs(disks[0], "cat /bootimg/release/release.json") == (release / "release.json").read_text()
-    root_img = data_debugfs(disks[0], "stat /bootimg/release/images/root.cfs")
+    # the data partition: the release beside the shared object store, owned by root; /var from the root image
+    assert data_debugfs(disks[0], "cat /bootimg/releases/2.0/release.json") == (release / "release.json").read_text()
+    objects = sorted(str(p.relative_to(release / "objects")) for p in (release / "objects").rglob("*") if p.is_file())
+    listed = data_debugfs(disks[0], f"ls -p /bootimg/objects/{objects[0].split('/')[0]}")
+    assert objects and objects[0].split("/")[1] in listed
+    assert "objects" not in data_debugfs(disks[0], "ls -p /bootimg/releases/2.0")
+    root_img = data_debugfs(disks[0], "stat /bootimg/releases/2.0/images/root.cfs")
     assert "User:     0   Group:     0" in root_img
     state = data_debugfs(disks[0], "stat /bootimg/state/var/lib/app/state")
     assert "User:   105   Group:   106" in state
@@ -154,7 +159,7 @@ def test_disk_unprivileged_reproducible_and_laid_out(release, boot_dir, tmp_path
     assert "/bootimg/state/var/lib/app/state (user.test)" in r.stderr.decode()
     assert "Filesystem features:" in (feat := data_debugfs(disks[0], "stats")) and "verity" in feat
     dumped = tmp_path / "root.cfs"
-    subprocess.run(["debugfs", "-R", f"dump /bootimg/release/images/root.cfs {dumped}",
+    subprocess.run(["debugfs", "-R", f"dump /bootimg/releases/2.0/images/root.cfs {dumped}",
                     f"{disks[0]}?offset={data['start'] * 512}"], capture_output=True, check=True)
     assert fsverity.digest(dumped.read_bytes()).hex() == rel["root"]["digest"]
 

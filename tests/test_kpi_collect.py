@@ -286,3 +286,18 @@ def test_board_initrd_boot_reconciles_with_systemd_analyze():
     assert "upper bound" in ms["root_mounted"].note
     assert rec.units["ssh.service"].type == "notify" and rec.units["ssh.service"].active_state == "active"
     assert rec.system["kernel_cmdline"].startswith("root=LABEL=board-root")
+
+
+def test_loader_variables_say_which_entry_booted_and_its_tries():
+    from bootimg.kpi.collect import parse_loader_vars
+
+    def var(text: str) -> str:       # an efivarfs file: 4 bytes of attributes, UTF-16LE, NUL
+        return "07000000" + (text.encode("utf-16-le") + b"\0\0").hex()
+
+    path = "\\loader\\entries\\bootimg-x-2.0+2-1.conf"
+    got = parse_loader_vars(f"LoaderEntrySelected {var('bootimg-x-2.0')}\nLoaderBootCountPath {var(path)}\n")
+    assert got == {"selected": "bootimg-x-2.0", "count_path": "\\loader\\entries\\bootimg-x-2.0+2-1.conf",
+                   "tries_left": 2, "tries_done": 1}
+    blessed = parse_loader_vars(f"LoaderEntrySelected {var('bootimg-x-1.0')}\n")
+    assert blessed["selected"] == "bootimg-x-1.0" and blessed["tries_left"] is None
+    assert parse_loader_vars("") is None and parse_loader_vars("LoaderEntrySelected zz\n") is None

@@ -29,6 +29,7 @@ ALLOWED = {
     "disk": {"composefs", "manifest", "release", "boot"},
     "stages": {"composefs", "manifest", "release", "signing", "sources", "boot", "disk", "pipeline"},
     "vm": set(),
+    "device": {"composefs", "manifest", "release", "signing", "boot", "disk"},
     "board": {"composefs", "manifest", "release", "signing", "pipeline", "boot", "disk", "vm"},
     "kpi": {"manifest", "vm"},
 }

@@ -886,8 +886,8 @@ def _kernel_args(*args: str) -> str:
 
 def test_kernel_command_line_must_fit_the_kernels_buffer():
     added = limits.added_length([])
-    assert added == len("composefs.digest=v1-sha256-12:") + 64 + 1 + len("bootimg.release=/bootimg/release") + 1 \
-        + len("root=PARTUUID=") + 36 + 1 + len("rw")
+    assert added == len("composefs.digest=v1-sha256-12:") + 64 + 1 + len("bootimg.release=/bootimg/releases/") + 64 \
+        + 1 + len("bootimg.security_version=") + 10 + 1 + len("root=PARTUUID=") + 36 + 1 + len("rw")
     # The build's arguments, " quiet", " xxx...": exactly the 2047 bytes the kernel keeps.
     n = limits.CMDLINE_MAX - added - len(" quiet") - len(" ")
     assert messages(_kernel_args("quiet", "x" * n)) == []
@@ -895,7 +895,8 @@ def test_kernel_command_line_must_fit_the_kernels_buffer():
         (7, 26, "boot.kernel_args[1]",
          f"the kernel command line would be {limits.CMDLINE_MAX + 1} bytes with this argument, over the 2047 the kernel "
          f"keeps (COMMAND_LINE_SIZE 2048 on x86_64 and arm64, with its NUL); {added} of them are the build's and boot chain's "
-         "(composefs.digest=v1-sha256-12:<64 hex digits>, bootimg.release=/bootimg/release, root=PARTUUID=<uuid>, rw)")]
+         "(composefs.digest=v1-sha256-12:<64 hex digits>, bootimg.release=/bootimg/releases/<version>, "
+         "bootimg.security_version=<32-bit>, root=PARTUUID=<uuid>, rw)")]
     # An argument the manifest sets itself is not counted twice; a huge one is reported once, in one line.
     without_root = added - len(" root=PARTUUID=") - 36
     assert limits.added_length(["root=/dev/vda2"]) == without_root
@@ -1086,7 +1087,7 @@ REFUSED = [
     ("bind", APP, 'command: [/bin/app], binds: [{source: "/a b", target: /x}]}', '"/a b', "containers[0].binds[0].source",
      "'/a b' contains whitespace"),
     ("cmdline", "kernel_args: [quiet]", "kernel_args: [quiet, " + "x" * 3000 + "]", "xxx", "boot.kernel_args[1]",
-     "the kernel command line would be 3188 bytes"),
+     "the kernel command line would be 3290 bytes"),
     ("cmdline-quote", "kernel_args: [quiet]", "kernel_args: [quiet, 'a=\"b']", "'a=", "boot.kernel_args[1]",
      "has an unbalanced '\"'"),
     ("add-nul", ADD, '- {path: "/etc/m\\0otd", text: hi}', '"/etc', ADD_MSG, "contains a NUL byte"),

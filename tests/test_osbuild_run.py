@@ -196,7 +196,9 @@ def test_example_disk_holds_what_bootimg_disk_puts_there(example, inputs, tmp_pa
 
     # The release on the data partition verifies; the root's /var is the initial state.
     data = data_files(disk, tmp_path / "data")
-    res = run_cli("verify", str(data / "release"), "--key", str(inputs / "release-2026.pub"))
+    version = json.loads((release / "release.json").read_text())["version"]
+    res = run_cli("verify", str(data / "releases" / version), "--objects", str(data / "objects"),
+                  "--key", str(inputs / "release-2026.pub"))
     assert res.returncode == 0, res.stderr.decode()
     state = data / "state" / "var" / "lib" / "example" / "state"
     assert state.read_bytes() == b"the initial persistent /var\n"

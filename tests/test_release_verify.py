@@ -323,3 +323,35 @@ def test_any_field_of_release_json_of_any_type_is_a_report_or_one_line(workspace
             assert "\n" not in str(err), (path, str(err))
             continue
         assert all("\n" not in problem for problem in report.problems), path
+
+
+# -- an installed release over a shared store ---------------------------------------------------------
+
+def test_installed_release_verifies_against_a_shared_store(workspace, release, tmp_path):
+    """A device's layout: the release's directory without objects/, its objects in a store other
+    releases share. Only what it needs is checked; another release's objects are no problem,
+    a missing or modified one of its own is."""
+    top = tmp_path / "bootimg"
+    rel = top / "releases" / "1.0"
+    shutil.copytree(release, rel, ignore=shutil.ignore_patterns("objects", "sharing.json", "sandbox.json"))
+    shutil.copytree(release / "objects", top / "objects")
+    foreign = top / "objects" / "00" / ("0" * 62)           # another release's object
+    foreign.parent.mkdir(exist_ok=True)
+    foreign.write_bytes(b"another release's file\n")
+    res = run_cli("verify", str(rel), "--objects", str(top / "objects"), "--key", pub(workspace))
+    assert res.returncode == 0, res.stderr.decode()
+    assert "OK:" in res.stdout.decode()
+    # Without --objects the same directory is a release without its store: its objects are missing.
+    assert run_cli("verify", str(rel), "--key", pub(workspace)).returncode == 1
+    victim = sorted(p for p in (top / "objects").glob("??/*") if p != foreign and p.stat().st_size)[0]
+    data = bytearray(victim.read_bytes())
+    data[0] ^= 1
+    victim.write_bytes(bytes(data))
+    res = run_cli("verify", str(rel), "--objects", str(top / "objects"), "--key", pub(workspace))
+    assert res.returncode == 1
+    name = f"{victim.parent.name}/{victim.name}"
+    assert problems(res)[0] == f"{rel}/../../objects/{name}: content does not match its name (fs-verity digest " \
+                               f"{fsverity.digest(bytes(data)).hex()}): object modified"
+    victim.unlink()
+    res = run_cli("verify", str(rel), "--objects", str(top / "objects"), "--key", pub(workspace))
+    assert res.returncode == 1 and problems(res)[0].startswith(f"{rel}/../../objects/{name}: missing (needed by ")

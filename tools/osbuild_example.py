@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from bootimg.arch import X86_64
-from bootimg.disk.esp import ESP_TYPE
+from bootimg.disk.gpt import ESP_TYPE
 from bootimg.disk.image import DATA_LABEL
 from bootimg.signing import SecretKey
 

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 
-from ..disk.image import data_partition_offset
+from ..disk.gpt import data_partition_offset
 from ..host import HostError, need_tools
 
 PROVISIONED_MARKER = "/bootimg/state/.provisioned"

@@ -47,6 +47,13 @@ DEFAULT_PACKAGES = (
     "openssh-server",
 )
 
+# Installed with apt-get in the customize step (debootstrap's resolver does not follow their
+# dependencies through virtual packages): a release's life on the device, systemd-boot's boot
+# assessment (systemd-bless-boot, bootctl), `bootimg install/gc/status` (python3 +
+# python3-cryptography; the board copies bootimg in), and tpm2-tools to look at the TPM's
+# rollback counter from outside bootimg's own code.
+APT_PACKAGES = ("systemd-boot", "python3", "python3-cryptography", "tpm2-tools")
+
 MARKER = "BOOTIMG-BOARD: READY"
 POWEROFF_ARG = "bootimg.board.poweroff=1"     # the readiness unit powers the board off after the marker
 
@@ -101,7 +108,7 @@ TTYReset=no
 '''
 
 # Runs inside the debootstrapped tree (chroot, /proc /sys /dev mounted) with MIRROR, SUITE,
-# KERNEL_SUITE, KERNEL_PACKAGES and HOSTNAME in the environment.
+# KERNEL_SUITE, KERNEL_PACKAGES, APT_PACKAGES and HOSTNAME in the environment.
 CUSTOMIZE_SH = r'''
 export DEBIAN_FRONTEND=noninteractive INITRD=No
 # No service starts inside the chroot.
@@ -113,6 +120,7 @@ printf 'deb %s %s main\n' "$MIRROR" "$KERNEL_SUITE" > /etc/apt/sources.list.d/$K
 apt-get -q update
 # INITRD=No: dracut's kernel hook would build a host-only initramfs here; bootimg builds its own.
 apt-get -q install -y --no-install-recommends -t "$KERNEL_SUITE" $KERNEL_PACKAGES
+[ -z "$APT_PACKAGES" ] || apt-get -q install -y --no-install-recommends $APT_PACKAGES
 apt-get clean
 rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 rm -f /boot/initrd.img-* /initrd.img /initrd.img.old
@@ -172,6 +180,7 @@ class RootfsSpec:
     packages: tuple[str, ...] = DEFAULT_PACKAGES
     kernel_suite: str = "bookworm-backports"
     kernel_packages: tuple[str, ...] = ("linux-image-amd64",)
+    apt_packages: tuple[str, ...] = APT_PACKAGES
     hostname: str = "board"
     extra_packages: tuple[str, ...] = field(default=())
     arch: str = archmod.X86_64.name              # Debian's name: amd64, arm64
@@ -274,6 +283,7 @@ def build_rootfs(spec: RootfsSpec | None = None, *, cache: str | os.PathLike[str
                        env={"MIRROR": spec.mirror, "SUITE": spec.suite,
                             "KERNEL_SUITE": spec.kernel_suite,
                             "KERNEL_PACKAGES": " ".join(spec.kernel_packages),
+                            "APT_PACKAGES": " ".join(spec.apt_packages),
                             "HOSTNAME": spec.hostname})
             t_customize = time.monotonic() - t0
             script.unlink(missing_ok=True)
@@ -332,5 +342,5 @@ def rootfs_package_versions(rootfs: Rootfs) -> dict[str, str]:
     return dict(p.split("=", 1) for p in rootfs.info.get("packages", []))
 
 
-__all__ = ["DEFAULT_PACKAGES", "MARKER", "POWEROFF_ARG", "Rootfs", "RootfsSpec", "build_rootfs",
+__all__ = ["APT_PACKAGES", "DEFAULT_PACKAGES", "MARKER", "POWEROFF_ARG", "Rootfs", "RootfsSpec", "build_rootfs",
            "extract_rootfs", "pack_tree", "customize_script"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,22 @@ def ensure_tree(board: Board, build: Path, *, log: Log = stderr_log) -> Path:
     want = authorized_keys()
     if not keys.is_file() or keys.read_text() != want:
         keys.write_text(want)
+    install_device_tools(tree)
     return tree
+
+
+def install_device_tools(tree: Path) -> None:
+    """bootimg's Python package (pure Python: its C modules are optional) and a ``bootimg``
+    command in the board root, for `bootimg install/gc/status` on the device (Debian's python3
+    and python3-cryptography are in the root). What a product would package for its root."""
+    package = Path(__file__).resolve().parent.parent
+    dest = tree / "usr/lib/python3/dist-packages/bootimg"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(package, dest, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc", "*.o"))
+    launcher = tree / "usr/bin/bootimg"
+    launcher.write_text("#!/usr/bin/python3\nimport sys\n\nfrom bootimg.cli import main\n\nsys.exit(main())\n")
+    launcher.chmod(0o755)
 
 
 def provision(system: System, *, timeout: float = 900.0, serial_log: Path | None = None) -> BootResult:

@@ -34,15 +34,15 @@ from ..manifest.reserved import BOOT_CONF, DRACUT_CONF, RELEASE_PATH, SETUP_ROOT
 from ..manifest.reserved import DRACUT_MODULE_DIR as MODULE_DIR
 from ..release.build import BuildContext, InjectedFile
 from ..sources import treeops
-from . import setup_root
+from . import partition, setup_root
 
 MODULE_NAME = "bootimg"
-# The data partition (docs/boot-design.md): releases side by side over one object store, and state.
-RELEASES_PATH = "/bootimg/releases"               # RELEASES_PATH/<version>: bootimg.release= names one
-OBJECTS_PATH = "/bootimg/objects"                 # the fs-verity object store all releases share
-STATE_PATH = "/bootimg/state"                     # var/, .provisioned, rollback
-ROLLBACK_FILE = f"{STATE_PATH}/rollback"          # the rollback minimum's copy on the partition (decimal)
-ROLLBACK_NV = 0x01500016                          # the rollback minimum's TPM 2.0 NV counter
+# The data partition (boot/partition.py): releases side by side over one object store, and state.
+RELEASES_PATH = partition.RELEASES                # RELEASES_PATH/<version>: bootimg.release= names one
+OBJECTS_PATH = partition.OBJECTS                  # the fs-verity object store all releases share
+STATE_PATH = partition.STATE                      # var/, .provisioned, rollback
+ROLLBACK_FILE = partition.ROLLBACK_FILE           # the rollback minimum's copy on the partition (decimal)
+ROLLBACK_NV = partition.ROLLBACK_NV_INDEX         # the rollback minimum's TPM 2.0 NV counter
 
 # template name -> (mode in the root)
 TEMPLATES = {

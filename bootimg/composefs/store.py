@@ -94,18 +94,23 @@ class ObjectStore:
                     if is_hex(e.name, 62) and e.is_file(follow_symlinks=False):
                         yield bytes.fromhex(sub + e.name), e.path
 
-    def prune(self, keep: Iterable[bytes]) -> int:
-        """Remove every object whose digest is not in ``keep``; returns how many were removed."""
+    def prune(self, keep: Iterable[bytes], *, dry_run: bool = False) -> tuple[int, int, int]:
+        """Remove every object whose digest is not in ``keep`` (with ``dry_run``, only count
+        them); returns (objects removed, bytes they took, objects kept)."""
         keep = keep if isinstance(keep, (set, frozenset)) else set(keep)
-        removed = 0
+        removed = freed = kept = 0
         for digest, path in list(self.iter_objects()):
-            if digest not in keep:
-                try:
+            if digest in keep:
+                kept += 1
+                continue
+            try:
+                freed += os.lstat(path).st_size
+                if not dry_run:
                     os.unlink(path)
-                except OSError as e:
-                    raise BootimgError(f"cannot remove object: {e.strerror}", file=path) from None
-                removed += 1
-        return removed
+            except OSError as e:
+                raise BootimgError(f"cannot remove object: {e.strerror}", file=path) from None
+            removed += 1
+        return removed, freed, kept
 
     # -- insertion -----------------------------------------------------------------------------
 

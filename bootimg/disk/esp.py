@@ -5,12 +5,13 @@ Layout (Boot Loader Specification; systemd-boot reads it as is)::
     EFI/BOOT/BOOTX64.EFI                     systemd-boot, the removable-media default path
     EFI/systemd/systemd-bootx64.efi          systemd-boot
     loader/loader.conf                       timeout, default entry, no command-line editor
-    loader/entries/ENTRY.conf                Type #1 entry: kernel, initramfs, command line
+    loader/entries/ENTRY.conf                Type #1 entry: kernel, initramfs, command line (boot/loader.py)
     bootimg/NAME/VERSION/{vmlinuz,initrd.img}
     EFI/Linux/ENTRY.efi                      or, with a UKI, a Type #2 entry instead
 
-The command line holds the root partition (by PARTUUID), ``composefs.digest=`` (the root
-image's fs-verity digest), ``bootimg.release=`` and the manifest's kernel_args. In a UKI the
+The command line (``loader.kernel_cmdline``) holds the root partition (by PARTUUID),
+``composefs.digest=`` (the root image's fs-verity digest), ``bootimg.release=``,
+``bootimg.security_version=`` and the manifest's kernel_args. In a UKI the
 command line is part of the signed image, which is what the ``sealed`` trust profile relies on.
 The systemd-boot binary comes from the release's own root (``systemd-boot-efi``), else the host's.
 """
@@ -21,10 +22,10 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..arch import Arch
+from ..boot import loader
 from ..composefs.tree import Node
 from ..host import SETUP_HINT, HostError, need_tools, run
 from ..release.layout import ReleaseDir
@@ -32,51 +33,6 @@ from .initramfs import BootFiles
 
 BOOT_EFI_DIR = "/usr/lib/systemd/boot/efi"
 ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]*$")
-ESP_TYPE = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
-
-
-@dataclass(frozen=True)
-class EntrySpec:
-    """One boot entry: what the loader shows and what it boots."""
-
-    entry_id: str          # file name without .conf / .efi
-    title: str
-    version: str
-    cmdline: str
-    sort_key: str
-
-
-def entry_id(release: dict) -> str:
-    eid = f"bootimg-{release['name']}-{release['version']}"
-    if not ENTRY_NAME.match(eid):
-        raise HostError(f"release name/version {release['name']!r}/{release['version']!r} cannot name a boot entry")
-    return eid
-
-
-def kernel_cmdline(release: dict, root_partuuid: str, release_path: str) -> str:
-    """The kernel command line of a release's boot entry."""
-    args = [f"root=PARTUUID={root_partuuid}", "rw", release["root"]["kernel_argument"],
-            f"bootimg.release={release_path}"]
-    for arg in release.get("kernel_arguments", []):
-        if arg not in args:
-            args.append(arg)
-    return " ".join(args)
-
-
-def entry_spec(release: dict, cmdline: str) -> EntrySpec:
-    return EntrySpec(entry_id(release), f"{release['name']} {release['version']}", release["version"], cmdline,
-                     f"bootimg-{release['name']}")
-
-
-def loader_conf(default: str) -> str:
-    return (f"# bootimg: boot the newest bootimg entry at once; no command-line editing (it would\n"
-            f"# bypass composefs.digest= and the kernel arguments the release was built for).\n"
-            f"timeout 0\ndefault {default}\neditor no\nauto-entries no\nauto-firmware no\n")
-
-
-def type1_entry(spec: EntrySpec, kernel: str, initrd: str) -> str:
-    return (f"title {spec.title}\nversion {spec.version}\nsort-key {spec.sort_key}\n"
-            f"linux {kernel}\ninitrd {initrd}\noptions {spec.cmdline}\n")
 
 
 def systemd_boot_binary(arch: Arch, release: ReleaseDir, root: Node, dest: Path) -> str:
@@ -155,7 +111,7 @@ def sbsign(image: Path, key: Path, cert: Path) -> None:
 
 
 def write_tree(tree: Path, work: Path, rel: ReleaseDir, release: dict, root: Node, arch: Arch, boot: BootFiles,
-               spec: EntrySpec, *, uki: bool = False, secureboot_key: Path | None = None,
+               cmdline: str, *, uki: bool = False, secureboot_key: Path | None = None,
                secureboot_cert: Path | None = None) -> tuple[str, int]:
     """The ESP's files in the new directory ``tree`` (``work`` for scratch files): systemd-boot,
     loader.conf and the release's entry (Type #1 with kernel + initramfs, or a UKI, signed with
@@ -167,23 +123,23 @@ def write_tree(tree: Path, work: Path, rel: ReleaseDir, release: dict, root: Nod
     sd_boot = tree / "EFI/systemd" / arch.systemd_boot
     sd_boot_from = systemd_boot_binary(arch, rel, root, sd_boot)
     (tree / "EFI/BOOT" / arch.efi_boot_name).write_bytes(sd_boot.read_bytes())
-    (tree / "loader/loader.conf").write_text(loader_conf(f"{spec.sort_key}-*"))
+    (tree / loader.LOADER_CONF).write_text(loader.loader_conf(release["name"]))
+    eid = loader.entry_id(release["name"], release["version"])
     if uki:
         (tree / "EFI/Linux").mkdir()
         stub = work / "stub.efi"
         efi_stub(arch, rel, root, stub)
         os_release = rel.read_file(root.lookup(b"usr/lib/os-release") or root.lookup(b"etc/os-release") or Node())
-        image = tree / "EFI/Linux" / f"{spec.entry_id}.efi"
-        make_uki(stub, boot, spec.cmdline, os_release or b"", image, work / "uki")
+        image = tree / "EFI/Linux" / f"{eid}.efi"
+        make_uki(stub, boot, cmdline, os_release or b"", image, work / "uki")
         if secureboot_key is not None:
             for signed in (image, sd_boot, tree / "EFI/BOOT" / arch.efi_boot_name):
                 sbsign(signed, secureboot_key, secureboot_cert)
         return sd_boot_from, image.stat().st_size
-    kdir = tree / "bootimg" / release["name"] / release["version"]
+    kdir = tree / loader.kernel_dir(release["name"], release["version"])
     kdir.mkdir(parents=True)
     (kdir / "vmlinuz").write_bytes(boot.kernel.read_bytes())
     (kdir / "initrd.img").write_bytes(boot.initrd.read_bytes())
-    base = f"/bootimg/{release['name']}/{release['version']}"
-    (tree / "loader/entries" / f"{spec.entry_id}.conf").write_text(
-        type1_entry(spec, f"{base}/vmlinuz", f"{base}/initrd.img"))
+    # The factory image's release is good from the start: no boot counter.
+    (tree / loader.ENTRIES_DIR / loader.EntryName(eid).filename).write_text(loader.type1_entry(release, cmdline))
     return sd_boot_from, boot.kernel.stat().st_size + boot.initrd.stat().st_size

@@ -3,8 +3,9 @@
 Partitions::
 
     1  ESP           FAT32, systemd-boot + the release's boot entry (esp.py)
-    2  bootimg-data  ext4 with the verity feature: the release and the state of the boot contract
-                     (docs/boot-design.md): /bootimg/release, /bootimg/state/var
+    2  bootimg-data  ext4 with the verity feature: the shared object store, the release and the
+                     state of the boot contract (boot/partition.py, docs/boot-design.md):
+                     /bootimg/objects, /bootimg/releases/VERSION, /bootimg/state/var
 
 The tools are the ecosystem's own: ``sfdisk`` for the partition table, ``mke2fs -d`` from a tar
 for the data partition, ``mkfs.vfat`` + ``mcopy`` for the ESP, ``qemu-img`` for qcow2. Every
@@ -17,26 +18,25 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..boot.initramfs import RELEASE_PATH, STATE_PATH
+from ..boot import loader, partition
 from ..composefs.tree import Node
 from ..errors import BootimgError
-from ..host import HostError, Log, need_tools, run, scratch_dir, stderr_log
+from ..host import Log, need_tools, run, scratch_dir, stderr_log
+from ..release import layout
 from ..release.description import parse_release
 from ..release.layout import ReleaseDir
 from . import esp as espmod
 from . import fs
+from .gpt import DATA_LABEL, ESP_TYPE, SECTOR, Partition, data_partition_offset, partitions
 from .initramfs import BootFiles, build_initramfs, root_arch
 
 MiB = fs.MiB
-SECTOR = 512
 ALIGN = MiB
-DATA_LABEL = "bootimg-data"
 FORMATS = ("raw", "qcow2")
 DEFAULT_HEADROOM = 512 * MiB
 
@@ -130,11 +130,18 @@ def node_entries(node: Node, prefix: str, rel: ReleaseDir, dropped: list[str] | 
 
 def data_entries(rel: ReleaseDir, release: dict, root: Node, epoch: int,
                  dropped: list[str] | None = None) -> Iterator[fs.Entry]:
-    """The data partition: the release directory and the initial state (docs/boot-design.md)."""
-    top = RELEASE_PATH.strip("/").split("/")[0]
-    yield fs.Entry(top, "dir", 0o755, mtime=epoch)
-    yield from fs.host_tree(rel.path, RELEASE_PATH.strip("/"), mtime=epoch)
-    state = STATE_PATH.strip("/")
+    """The data partition (``boot.partition``, docs/boot-design.md): the shared object store
+    holding the release's objects, the release beside it, and the initial state."""
+    yield fs.Entry(partition.TOP.strip("/"), "dir", 0o755, mtime=epoch)
+    yield from fs.host_tree(rel.objects, partition.OBJECTS.strip("/"), mtime=epoch)
+    yield fs.Entry(partition.RELEASES.strip("/"), "dir", 0o755, mtime=epoch)
+    where = partition.release_path(release["version"]).strip("/")
+    yield fs.Entry(where, "dir", 0o755, mtime=epoch)
+    for name in (layout.RELEASE_JSON, layout.RELEASE_SIG, layout.SHARING_JSON):
+        if (rel.path / name).is_file():
+            yield fs.Entry(f"{where}/{name}", "file", 0o644, mtime=epoch, source=rel.path / name)
+    yield from fs.host_tree(rel.path / layout.IMAGES_DIR, f"{where}/{layout.IMAGES_DIR}", mtime=epoch)
+    state = partition.STATE.strip("/")
     yield fs.Entry(state, "dir", 0o755, mtime=epoch)
     if release.get("boot", {}).get("var") == "persistent":
         var = root.lookup(b"var")
@@ -197,13 +204,12 @@ def make_disk(release_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     epoch = int(release["source_date_epoch"])
     seed = disk_seed(release)
     disk_guid, esp_uuid, data_uuid = (fs.seeded_uuid(f"{seed}/{p}") for p in ("disk", "esp", "data"))
-    cmdline = espmod.kernel_cmdline(release, data_uuid, RELEASE_PATH)
-    spec = espmod.entry_spec(release, cmdline)
+    cmdline = loader.kernel_cmdline(release, data_uuid, partition.release_path(release["version"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     with scratch_dir(out.parent, f".{out.name}.tmp-") as work:
         # -- the ESP ----------------------------------------------------------------------
         tree = work / "esp"
-        sd_boot_from, payload = espmod.write_tree(tree, work, rel, release, root, arch, boot, spec, uki=options.uki,
+        sd_boot_from, payload = espmod.write_tree(tree, work, rel, release, root, arch, boot, cmdline, uki=options.uki,
                                                   secureboot_key=options.secureboot_key,
                                                   secureboot_cert=options.secureboot_cert)
         # Room for two more kernels + initramfs (the next release while this one stays bootable).
@@ -239,7 +245,7 @@ def make_disk(release_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         esp_start = ALIGN // SECTOR
         data_start = esp_start + esp_size // SECTOR
         script = (f"label: gpt\nlabel-id: {disk_guid}\nunit: sectors\nsector-size: {SECTOR}\nfirst-lba: 2048\n"
-                  f"start={esp_start}, size={esp_size // SECTOR}, type={espmod.ESP_TYPE}, uuid={esp_uuid}, name=\"esp\"\n"
+                  f"start={esp_start}, size={esp_size // SECTOR}, type={ESP_TYPE}, uuid={esp_uuid}, name=\"esp\"\n"
                   f"start={data_start}, size={data_size // SECTOR}, type={arch.root_type}, uuid={data_uuid}, "
                   f"name=\"{DATA_LABEL}\"\n")
         with open(raw, "wb") as f:
@@ -263,7 +269,7 @@ def make_disk(release_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         os.replace(final, out)
     result = DiskResult(
         path=out, format=options.format, size=total, arch=arch.name, disk_guid=disk_guid, esp_partuuid=esp_uuid,
-        data_partuuid=data_uuid, entry=spec.entry_id, cmdline=cmdline,
+        data_partuuid=data_uuid, entry=loader.entry_id(release["name"], release["version"]), cmdline=cmdline,
         partitions={"esp": {"start": esp_start * SECTOR, "size": esp_size, "payload": payload},
                     "data": {"start": data_start * SECTOR, "size": data_size, "content": content, "entries": count}},
         boot={"kver": boot.kver, "kernel_size": boot.kernel.stat().st_size, "initrd_size": boot.initrd.stat().st_size,
@@ -272,42 +278,9 @@ def make_disk(release_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     return result
 
 
-@dataclass(frozen=True)
-class Partition:
-    name: str
-    offset: int          # bytes from the start of the disk
-    size: int
-    type: str
-    uuid: str
-
-
-def partitions(disk: str | os.PathLike[str]) -> dict[str, Partition]:
-    """The GPT partitions of a raw disk image, by name (``sfdisk --json``); {} for a disk with no
-    partition table (a bare file system)."""
-    need_tools("sfdisk")
-    proc = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {}
-    table = json.loads(proc.stdout).get("partitiontable", {})
-    sector = int(table.get("sectorsize", SECTOR))
-    return {p.get("name", ""): Partition(p.get("name", ""), int(p["start"]) * sector, int(p["size"]) * sector,
-                                         p["type"].lower(), p.get("uuid", "").lower())
-            for p in table.get("partitions", [])}
-
-
-def data_partition_offset(disk: str | os.PathLike[str]) -> int:
-    """Where the data partition's file system starts: the ``bootimg-data`` partition of a disk
-    ``make_disk`` wrote, or 0 for a bare ext4 image."""
-    parts = partitions(disk)
-    if not parts:
-        return 0
-    if DATA_LABEL not in parts:
-        raise HostError(f"no {DATA_LABEL} partition on this disk", file=str(disk))
-    return parts[DATA_LABEL].offset
-
-
 def describe(result: DiskResult) -> str:
     return json.dumps(result.to_json(), indent=2, sort_keys=True)
 
 
-__all__ = ["DiskOptions", "DiskResult", "make_disk", "partitions", "data_partition_offset", "FORMATS", "DATA_LABEL"]
+__all__ = ["DiskOptions", "DiskResult", "make_disk", "partitions", "data_partition_offset", "Partition", "FORMATS",
+           "DATA_LABEL", "SECTOR"]

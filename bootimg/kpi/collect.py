@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from typing import Any, Iterable, Sequence
 
 from .model import ABSURD_USEC, BootRecord, UnitRecord, Value, not_measurable, not_reached, ok, timestamp_is_set
-from .transport import MANAGER_PATH, TARGET_FILES, Transport, unit_path
+from .transport import MANAGER_PATH, TARGET_FILES, Transport, TransportError, unit_path
 
 # Units every record reads for its milestones (besides the manifest's containers and KPI units).
 ROOT_UNIT = "bootimg-root.service"  # the initrd hook that mounts the verified root
@@ -365,10 +366,53 @@ def collect(transport: Transport, units: Sequence[str] = (), *, label: str | Non
     answers = transport.get_all_many([MANAGER_PATH] + [unit_path(u) for u in names])
     files = transport.read_files(TARGET_FILES)
     seconds = time.perf_counter() - t0
-    return record_from_properties(
+    rec = record_from_properties(
         answers[0], dict(zip(names, answers[1:])), files, source=transport.describe(), label=label,
         collected_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), collect_seconds=round(seconds, 4),
         containers=containers)
+    entry = boot_entry(transport)
+    if entry is not None:
+        rec.system["boot_entry"] = entry
+    return rec
+
+
+# systemd-boot's EFI variables (vendor 4a67b082-...): which entry it booted, and with boot
+# counting the entry file it counts on (its name carries the tries left and done).
+_LOADER_VARS = ("LoaderEntrySelected", "LoaderBootCountPath")
+_READ_LOADER_VARS = ("for v in " + " ".join(_LOADER_VARS) + "; do "
+                     "f=/sys/firmware/efi/efivars/$v-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f; "
+                     "[ -r \"$f\" ] && { printf '%s ' \"$v\"; od -An -v -tx1 \"$f\" | tr -d ' \\n'; echo; }; done; true")
+
+
+def parse_loader_vars(text: str) -> dict[str, Any] | None:
+    """``NAME HEX`` lines of EFI variables (4 bytes of attributes, then UTF-16LE text) as the
+    booted entry and its boot counters; None without systemd-boot."""
+    values = {}
+    for line in text.splitlines():
+        name, _, hexdata = line.strip().partition(" ")
+        if name in _LOADER_VARS and hexdata:
+            try:
+                values[name] = bytes.fromhex(hexdata)[4:].decode("utf-16-le").rstrip("\0")
+            except (ValueError, UnicodeDecodeError):
+                continue
+    if not values:
+        return None
+    out: dict[str, Any] = {"selected": values.get("LoaderEntrySelected"), "count_path": values.get("LoaderBootCountPath"),
+                           "tries_left": None, "tries_done": None}
+    m = re.search(r"\+(\d+)(?:-(\d+))?\.(?:conf|efi)$", out["count_path"] or "")
+    if m:
+        out["tries_left"], out["tries_done"] = int(m.group(1)), int(m.group(2) or 0)
+    return out
+
+
+def boot_entry(transport: Transport) -> dict[str, Any] | None:
+    """The loader entry this boot came from (None: no systemd-boot, or the transport cannot run
+    commands, e.g. a recorded property set)."""
+    try:
+        proc = transport.run(["sh", "-c", _READ_LOADER_VARS], timeout=30)
+    except (TransportError, NotImplementedError):
+        return None
+    return parse_loader_vars(proc.stdout or "") if proc.returncode == 0 else None
 
 
 def record_property_set(recorder: Any) -> dict[str, Any]:

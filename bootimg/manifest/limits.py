@@ -39,11 +39,13 @@ INVALID_IDS = {65535: "the 16-bit -1", 2**32 - 1: "the 32-bit -1"}
 COMMAND_LINE_SIZE = 2048
 CMDLINE_MAX = COMMAND_LINE_SIZE - 1
 # What the build and the boot chain add to the manifest's kernel_args, at their longest (as
-# shown in messages, and their length): the root digest, where the release is, the physical
-# root (by PARTUUID) and its mode.
+# shown in messages, and their length): the root digest, where the release is (a version is at
+# most 64 characters), its rollback index, the physical root (by PARTUUID) and its mode.
 BUILD_KERNEL_ARGS = {
     "composefs.digest": (f"{reserved.KERNEL_DIGEST_PREFIX}<64 hex digits>", len(reserved.KERNEL_DIGEST_PREFIX) + 64),
-    "bootimg.release": (f"bootimg.release={reserved.RELEASE_PATH}", len(f"bootimg.release={reserved.RELEASE_PATH}")),
+    "bootimg.release": (f"bootimg.release={reserved.RELEASES_PATH}/<version>",
+                        len(f"bootimg.release={reserved.RELEASES_PATH}/") + 64),
+    "bootimg.security_version": ("bootimg.security_version=<32-bit>", len("bootimg.security_version=") + 10),
     "root": ("root=PARTUUID=<uuid>", len("root=PARTUUID=") + 36),
     "rw": ("rw", 2),
 }

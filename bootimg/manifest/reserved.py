@@ -25,8 +25,9 @@ ROOT_IMAGE_NAME = "root"  # images/root.cfs; containers are images/NAME.cfs
 # fs-verity with SHA-256 and 2^12-byte blocks, then the digest in hex.
 KERNEL_DIGEST_PREFIX = "composefs.digest=v1-sha256-12:"
 # Arguments the build derives from the image digests; a manifest's value would fight them.
-DERIVED_KERNEL_ARGS = ("composefs", "composefs.digest")
+DERIVED_KERNEL_ARGS = ("composefs", "composefs.digest", "bootimg.release", "bootimg.security_version")
 RELEASE_PATH = "/bootimg/release"  # on the data partition; bootimg.release= overrides it
+RELEASES_PATH = "/bootimg/releases"  # releases side by side (boot/partition.py)
 
 # -- inside the root image ------------------------------------------------------------------------
 
@@ -49,6 +50,10 @@ SYSROOT = "/sysroot"  # an empty directory: the physical root is mounted there a
 # A root with containers gets an empty /tmp (1777) when its source has none (a tmpfs is mounted
 # there at boot); it never replaces anything, so it is no path a manifest cannot claim.
 TMP_DIR = "/tmp"
+ESP_MOUNT = "/efi"    # an empty directory: systemd's gpt-auto generator mounts the ESP there
+BLESS_UNIT = "bootimg-bless.service"
+ASSESSMENT_DROPINS = ("boot-complete.target", "multi-user.target")   # 60-bootimg-assessment.conf each
+ASSESSMENT_DROPIN_NAME = "60-bootimg-assessment.conf"
 
 # Where systemd (system manager) and podman's quadlet generator look for units in a root image.
 UNIT_SEARCH_DIRS = ("/etc/systemd/system", "/usr/local/lib/systemd/system", UNIT_DIR, "/lib/systemd/system")
@@ -92,9 +97,13 @@ def root_paths(container_names: Iterable[str] = ()) -> list[ReservedPath]:
         ReservedPath(SYSROOT, "an empty directory the physical root is mounted on at boot", tree=True),
         ReservedPath(f"{UNIT_DIR}/{CONTAINERS_TARGET}", "the target that starts the containers"),
         ReservedPath(SYSUSERS_FILE, "the containers' users"),
+        ReservedPath(ESP_MOUNT, "an empty directory the ESP is mounted on (boot counting, updates)", tree=True),
+        ReservedPath(f"{UNIT_DIR}/{BLESS_UNIT}", "the unit that raises the rollback minimum after a good boot"),
     ]
     out += [ReservedPath(f"{UNIT_DIR}/{target}.d/{DROPIN_NAME}", f"the drop-in that makes {target} start containers")
             for target in WANTS_TARGETS]
+    out += [ReservedPath(f"{UNIT_DIR}/{target}.d/{ASSESSMENT_DROPIN_NAME}", f"the boot assessment's drop-in for {target}")
+            for target in ASSESSMENT_DROPINS]
     for name in container_names:
         out += [
             ReservedPath(f"{UNIT_DIR}/{service_unit(name)}", f"the unit of container '{name}'"),

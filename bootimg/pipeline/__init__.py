@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import tempfile
 
-from ..boot import ROOT_STEPS, preflight
+from ..boot import preflight
 from ..boot.preflight import BootCheck
+from ..boot.steps import ROOT_STEPS
 from ..composefs.store import ObjectStore
 from ..manifest.model import Manifest
 from ..release.build import BuildContext, BuildOptions, BuildResult, RootSteps, build_release, root_tree

@@ -18,7 +18,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify_release
 
     keys = [PublicKey.from_file(k) for k in args.key] if args.key else None
-    report = verify_release(args.release, keys)
+    report = verify_release(args.release, keys, objects=args.objects)
     code = 1 if not report.ok else 0 if report.authenticated else EXIT_NOT_AUTHENTICATED
     if args.json:
         json.dump({"release": args.release, **report.to_json()}, sys.stdout, indent=2, sort_keys=True)
@@ -75,6 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("release", metavar="OUT")
     p.add_argument("--key", action="append", metavar="PUB",
                    help="trusted public key (repeatable): the release must be signed by one of them")
+    p.add_argument("--objects", metavar="DIR", help="the object store of an installed release, shared with other "
+                   "releases (a device's /bootimg/objects): only the objects this release needs are checked")
     p.add_argument("--json", action="store_true", help="print the result as JSON (status: authenticated, "
                    "consistent or failed; problems; notes)")
     p.set_defaults(func=_cmd_verify)

@@ -44,8 +44,9 @@ VERITY_CERT = "keys/fsverity-cert.pem"
 SHARING_JSON = "sharing.json"
 SANDBOX_JSON = "sandbox.json"
 # Every name a release directory can hold at its top level, and nothing else.
+BOOT_DIR = "boot"           # vmlinuz, initrd.img, info.json: `bootimg initramfs RELEASE -o RELEASE/boot`
 RELEASE_ENTRIES = frozenset((RELEASE_JSON, RELEASE_SIG, IMAGES_DIR, OBJECTS_DIR, KEYS_DIR, SHARING_JSON,
-                             SANDBOX_JSON))
+                             SANDBOX_JSON, BOOT_DIR))
 # How an image names an object of the store: "ab/cdef..." (its fs-verity digest in hex).
 OBJECT_NAME = re.compile(rb"[0-9a-f]{2}/[0-9a-f]{62}")
 # release.json is small (a few KB per image); anything far larger is not one.
@@ -66,8 +67,10 @@ class ReleaseDir:
     """A release directory on disk: where its parts are, and a file of one of its images read
     through that image's tree and the shared object store."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], objects: str | os.PathLike[str] | None = None):
         self.path = Path(path)
+        # An installed release's objects are in the device's shared store, not beside it.
+        self._objects = Path(objects) if objects is not None else None
 
     @property
     def release_json(self) -> Path:
@@ -79,7 +82,7 @@ class ReleaseDir:
 
     @property
     def objects(self) -> Path:
-        return self.path / OBJECTS_DIR
+        return self._objects if self._objects is not None else self.path / OBJECTS_DIR
 
     def image_path(self, name: str) -> Path:
         return self.path / image_file(name)

@@ -110,9 +110,12 @@ class _Reference:
 
 
 def verify_release(out: str | os.PathLike[str], keys: list[PublicKey] | None = None,
-                   workers: int = 2) -> VerifyReport:
+                   workers: int = 2, objects: str | os.PathLike[str] | None = None) -> VerifyReport:
     """Check the release at ``out``; ``keys`` are the trust anchors (None: check it against
-    itself only). Raises BootimgError only when release.json cannot be read or is malformed."""
+    itself only); ``objects``: the shared store of an installed release (the device's
+    /bootimg/objects), where only the objects the release needs are checked, the others
+    belonging to other releases. Raises BootimgError only when release.json cannot be read or
+    is malformed."""
     out = Path(out)
     report = VerifyReport()
     release_path = out / layout.RELEASE_JSON
@@ -142,7 +145,7 @@ def verify_release(out: str | os.PathLike[str], keys: list[PublicKey] | None = N
         # its keys verify says release.json is as signed, so the image is the one modified.
         root_name = release["root"]["image"]
         root = loaded.get(root_name) or _load_unchecked(out / release["images"][root_name]["path"])
-        root_keys = _embedded_keys(out, root, report if root_name in loaded else None)
+        root_keys = _embedded_keys(layout.ReleaseDir(out, objects), root, report if root_name in loaded else None)
         if signature is None:
             pass
         elif root_keys is None:
@@ -154,10 +157,13 @@ def verify_release(out: str | os.PathLike[str], keys: list[PublicKey] | None = N
     for rel, what in reference.mismatches:
         report.problem(rel, f"{what}: {reference.blame()}")
     _check_root_entry(release, report)
-    _check_objects(out, loaded, report, workers)
+    if objects is None:
+        _check_objects(out, loaded, report, workers)
+    else:
+        _check_shared_objects(out, Path(objects), loaded, report, workers)
     _check_pkcs7(out, release, report)
-    _check_container_digests(out, release, loaded, report)
-    _check_sharing(out, release, loaded, report)
+    _check_container_digests(layout.ReleaseDir(out, objects), release, loaded, report)
+    _check_sharing(out, release, loaded, report, required=objects is None)
     _check_extra_files(out, release, report)
     return report
 
@@ -172,7 +178,7 @@ def _unparsable(out: Path, release_bytes: bytes, err: BootimgError, keys: list[P
     signature = _read_signature(out, report)
     if signature is not None:
         if keys is None:
-            keys = _embedded_keys(out, _load_unchecked(out / layout.image_file(layout.ROOT_IMAGE_NAME)), None)
+            keys = _embedded_keys(layout.ReleaseDir(out), _load_unchecked(out / layout.image_file(layout.ROOT_IMAGE_NAME)), None)
             source = KEYS_CARRIED
         else:
             source = KEYS_GIVEN
@@ -221,7 +227,7 @@ def _check_signature(release_bytes: bytes, signature: bytes, keys: list[PublicKe
     report.authenticated = source == KEYS_GIVEN
 
 
-def _embedded_keys(out: Path, root: Image | None, report: VerifyReport | None) -> list[PublicKey] | None:
+def _embedded_keys(rdir: layout.ReleaseDir, root: Image | None, report: VerifyReport | None) -> list[PublicKey] | None:
     """The release keys the root image carries (None without a root image); unreadable ones
     are problems when ``report`` is given."""
     if root is None:
@@ -229,7 +235,7 @@ def _embedded_keys(out: Path, root: Image | None, report: VerifyReport | None) -
     keys_dir = root.root.lookup(layout.ROOT_KEYS_DIR.encode())
     keys = []
     for name, node in (keys_dir.sorted_children() if keys_dir is not None and keys_dir.is_dir() else []):
-        data = layout.ReleaseDir(out).read_file(node)
+        data = rdir.read_file(node)
         if data is None:
             continue
         try:
@@ -419,6 +425,36 @@ def _check_objects(out: Path, images: dict[str, Image], report: VerifyReport, wo
             report.problem(rel, "not referenced by any image: not part of the release")
 
 
+def _check_shared_objects(out: Path, store: Path, images: dict[str, Image], report: VerifyReport, workers: int) -> None:
+    """The objects the release needs, in a store other releases share (named relative to the release)."""
+    wanted = _referenced_objects(images, report)
+    report.objects = len(wanted)
+    top = os.path.relpath(store, out)
+    to_hash = []
+    for obj, (size, users) in sorted(wanted.items()):
+        try:
+            st = os.lstat(store / obj)
+        except FileNotFoundError:
+            report.problem(f"{top}/{obj}", f"missing (needed by {', '.join(users)})")
+            continue
+        except OSError as err:
+            report.problem(f"{top}/{obj}", f"cannot read: {err.strerror}")
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            report.problem(f"{top}/{obj}", f"not a regular file ({fsutil.file_kind(st.st_mode)})")
+        elif st.st_size != size:
+            report.problem(f"{top}/{obj}", f"is {st.st_size} bytes, the images say {size}: object modified")
+        else:
+            to_hash.append(obj)
+    digests = _digests([str(store / obj) for obj in to_hash], [wanted[obj][0] for obj in to_hash], workers)
+    for obj, digest in zip(to_hash, digests):
+        if isinstance(digest, OSError):
+            report.problem(f"{top}/{obj}", f"cannot read: {digest.strerror}")
+        elif fsverity.object_name(digest) != obj:
+            report.problem(f"{top}/{obj}", f"content does not match its name (fs-verity digest {digest.hex()}): "
+                                           "object modified")
+
+
 # -- signatures, carried digests, sharing, stray files ---------------------------------------------
 
 def _check_pkcs7(out: Path, release: dict, report: VerifyReport) -> None:
@@ -444,12 +480,13 @@ def _check_pkcs7(out: Path, release: dict, report: VerifyReport) -> None:
             report.problem(sig_rel, err.message)
 
 
-def _check_container_digests(out: Path, release: dict, images: dict[str, Image], report: VerifyReport) -> None:
+def _check_container_digests(rdir: layout.ReleaseDir, release: dict, images: dict[str, Image],
+                             report: VerifyReport) -> None:
     root = images.get(release["root"]["image"])
     if root is None:
         return
     node = root.root.lookup(layout.ROOT_CONTAINERS_JSON.encode())
-    data = layout.ReleaseDir(out).read_file(node) if node is not None else None
+    data = rdir.read_file(node) if node is not None else None
     if data is None:
         report.problem(layout.ROOT_CONTAINERS_JSON, "missing from the root image")
         return
@@ -464,10 +501,12 @@ def _check_container_digests(out: Path, release: dict, images: dict[str, Image],
         report.problem(layout.ROOT_CONTAINERS_JSON, "container digests carried by the root differ from release.json")
 
 
-def _check_sharing(out: Path, release: dict, images: dict[str, Image], report: VerifyReport) -> None:
+def _check_sharing(out: Path, release: dict, images: dict[str, Image], report: VerifyReport, *, required: bool) -> None:
+    """sharing.json: a built release has it; an installed one (shared store) may not."""
     path = out / layout.SHARING_JSON
     if not os.path.lexists(path):
-        report.problem(layout.SHARING_JSON, "missing")
+        if required:
+            report.problem(layout.SHARING_JSON, "missing")
         return
     try:
         data = fsutil.read_regular(path, SMALL_FILE_MAX, what="sharing.json")
@@ -504,6 +543,10 @@ def _check_extra_files(out: Path, release: dict, report: VerifyReport) -> None:
         for d in sorted(subdirs):
             rel = d if rel_top == "." else f"{rel_top}/{d}"
             if rel == layout.OBJECTS_DIR or os.path.islink(os.path.join(top, d)):
+                continue
+            if rel == layout.BOOT_DIR:
+                report.notes.append(f"{layout.BOOT_DIR}/: the kernel and initramfs an installer puts on the ESP; "
+                                    "not covered by the release's signature (a signed UKI is)")
                 continue
             if rel in dirs or any(p.startswith(rel + "/") for p in dirs):
                 kept.append(d)

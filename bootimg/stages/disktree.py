@@ -26,7 +26,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..boot.initramfs import RELEASE_PATH
+from ..boot import loader
+from ..boot.partition import release_path
 from ..disk import esp as espmod
 from ..disk import fs
 from ..disk.image import MiB, data_entries, disk_seed, read_release
@@ -49,12 +50,11 @@ def run(args: Mapping[str, Any], metadata: Callable[[dict], None] | None = None)
     boot = BootFiles(kernel=Path(locations.resolve(options["kernel"], inputs)),
                      initrd=Path(locations.resolve(options["initrd"], inputs)),
                      kver="", arch=arch.name, key="", cached=False, seconds=0.0)
-    cmdline = espmod.kernel_cmdline(release, options["data-partuuid"].lower(), RELEASE_PATH)
-    spec = espmod.entry_spec(release, cmdline)
+    cmdline = loader.kernel_cmdline(release, options["data-partuuid"].lower(), release_path(release["version"]))
     tree = Path(args["tree"])
     epoch = int(release["source_date_epoch"])
     with tempfile.TemporaryDirectory(prefix="bootimg-esp-") as work:
-        sd_boot_from, payload = espmod.write_tree(Path(work) / "esp", Path(work), rel, release, root, arch, boot, spec)
+        sd_boot_from, payload = espmod.write_tree(Path(work) / "esp", Path(work), rel, release, root, arch, boot, cmdline)
         if payload + 4 * MiB > options["esp-size"]:
             raise BootimgError(f"esp-size {options['esp-size']} is too small for the kernel and initramfs "
                                f"({payload} bytes)", file="options", where="esp-size")
@@ -63,7 +63,7 @@ def run(args: Mapping[str, Any], metadata: Callable[[dict], None] | None = None)
     (tree / "data").mkdir()
     # Every xattr of the root's /var is kept: cp -a copies what mke2fs -d from a tar cannot.
     content, count = fs.write_dir(data_entries(rel, release, root, epoch), tree / "data")
-    info = {"entry": spec.entry_id, "cmdline": cmdline, "systemd-boot": sd_boot_from,
+    info = {"entry": loader.entry_id(release["name"], release["version"]), "cmdline": cmdline, "systemd-boot": sd_boot_from,
             "data": {"bytes": content, "entries": count}}
     if metadata is not None:
         metadata(info)

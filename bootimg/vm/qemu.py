@@ -189,6 +189,8 @@ class Machine:
     cpu: str | None = None             # -cpu under TCG (default: the architecture's, Arch.qemu_cpu)
     snapshot: bool = True              # the guest's writes go to a throw-away overlay
     kvm: bool = False                  # use KVM when /dev/kvm works (else TCG)
+    tpm_state: Path | None = None      # a TPM 2.0 (swtpm) keeping its state in this directory
+    reboot: bool = False               # a guest reboot restarts it in the same QEMU (else QEMU exits)
     extra_args: tuple[str, ...] = ()
 
     @property
@@ -217,13 +219,19 @@ def kvm_usable() -> bool:
     return True
 
 
-def qemu_argv(machine: Machine, *, efi_vars: Path | None = None, qmp: Path | None = None) -> list[str]:
-    """QEMU's command line for ``machine``; ``efi_vars`` is the variable store this run uses."""
+def qemu_argv(machine: Machine, *, efi_vars: Path | None = None, qmp: Path | None = None,
+              tpm_socket: Path | None = None) -> list[str]:
+    """QEMU's command line for ``machine``; ``efi_vars`` is the variable store this run uses,
+    ``tpm_socket`` the control socket of its swtpm."""
     m = machine
     accel = "kvm" if m.kvm and kvm_usable() and m.arch.uname == os.uname().machine else "tcg"
     argv = [m.arch.qemu, *m.arch.qemu_machine, "-accel", accel, "-cpu", "host" if accel == "kvm" else (m.cpu or m.arch.qemu_cpu),
             "-m", str(m.memory), "-smp", str(m.smp), "-nodefaults", "-no-user-config", "-display", "none",
-            "-serial", "stdio", "-no-reboot"]
+            "-serial", "stdio", *([] if m.reboot else ["-no-reboot"])]
+    if tpm_socket is not None:
+        device = "tpm-tis" if m.arch is archmod.X86_64 else "tpm-tis-device"
+        argv += ["-chardev", f"socket,id=chrtpm,path={tpm_socket}", "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+                 "-device", f"{device},tpmdev=tpm0"]
     if m.uefi:
         if m.disk is None:
             raise HostError("a UEFI machine needs a disk to boot")
@@ -292,7 +300,12 @@ class Run:
             elif not Path(efi_vars).is_file():
                 shutil.copyfile(firmware(machine.arch)[1], efi_vars)
         self.qmp_path = scratch / "qmp.sock"
-        self.argv = qemu_argv(machine, efi_vars=efi_vars, qmp=self.qmp_path)
+        self.swtpm = None
+        tpm_socket = None
+        if machine.tpm_state is not None:
+            tpm_socket = scratch / "swtpm.sock"
+            self.swtpm = start_swtpm(Path(machine.tpm_state), tpm_socket)
+        self.argv = qemu_argv(machine, efi_vars=efi_vars, qmp=self.qmp_path, tpm_socket=tpm_socket)
         self.reason, self.found, self.t_found, self.stage = "", None, None, "firmware"
         self.wall = 0.0
         self._error = ""
@@ -381,7 +394,7 @@ class Run:
 
     def _follow_stage(self, line: str) -> None:
         stage = self.stage
-        if stage == "firmware" and ("Linux version" in line or "Booting Linux" in line):
+        if "Linux version" in line or "Booting Linux" in line:      # also again after a reboot
             stage = "kernel"
         if stage in ("firmware", "kernel") and INITRD_RE.search(line):
             stage = "initramfs"
@@ -421,6 +434,8 @@ class Run:
     def stop(self) -> None:
         """Kill QEMU (if still running) and collect its stderr. Idempotent."""
         _kill(self.proc)
+        if self.swtpm is not None:
+            _kill(self.swtpm)
         self._scratch.cleanup()
         self.reader.join(timeout=5)
         self.wall = time.monotonic() - self.t0
@@ -446,6 +461,25 @@ class Run:
                           stage=self.stage, lines=lines, returncode=self.proc.returncode,
                           error=self._error, cmdline=self.append, argv=self.argv,
                           serial_log=self.serial_log)
+
+
+def start_swtpm(state: Path, socket_path: Path) -> subprocess.Popen:
+    """A software TPM 2.0 (Debian's swtpm) for one QEMU run, its state kept in ``state`` (so a
+    counter written in one run is there in the next, like a real TPM across power cycles)."""
+    if shutil.which("swtpm") is None:
+        raise HostError(f"swtpm not found: install swtpm swtpm-tools; {SETUP_HINT}")
+    state.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
+                             "--ctrl", f"type=unixio,path={socket_path}", "--terminate"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not socket_path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _kill(proc)
+            raise HostError(f"swtpm did not start (state {state})")
+        time.sleep(0.05)
+    return proc
 
 
 def _kill(proc: subprocess.Popen) -> None:

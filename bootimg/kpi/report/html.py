@@ -38,6 +38,15 @@ def _badge(verdict: str) -> str:
     return f'<span class="badge" style="background:{COLORS.get(verdict, "#555")}">{_e(verdict.replace("_", " "))}</span>'
 
 
+def _entry(boot: dict[str, Any]) -> str:
+    """The loader entry a boot came from, and its tries left when boot counting was on."""
+    e = (boot.get("system") or {}).get("boot_entry") or {}
+    if not e.get("selected"):
+        return "–"
+    tries = f" ({e['tries_left']} tries left)" if e.get("tries_left") is not None else ""
+    return _e(e["selected"] + tries)
+
+
 def _sec(ms: float | None) -> str:
     return "–" if ms is None else f"{ms / 1000:.3f} s"
 
@@ -272,7 +281,7 @@ def render_html(doc: dict[str, Any]) -> str:
         parts.append(f"<tr><td>{_e(r.name)}</td>{cells}<td class='msg'>{_e('; '.join(r.sources))}</td></tr>")
     parts.append(f"</table><div class='msg'>Milliseconds. Percentiles: {_e(doc.get('percentile_method'))}.</div>")
     parts.append("<h2>Boots</h2><table><tr><th>boot id</th><th>label</th><th>firmware</th><th>loader</th><th>kernel</th>"
-                 "<th>initrd</th><th>userspace</th><th>systemd-analyze time</th><th>image</th><th>source</th></tr>")
+                 "<th>initrd</th><th>userspace</th><th>systemd-analyze time</th><th>image</th><th>entry</th><th>source</th></tr>")
     for b in boots:
         ph = b.get("phases", {})
         cell = lambda k: _sec(ph[k]["usec"] / 1000) if ph.get(k, {}).get("state") == "ok" else _e(ph.get(k, {}).get("state", "–"))  # noqa: E731
@@ -281,6 +290,7 @@ def render_html(doc: dict[str, Any]) -> str:
                      f"<td class='num'>{cell('firmware')}</td><td class='num'>{cell('loader')}</td>"
                      f"<td class='num'>{cell('kernel')}</td><td class='num'>{cell('initrd')}</td>"
                      f"<td class='num'>{cell('userspace')}</td><td class='small'>{_e(b.get('analyze_time') or 'not finished')}</td>"
-                     f"<td><code>{_e((digest or 'not recorded')[:20])}</code></td><td class='msg'>{_e(b.get('source'))}</td></tr>")
+                     f"<td><code>{_e((digest or 'not recorded')[:20])}</code></td><td class='small'>{_entry(b)}</td>"
+                     f"<td class='msg'>{_e(b.get('source'))}</td></tr>")
     parts.append("</table></body></html>\n")
     return "\n".join(parts)
