@@ -163,7 +163,7 @@ def test_tampered_object_on_the_disk_reads_as_eio(gw, tmp_path):
     obj = node.payload.decode()
     disk = tmp_path / "tampered.raw"
     subprocess.run(["cp", "--sparse=always", str(gw / "disks" / "a.raw"), str(disk)], check=True)
-    path = f"/bootimg/release/objects/{obj}"
+    path = f"/bootimg/objects/{obj}"
     data = bytearray(diskedit.read_file(disk, path))
     data[100] ^= 0x01
     diskedit.replace_file(disk, path, bytes(data))

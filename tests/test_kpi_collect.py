@@ -300,4 +300,11 @@ def test_loader_variables_say_which_entry_booted_and_its_tries():
                    "tries_left": 2, "tries_done": 1}
     blessed = parse_loader_vars(f"LoaderEntrySelected {var('bootimg-x-1.0')}\n")
     assert blessed["selected"] == "bootimg-x-1.0" and blessed["tries_left"] is None
+    # The ESP's entries: a fallback boot's record says which entry used up its tries.
+    fallback = parse_loader_vars(f"LoaderEntrySelected {var('bootimg-x-2.0')}\n"
+                                 "ENTRY bootimg-x-3.0+0-3.conf\nENTRY bootimg-x-2.0.conf\nENTRY bootimg-x-2.5+2-1.conf\n")
+    assert fallback["entries"] == [
+        {"id": "bootimg-x-2.0", "file": "bootimg-x-2.0.conf", "tries_left": None, "tries_done": None, "state": "good"},
+        {"id": "bootimg-x-2.5", "file": "bootimg-x-2.5+2-1.conf", "tries_left": 2, "tries_done": 1, "state": "trying"},
+        {"id": "bootimg-x-3.0", "file": "bootimg-x-3.0+0-3.conf", "tries_left": 0, "tries_done": 3, "state": "bad"}]
     assert parse_loader_vars("") is None and parse_loader_vars("LoaderEntrySelected zz\n") is None

@@ -156,8 +156,22 @@ def loader_entry_selected() -> str | None:
     return raw.decode("utf-16-le", "replace").rstrip("\0") or None
 
 
+def reason(item: Installed) -> str:
+    """Why the entry is in its state, in words."""
+    boot = (item.release or {}).get("boot", {})
+    good_when = boot.get("good_when") or []
+    needs = f"boot-complete.target (which requires {', '.join(good_when)})" if good_when else "boot-complete.target"
+    if item.state == "bad":
+        return (f"its {item.entry.done if item.entry.done is not None else boot.get('tries', '?')} tries were used up: "
+                f"no boot reached {needs}; the loader boots it only when it is picked")
+    if item.state == "trying":
+        return f"being tried: {item.entry.left} tries left; good once a boot reaches {needs}"
+    return "good: blessed by a boot that reached boot-complete.target, or installed without boot counting"
+
+
 def json_ready(item: Installed) -> dict:
-    return {"entry": item.entry.filename, "id": item.entry.id, "state": item.state, "tries_left": item.entry.left,
+    return {"entry": item.entry.filename, "id": item.entry.id, "state": item.state, "reason": reason(item),
+            "tries_left": item.entry.left,
             "tries_done": item.entry.done, "version": item.version, "release_path": item.release_path,
             "release_present": item.dir is not None,
             "security_version": (item.release or {}).get("security_version"),

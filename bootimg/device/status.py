@@ -86,6 +86,8 @@ def render(st: Status) -> str:
         lines.append(f"  {r['version']:<12} {r['state']:<7} security_version {r['security_version']}{tries}  "
                      f"{r['entry']}" + (f"  [{', '.join(mark)}]" if mark else "")
                      + ("" if r["release_present"] else "  (release directory missing)"))
+        if r["state"] != "good":
+            lines.append(f"      {r['reason']}")
     lines.append(f"  rollback minimum {st.rollback_minimum} ({st.rollback_store})")
     s = st.store
     lines.append(f"  store: {s['objects']} objects, {s['bytes']} bytes; shared by several releases: "

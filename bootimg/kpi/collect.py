@@ -377,31 +377,51 @@ def collect(transport: Transport, units: Sequence[str] = (), *, label: str | Non
 
 
 # systemd-boot's EFI variables (vendor 4a67b082-...): which entry it booted, and with boot
-# counting the entry file it counts on (its name carries the tries left and done).
+# counting the entry file it counts on (its name carries the tries left and done); then the
+# entry files on the ESP (mounted at /efi, /boot/efi or /boot), whose names say which entries
+# are still being tried and which used up their tries (why another one booted).
 _LOADER_VARS = ("LoaderEntrySelected", "LoaderBootCountPath")
 _READ_LOADER_VARS = ("for v in " + " ".join(_LOADER_VARS) + "; do "
                      "f=/sys/firmware/efi/efivars/$v-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f; "
-                     "[ -r \"$f\" ] && { printf '%s ' \"$v\"; od -An -v -tx1 \"$f\" | tr -d ' \\n'; echo; }; done; true")
+                     "[ -r \"$f\" ] && { printf '%s ' \"$v\"; od -An -v -tx1 \"$f\" | tr -d ' \\n'; echo; }; done; "
+                     "for d in /efi /boot/efi /boot; do [ -d \"$d/loader/entries\" ] || continue; "
+                     "for e in \"$d\"/loader/entries/*.conf; do [ -f \"$e\" ] && echo \"ENTRY ${e##*/}\"; done; break; done; true")
+_COUNTER = re.compile(r"^(?P<id>.+?)(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.(?:conf|efi)$")
+
+
+def _counted(filename: str) -> dict[str, Any]:
+    m = _COUNTER.match(filename)
+    left = int(m.group("left")) if m and m.group("left") is not None else None
+    done = int(m.group("done")) if m and m.group("done") is not None else None
+    state = "good" if left is None else "bad" if left == 0 else "trying"
+    return {"id": m.group("id") if m else filename, "file": filename, "tries_left": left, "tries_done": done,
+            "state": state}
 
 
 def parse_loader_vars(text: str) -> dict[str, Any] | None:
     """``NAME HEX`` lines of EFI variables (4 bytes of attributes, then UTF-16LE text) as the
-    booted entry and its boot counters; None without systemd-boot."""
+    booted entry and its boot counters, and ``ENTRY FILE`` lines as the ESP's entries; None
+    without systemd-boot."""
     values = {}
+    entries = []
     for line in text.splitlines():
-        name, _, hexdata = line.strip().partition(" ")
-        if name in _LOADER_VARS and hexdata:
+        name, _, rest = line.strip().partition(" ")
+        if name == "ENTRY" and rest:
+            entries.append(_counted(rest))
+        elif name in _LOADER_VARS and rest:
             try:
-                values[name] = bytes.fromhex(hexdata)[4:].decode("utf-16-le").rstrip("\0")
+                values[name] = bytes.fromhex(rest)[4:].decode("utf-16-le").rstrip("\0")
             except (ValueError, UnicodeDecodeError):
                 continue
     if not values:
         return None
     out: dict[str, Any] = {"selected": values.get("LoaderEntrySelected"), "count_path": values.get("LoaderBootCountPath"),
                            "tries_left": None, "tries_done": None}
-    m = re.search(r"\+(\d+)(?:-(\d+))?\.(?:conf|efi)$", out["count_path"] or "")
-    if m:
-        out["tries_left"], out["tries_done"] = int(m.group(1)), int(m.group(2) or 0)
+    counted = _counted((out["count_path"] or "").replace("\\", "/").rsplit("/", 1)[-1])
+    if out["count_path"]:
+        out["tries_left"], out["tries_done"] = counted["tries_left"], counted["tries_done"]
+    if entries:
+        out["entries"] = sorted(entries, key=lambda e: e["file"])
     return out
 
 

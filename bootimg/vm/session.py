@@ -127,6 +127,11 @@ class Session:
             time.sleep(1.0)
         raise HostError(f"vm: no ssh connection within {timeout:.0f} s: {last}")
 
+    def power_cut(self) -> None:
+        """Kill QEMU at once, as a power loss would: no shutdown, the guest's unwritten data is lost
+        (what QEMU already wrote to the disk image stays)."""
+        self._run.stop()
+
     def console_since(self, start: int = 0) -> list[tuple[float, str]]:
         """Console lines (host seconds, text) from index ``start`` on, while it runs."""
         with self._run.reader.cond:

@@ -44,7 +44,8 @@ def _entry(boot: dict[str, Any]) -> str:
     if not e.get("selected"):
         return "–"
     tries = f" ({e['tries_left']} tries left)" if e.get("tries_left") is not None else ""
-    return _e(e["selected"] + tries)
+    bad = [x["id"] for x in e.get("entries", []) if x.get("state") == "bad"]
+    return _e(e["selected"] + tries + (f"; tries used up: {', '.join(bad)}" if bad else ""))
 
 
 def _sec(ms: float | None) -> str:
