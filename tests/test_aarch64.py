@@ -149,7 +149,7 @@ def test_qemu_argv_of_an_arm64_machine(tmp_path):
     assert "if=pflash,format=raw,unit=1,file=V" in argv
     # the PC keeps its machine and CPU; an explicit -cpu wins
     assert qemu_argv(Machine(disk=Path("D")), efi_vars=Path("V"))[:7] == \
-        ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max"]
+        ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max,hypervisor=off"]
     assert qemu_argv(m.with_(cpu="cortex-a57"), efi_vars=Path("V"))[6] == "cortex-a57"
     # a direct kernel boot of an arm64 kernel
     direct = qemu_argv(Machine(kernel=Path("K"), append="console=ttyAMA0", arch=arch.AARCH64))

@@ -78,7 +78,7 @@ def test_baseline_cmdline_and_qemu_argv(tmp_path):
     assert cmdline.split() == [f"root=LABEL={LABEL}", "rw", "console=ttyS0", "panic=-1", POWEROFF_ARG, "quiet"]
     assert POWEROFF_ARG not in baseline_cmdline(poweroff=False)
     argv = qemu_argv(Machine(disk=Path("D"), kernel=Path("K"), initrd=Path("I"), append=cmdline))
-    assert argv[:7] == ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max"]
+    assert argv[:7] == ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max,hypervisor=off"]
     for pair in (["-kernel", "K"], ["-initrd", "I"], ["-append", cmdline], ["-m", "2048"], ["-smp", "2"]):
         i = argv.index(pair[0])
         assert argv[i:i + 2] == pair

@@ -202,6 +202,12 @@ def wait_blessed(vm, timeout: float = 300) -> None:
     raise AssertionError(sh(vm, "systemctl status bootimg-bless.service boot-complete.target --no-pager || true"))
 
 
+def push_keys(vm, fleet: Fleet) -> None:
+    """The public release keys at /run/KEY.pub on the device, for `bootimg verify --key`."""
+    for k in ("release-2026", "release-2027"):
+        vm.run(f"cat > /run/{k}.pub", input=(fleet.top / "build" / "keys" / f"{k}.pub").read_text())
+
+
 def kpi_record(vm) -> dict:
     r = cli("kpi", "collect", "--ssh", vm.host_alias, "--ssh-config", str(vm.ssh_config), "--json")
     return json.loads(r.stdout)["boots"][0]
@@ -270,8 +276,9 @@ def fleet(tmp_path_factory) -> Fleet:
         # 3.0: its essential container exits at once (after restarts, the board reboots)
         build_release(top, "3.0", 3, key="release-2026", image="build/images/telemetry-2",
                       command='["/usr/bin/sh", "-c", "echo telemetry 3.0 cannot start; exit 3"]'),
-        # 2.5: the same index as 2.0; it trusts the next key only (release-2027), signed by the current one
-        build_release(top, "2.5", 2, key="release-2026", trusted=("release-2027",), image="build/images/telemetry-2"),
+        # 2.5: the same index as 2.0; it adds the next key (release-2027); 4.0 drops the old one
+        build_release(top, "2.5", 2, key="release-2026", trusted=("release-2026", "release-2027"),
+                      image="build/images/telemetry-2"),
         build_release(top, "4.0", 4, key="release-2027", trusted=("release-2027",), image="build/images/telemetry-2"),
     ]
     build_seconds = time.monotonic() - t0
@@ -322,9 +329,10 @@ def test_update_transfers_only_what_changed_then_boots_and_is_blessed(fleet):
         assert int(nv, 16) == 2                                # the TPM's own counter, read by tpm2-tools
         record = kpi_record(vm)
         # Both releases are intact in the shared store.
+        push_keys(vm, fleet)
         for v in ("1.0", "2.0"):
             sh(vm, f"bootimg verify /sysroot/bootimg/releases/{v} --objects /sysroot/bootimg/objects "
-                   f"--key /usr/lib/bootimg/keys/release-2026.pub >/dev/null")
+                   "--key /run/release-2026.pub >/dev/null")
     entry = record["system"]["boot_entry"]
     assert entry["selected"] == r2.entry and entry["tries_left"] == 2 and entry["tries_done"] == 1
     # The delta: one container's image and its changed file, against a full copy of 2.0.
@@ -489,8 +497,9 @@ def test_power_loss_during_an_install_never_stops_the_running_release(fleet):
                 finished = "2.0" in by
                 assert b["version"] == ("2.0" if finished and by["2.0"]["state"] != "bad" else "1.0"), (b, st)
                 assert by["1.0"]["state"] == "good"
+                push_keys(vm, fleet)
                 sh(vm, "bootimg verify /sysroot/bootimg/releases/1.0 --objects /sysroot/bootimg/objects "
-                       "--key /usr/lib/bootimg/keys/release-2026.pub >/dev/null")
+                       "--key /run/release-2026.pub >/dev/null")
                 installer = subprocess.Popen(vm.ssh_argv(f"bootimg install {url}/2.0/"), stdout=subprocess.DEVNULL,
                                              stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
                 time.sleep(at)
@@ -519,10 +528,14 @@ def test_power_loss_during_an_install_never_stops_the_running_release(fleet):
 def test_gc_frees_exactly_the_unreferenced_objects_and_keeps_every_installed_release(fleet):
     """On the device after the updates: every release an entry points at stays verifiable; an
     object no installed image references (an interrupted install's) is what goes, and nothing else."""
-    keys = fleet.top / "build" / "keys"
+    from bootimg.signing import PublicKey
+
+    next_key = PublicKey.from_file(fleet.top / "build" / "keys" / "release-2027.pub")
     with device(fleet.disk, fleet.tpm, log=fleet.top / "gc.log") as vm:
-        for k in ("release-2026", "release-2027"):
-            vm.run(f"cat > /run/{k}.pub", input=(keys / f"{k}.pub").read_text())
+        # 4.0 booted: it trusts the next key only (the old one is dropped)
+        assert booted(vm)["version"] == "4.0"
+        assert sh(vm, "ls /usr/lib/bootimg/keys").split() == [f"{next_key.keyid}.pub"]
+        push_keys(vm, fleet)
         before = status(vm)
         sh(vm, "mkdir -p /sysroot/bootimg/objects/ab && printf 'left by a cut install\\n' > "
                "/sysroot/bootimg/objects/ab/$(printf '%062d' 0)")

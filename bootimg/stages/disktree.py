@@ -9,7 +9,8 @@ mounted partition), and this stage gives them what only bootimg knows, in its tr
   puts there (systemd-boot, loader.conf, the release's Type #1 entry with its kernel, initramfs
   and command line), made by mkfs.vfat + mcopy like ``bootimg disk``'s; every file in it is
   bootimg's, and a FAT image needs no FAT mount (org.osbuild.write-device writes it);
-- ``/data``: the data partition's files (``/bootimg/release``, the release directory, and
+- ``/data``: the data partition's files (``/bootimg/releases/VERSION`` and ``/bootimg/objects``, the
+  release and its objects, and
   ``/bootimg/state/var``, the root image's /var as the persistent /var), with owners, modes,
   xattrs and times, for ``cp -a`` (org.osbuild.copy) onto the ext4 org.osbuild.mkfs.ext4 makes.
 
