@@ -88,8 +88,14 @@ HARNESS = r"""#!/bin/sh
 # Runs inside `unshare -m --propagation private`: mount the physical root, run the program, probe.
 T=$1
 shift
-mount -t tmpfs -o mode=0755 phys "$T/sysroot" || exit 90
-cp -a "$T/phys/." "$T/sysroot/" || exit 91
+if [ -n "${PHYS_EXT4:-}" ]; then
+    mke2fs -q -t ext4 -d "$T/phys" "$T/phys.ext4" 256M || exit 90
+    mount -o loop "$T/phys.ext4" "$T/sysroot" || exit 90
+    stat -c '%d' "$T/sysroot" >"$T/out/phys-dev"
+else
+    mount -t tmpfs -o mode=0755 phys "$T/sysroot" || exit 90
+    cp -a "$T/phys/." "$T/sysroot/" || exit 91
+fi
 if [ -n "${PHYS_RO:-}" ]; then mount -o remount,ro "$T/sysroot" || exit 92; fi
 "$@" >"$T/out/stdout" 2>"$T/out/stderr"
 echo $? >"$T/out/rc"
@@ -305,6 +311,7 @@ class Scenario:
             "BOOTIMG_KMSG": str(t / "out" / "kmsg"),
             "BOOTIMG_TEST_VERITY": verity, "BOOTIMG_TEST_VERITY_STATE": str(t / "shim-state"),
             "BOOTIMG_TEST_LOG": str(t / "out" / "verity.log"), "BOOTIMG_TEST_TPM": "none",
+            "BOOTIMG_VOLATILE_ROOT": str(t / "run" / "systemd" / "volatile-root"),
         }
         if phys_ro:
             run_env["PHYS_RO"] = "1"
@@ -600,6 +607,21 @@ def test_signed_root_mounts_with_verity_required(scenario, paths, layout):
     erofs = at["/run/meta"]["source"]      # file-backed where the kernel has it, else a loop device
     assert erofs.startswith("/dev/loop") or (not paths and erofs.startswith("/proc/self/fd/")), erofs
     assert ("erofs on a loop device" in o.stderr) == erofs.startswith("/dev/loop"), o.stderr
+    # The physical root here is a tmpfs (no block device): no volatile-root link for gpt-auto.
+    assert not (s.top / "run" / "systemd" / "volatile-root").is_symlink()
+
+
+@kernel_test
+def test_a_physical_root_on_a_block_device_is_linked_for_gpt_auto(scenario):
+    """The root is an overlay: /run/systemd/volatile-root names the physical root's device, so
+    systemd's gpt-auto generator finds the boot disk and mounts its ESP at /efi."""
+    s = scenario("signed")
+    o = s.run(env={"PHYS_EXT4": "1"})
+    assert o.rc == 0 and o.fatal_lines() == [], o.stderr
+    assert {m["at"]: m for m in o.mounts}["/sysroot"]["source"] == "composefs"
+    dev = int(o.read("phys-dev"))
+    link = s.top / "run" / "systemd" / "volatile-root"
+    assert os.readlink(link) == f"/dev/block/{os.major(dev)}:{os.minor(dev)}"
 
 
 @kernel_test

@@ -21,7 +21,7 @@ from bootimg.errors import BootimgError
 # Names only a test build may contain: the environment is read for them.
 TEST_ONLY = [b"BOOTIMG_TEST_VERITY", b"BOOTIMG_SYSROOT", b"BOOTIMG_CONF", b"BOOTIMG_KEYS_DIR", b"BOOTIMG_CMDLINE",
              b"BOOTIMG_KMSG", b"BOOTIMG_RUN", b"BOOTIMG_TEST_EROFS", b"BOOTIMG_TEST_OVERLAY", b"BOOTIMG_TEST_TPM",
-             b"BOOTIMG_TEST_ROOT", b"unix:"]
+             b"BOOTIMG_TEST_ROOT", b"BOOTIMG_VOLATILE_ROOT", b"unix:"]
 
 
 def dynamic_symbols(path: Path) -> set[str]:

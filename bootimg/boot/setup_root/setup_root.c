@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -234,6 +235,27 @@ static const char *release_version(const struct release_info *info, const char *
     const char *v = info->version;
     size_t n = strspn(v, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+~-");
     return n && !v[n] ? v : strrchr(release, '/') + 1;
+}
+
+/* The root is an overlay, backed by no block device: systemd's gpt-auto generator finds the
+ * boot disk (and mounts its ESP at /efi, where bless and `bootimg install` need it) through
+ * /run/systemd/volatile-root, the link systemd-volatile-root, ostree-prepare-root and
+ * composefs-setup-root make to the device of the physical root. Not fatal: the root is verified
+ * either way. */
+static void volatile_root(const char *phys)
+{
+    const char *link = PARAM("BOOTIMG_VOLATILE_ROOT", "/run/systemd/volatile-root");
+    struct stat st;
+    char dev[64], dir[BSR_PATH_MAX];
+    if (stat(phys, &st) < 0 || major(st.st_dev) == 0)
+        return;                                   /* not on a block device (tmpfs, tests) */
+    snprintf(dev, sizeof dev, "/dev/block/%u:%u", major(st.st_dev), minor(st.st_dev));
+    snprintf(dir, sizeof dir, "%s", link);
+    char *slash = strrchr(dir, '/');
+    if (slash && slash != dir)
+        *slash = 0;
+    if (mkdir_p(dir, 0755) != 0 || (symlink(dev, link) < 0 && errno != EEXIST))
+        warn("cannot link %s to %s (the ESP will not be mounted at /efi): %s", link, dev, strerror(errno));
 }
 
 int setup_root_main(void)
@@ -576,6 +598,7 @@ int setup_root_main(void)
     if (mount(phys, p, NULL, MS_MOVE, NULL) < 0)
         fatal("cannot move the physical root to /sysroot: %s", strerror(errno));
     snprintf(phys, sizeof phys, "%s", p);
+    volatile_root(phys);
 
     /* -- 8. record what was booted (every value is checked: safe paths, hex, fixed words) */
     step = "8 (booted.json)";
