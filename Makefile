@@ -8,7 +8,7 @@ setup:
 	@sh tools/setup-host.sh
 
 test: setup
-	BOOTIMG_REQUIRE_ACCEL=1 $(PY) -m pytest -ra
+	BOOTIMG_REQUIRE_ACCEL=1 $(PY) -m pytest -ra --durations=30
 
 demo: setup
 	@sh tools/demo.sh
