@@ -19,7 +19,8 @@ SYMLINK_HOPS = 40
 
 @dataclass
 class ContainerImage:
-    """A container's tree as built (to check its command and read its /etc/passwd).
+    """An image's tree as built: a container's (to check its command and read its /etc/passwd)
+    or the root's (to find its kernel).
 
     ``release`` is the release directory whose object store holds its external files (None:
     only inline content can be read)."""
