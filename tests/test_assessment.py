@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 from conftest import have
 
-from bootimg.boot import assessment, units
+from bootimg.boot import assessment, systemd_check
 from bootimg.composefs.reader import load_image
 from bootimg.manifest import load_manifest
 from bootimg.manifest.model import Assessment
@@ -44,11 +44,11 @@ def test_systemd_accepts_the_assessment_units(manifest, tmp_path):
                  dataclasses.replace(manifest, boot=dataclasses.replace(
                      manifest.boot, assessment=Assessment(tries=3, requires=("systemd-journald.service",))))).encode(),
              f"{UNIT_DIR}/multi-user.target.d/{ASSESSMENT_DROPIN_NAME}": assessment.wants_bless(manifest).encode()}
-    proc = units.systemd_verify(files, executables=[SETUP_ROOT], units=[BLESS_UNIT, "boot-complete.target"])
+    proc = systemd_check.systemd_verify(files, executables=[SETUP_ROOT], units=[BLESS_UNIT, "boot-complete.target"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     broken = dict(files)
     broken[f"{UNIT_DIR}/{BLESS_UNIT}"] = assessment.bless_unit(manifest).replace("After=", "Aftr=").encode()
-    proc = units.systemd_verify(broken, executables=[SETUP_ROOT], units=[BLESS_UNIT])
+    proc = systemd_check.systemd_verify(broken, executables=[SETUP_ROOT], units=[BLESS_UNIT])
     assert "Unknown key 'Aftr'" in proc.stdout + proc.stderr
 
 

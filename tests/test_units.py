@@ -1,4 +1,4 @@
-"""Boot-time container units (bootimg.boot.units, bootimg.boot.quadlet).
+"""Boot-time container units (bootimg.boot.units, .unit_syntax, .resolve, .image_view, .quadlet).
 
 The manifest maps to unit settings as documented in units.container_service; every generated
 unit passes `systemd-analyze verify` (systemd 252, as on the target), which is shown to catch
@@ -23,18 +23,20 @@ from pathlib import Path
 import pytest
 from conftest import REPO, composefs_mount, example_workspace, have, requires_root, run_cli
 
-from bootimg.boot import quadlet, sandbox, security, setup_root, units
-from bootimg.boot.units import ContainerImage
+from bootimg.boot import quadlet, resolve, sandbox, security, setup_root, systemd_check, unit_syntax, units
+from bootimg.boot.image_view import ContainerImage
 from bootimg.composefs.reader import load_image
 from bootimg.composefs.store import ObjectStore
 from bootimg.composefs.tree import Node
 from bootimg.errors import BootimgError
 from bootimg.manifest import Bind, ManifestError, limits, load_manifest
+from bootimg.manifest.reserved import QUADLET_DIR, SYSUSERS_FILE, UNIT_DIR
+from bootimg.manifest.reserved import SETUP_ROOT as HELPER
 from bootimg.sources import treeops
 
 DIGEST = "ab" * 32
 EPOCH = 1767225600
-UNIT = units.UNIT_DIR
+UNIT = UNIT_DIR
 
 needs_analyze = pytest.mark.skipif(not have("systemd-analyze"), reason="needs systemd-analyze")
 
@@ -109,8 +111,8 @@ def image(files: dict[str, tuple[bytes, int]], symlinks: dict[str, str] | None =
 def verify(files: dict[str, str], executables) -> subprocess.CompletedProcess:
     """systemd-analyze verify; the mount helper (a program every root carries) is one of the
     executables the image units need."""
-    return units.systemd_verify({p: (d.encode(), 0o644) for p, d in files.items()},
-                                executables=[*executables, units.HELPER])
+    return systemd_check.systemd_verify({p: (d.encode(), 0o644) for p, d in files.items()},
+                                executables=[*executables, HELPER])
 
 
 # -- the mapping ------------------------------------------------------------------------------------------
@@ -159,7 +161,7 @@ def test_readiness_restart_network_resources(tmp_path):
     for x, lines in zip("nso", (n, s, o)):
         assert {f"RootDirectory=/run/bootimg/containers/{x}", "MountAPIVFS=yes", "ProtectSystem=strict",
                 "ProtectHome=yes", "PrivateTmp=yes", "NoNewPrivileges=yes"} <= set(lines)
-    q = {x: f[f"{units.QUADLET_DIR}/{x}.container"] for x in "nso"}
+    q = {x: f[f"{QUADLET_DIR}/{x}.container"] for x in "nso"}
     assert "Notify=true" in section(q["n"], "Container") and "Network=none" in section(q["n"], "Container")
     assert "Notify=true" not in section(q["s"], "Container") and "Network=host" in section(q["s"], "Container")
     assert section(q["n"], "Service") == ["Restart=always", "CPUWeight=1000", "MemoryMax=64M"]
@@ -176,7 +178,7 @@ def test_essential(tmp_path):
     limits = {n: [x for x in section(f[f"{UNIT}/{n}.service"], "Unit") if x.startswith("StartLimit")] for n in "ren"}
     assert limits == {"r": ["StartLimitIntervalSec=25s", "StartLimitBurst=5"],
                       "e": ["StartLimitIntervalSec=450s", "StartLimitBurst=5"], "n": []}
-    assert limits["r"] == [x for x in section(f[f"{units.QUADLET_DIR}/r.container"], "Unit") if x.startswith("StartLimit")]
+    assert limits["r"] == [x for x in section(f[f"{QUADLET_DIR}/r.container"], "Unit") if x.startswith("StartLimit")]
     for name, expected in (("r", ["FailureAction=reboot"]),
                            ("e", ["OnFailure=emergency.target", "OnFailureJobMode=isolate"]), ("n", [])):
         # On the image unit too: a failed mount only fails the container's job ("dependency"),
@@ -203,7 +205,7 @@ def test_ordering_and_deadline(tmp_path):
     assert "TimeoutStartSec=5s" in section(f[f"{UNIT}/first.service"], "Service")       # floor: 5 s
     assert "TimeoutStartSec=7s" in section(f[f"{UNIT}/third.service"], "Service")
     assert "deadline_ms" not in generate(make_manifest(tmp_path, [box("x")], name="x.yaml"))[f"{UNIT}/x.service"]
-    assert units.start_timeout_ms(1) == 5000 and units.timespan_ms(5200) == "5200ms"
+    assert units.start_timeout_ms(1) == 5000 and unit_syntax.timespan_ms(5200) == "5200ms"
 
 
 def test_binds(tmp_path):
@@ -213,9 +215,9 @@ def test_binds(tmp_path):
     assert "BindReadOnlyPaths=/run/vsomeip:/run/vsomeip /etc/ca%%1.pem:/data/ca.pem" in \
         section(f[f"{UNIT}/b.service"], "Service")
     start = next(x for x in section(f[f"{UNIT}/bootimg-image-b.service"], "Service") if x.startswith("ExecStart="))
-    assert start == (f"ExecStart={units.HELPER} mount-image --bind=/run/vsomeip:/run/vsomeip --bind=/etc/ca%%1.pem:/data/ca.pem "
+    assert start == (f"ExecStart={HELPER} mount-image --bind=/run/vsomeip:/run/vsomeip --bind=/etc/ca%%1.pem:/data/ca.pem "
                      f"b {DIGEST}")
-    vols = [x for x in section(f[f"{units.QUADLET_DIR}/b.container"], "Container") if x.startswith("Volume=")]
+    vols = [x for x in section(f[f"{QUADLET_DIR}/b.container"], "Container") if x.startswith("Volume=")]
     assert vols == ["Volume=/run/vsomeip:/run/vsomeip:ro", "Volume=/etc/ca%%1.pem:/data/ca.pem:ro"]
     with pytest.raises(ManifestError, match=r"binds\[0\]\.source: '/a b' contains whitespace"):
         make_manifest(tmp_path, [box("b", binds=[{"source": "/a b", "target": "/x"}])], name="bad.yaml")
@@ -227,10 +229,10 @@ def test_binds(tmp_path):
 
 def test_fsverity_optional_is_passed_to_the_helper(tmp_path):
     f = generate(make_manifest(tmp_path, [box("a")], fsverity="optional"))
-    assert f"ExecStart={units.HELPER} mount-image --fsverity=optional a {DIGEST}" in f[f"{UNIT}/bootimg-image-a.service"]
+    assert f"ExecStart={HELPER} mount-image --fsverity=optional a {DIGEST}" in f[f"{UNIT}/bootimg-image-a.service"]
     f = generate(make_manifest(tmp_path, [box("a")], name="req.yaml"))
-    assert f"ExecStart={units.HELPER} mount-image a {DIGEST}" in f[f"{UNIT}/bootimg-image-a.service"]
-    assert f"ExecStop=-{units.HELPER} umount-image a" in f[f"{UNIT}/bootimg-image-a.service"]
+    assert f"ExecStart={HELPER} mount-image a {DIGEST}" in f[f"{UNIT}/bootimg-image-a.service"]
+    assert f"ExecStop=-{HELPER} umount-image a" in f[f"{UNIT}/bootimg-image-a.service"]
 
 
 def test_user_forms(tmp_path):
@@ -249,11 +251,11 @@ def test_user_forms(tmp_path):
     assert ids("d") == ["User=1200", "Group=1300"]        # primary group from the image's passwd
     assert ids("e") == []                                  # the image's default (root)
     assert "# bootimg: user svc is 1200 in the image's /etc/passwd" in f[f"{UNIT}/c.service"]
-    assert {"User=1100", "Group=1100"} <= set(section(f[f"{units.QUADLET_DIR}/a.container"], "Container"))
+    assert {"User=1100", "Group=1100"} <= set(section(f[f"{QUADLET_DIR}/a.container"], "Container"))
     # The numeric ids exist at boot (systemd refuses User= ids missing from the system's database).
     assert "After=systemd-sysusers.service" in section(f[f"{UNIT}/a.service"], "Unit")
     assert "After=systemd-sysusers.service" not in section(f[f"{UNIT}/e.service"], "Unit")
-    assert [x for x in f[units.SYSUSERS_FILE].splitlines() if not x.startswith("#")] == [
+    assert [x for x in f[SYSUSERS_FILE].splitlines() if not x.startswith("#")] == [
         "g bootimg-1100 1100", "g bootimg-1300 1300",
         'u bootimg-1100 1100:1100 "bootimg containers a, b" - -',
         'u bootimg-1200 1200:1300 "bootimg containers c, d, f" - -',
@@ -263,7 +265,7 @@ def test_user_forms(tmp_path):
     with pytest.raises(BootimgError, match="container 'c': user 'nobody2' is not in its image's /etc/passwd"):
         generate(make_manifest(tmp_path, [box("c", a, user="nobody2")], name="u.yaml"), images={"c": img})
     # Nobody but root: no sysusers file.
-    assert units.SYSUSERS_FILE not in generate(make_manifest(tmp_path, [box("r", user="0")], name="r.yaml"))
+    assert SYSUSERS_FILE not in generate(make_manifest(tmp_path, [box("r", user="0")], name="r.yaml"))
 
 
 def test_oci_config_fallbacks_and_env_merge(tmp_path):
@@ -286,7 +288,7 @@ def test_oci_config_fallbacks_and_env_merge(tmp_path):
     assert "# bootimg: user 1100:1200 from the image's OCI config" in f[f"{UNIT}/o.service"]
     # The manifest's command replaces entrypoint and cmd alike.
     assert "ExecStart=/bin/own x" in section(f[f"{UNIT}/p.service"], "Service")
-    q = section(f[f"{units.QUADLET_DIR}/o.container"], "Container")
+    q = section(f[f"{QUADLET_DIR}/o.container"], "Container")
     assert 'Exec=/usr/bin/entry --flag "arg one"' in q and "WorkingDir=/srv" in q
     # Neither the manifest nor the image says what to run: an error naming the container.
     with pytest.raises(BootimgError, match="container 'o': no command: the manifest sets none and its image"):
@@ -321,20 +323,20 @@ TRICKY = ["plain", "two words", "", 'dq"uote', "sq'uote", "back\\slash", "100%",
 
 
 def test_quoting_of_tricky_arguments():
-    assert units.exec_word("plain") == "plain"
-    assert units.exec_word("two words") == '"two words"'
-    assert units.exec_word("") == '""'
-    assert units.exec_word('dq"uote') == '"dq\\"uote"'
-    assert units.exec_word("back\\slash") == '"back\\\\slash"'
-    assert units.exec_word("100%") == "100%%"
-    assert units.exec_word("$HOME") == "$$HOME"
-    assert units.exec_word(";") == '";"'            # a lone unquoted ; separates commands
-    assert units.exec_word("new\nline") == '"new\\nline"'
-    assert units.env_assignment("K", "a $b %c") == '"K=a $b %%c"'   # no $ expansion in Environment=
-    assert units.env_assignment("K", "v") == "K=v"
+    assert unit_syntax.exec_word("plain") == "plain"
+    assert unit_syntax.exec_word("two words") == '"two words"'
+    assert unit_syntax.exec_word("") == '""'
+    assert unit_syntax.exec_word('dq"uote') == '"dq\\"uote"'
+    assert unit_syntax.exec_word("back\\slash") == '"back\\\\slash"'
+    assert unit_syntax.exec_word("100%") == "100%%"
+    assert unit_syntax.exec_word("$HOME") == "$$HOME"
+    assert unit_syntax.exec_word(";") == '";"'            # a lone unquoted ; separates commands
+    assert unit_syntax.exec_word("new\nline") == '"new\\nline"'
+    assert unit_syntax.env_assignment("K", "a $b %c") == '"K=a $b %%c"'   # no $ expansion in Environment=
+    assert unit_syntax.env_assignment("K", "v") == "K=v"
     for first in ("-x", "@x", "/a b/$x", "/bin/", "+x", "", "rel/x", "/a\"b"):
         with pytest.raises(BootimgError, match="cannot be an executable for systemd"):
-            units.exec_line([first, "arg"], container="c")
+            unit_syntax.exec_line([first, "arg"], container="c")
 
 
 @needs_analyze
@@ -398,7 +400,7 @@ def test_the_manifests_limits_are_what_systemd_accepts(tmp_path):
     assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
     # One step further: validate refuses the manifest, and systemd would have refused the unit.
     mem, ids = limits.MAX_MEMORY_MIB, limits.ID_MAX
-    assert units.timespan_ms(units.start_timeout_ms(limits.MAX_DURATION_MS + 500)) == "18446744073709s"
+    assert unit_syntax.timespan_ms(units.start_timeout_ms(limits.MAX_DURATION_MS + 500)) == "18446744073709s"
     for key, value, old, new, complaint in [
         ("deadline_ms", limits.MAX_DURATION_MS + 500, "TimeoutStartSec=18446744073708s", "TimeoutStartSec=18446744073709s",
          "Failed to parse TimeoutStartSec="),
@@ -453,7 +455,7 @@ def test_systemd_analyze_catches_broken_units(tmp_path, breakage, expected):
 def test_quadlets_pass_the_static_check_and_systemd(tmp_path):
     _, m = example_manifest(tmp_path)
     f = generate(m, EXAMPLE_CONFIGS)
-    quadlets = {p: t for p, t in f.items() if p.startswith(units.QUADLET_DIR)}
+    quadlets = {p: t for p, t in f.items() if p.startswith(QUADLET_DIR)}
     assert len(quadlets) == 4
     for path, text in quadlets.items():
         assert quadlet.check_container(text, path) == []
@@ -500,7 +502,7 @@ def test_quadlet_check_rejects_bad_files():
 def test_quadlet_needs_newer_podman_for_workdir(tmp_path):
     m = make_manifest(tmp_path, [box("w", image_type="oci")])
     f = generate(m, {"w": {"Cmd": ["/bin/w"], "WorkingDir": "/srv"}})
-    assert "# Podman quadlet (needs podman >= 4.6)" in f[f"{units.QUADLET_DIR}/w.container"]
+    assert "# Podman quadlet (needs podman >= 4.6)" in f[f"{QUADLET_DIR}/w.container"]
 
 
 # -- the sandbox -------------------------------------------------------------------------------------------
@@ -543,7 +545,7 @@ def test_example_containers_are_sandboxed(tmp_path, name):
     relaxed = [c for c in m.containers if c.sandbox is not None]
     assert [c.name for c in relaxed] == (["vehicle-bus", "rear-camera"] if name == "ivi-demo.yaml" else ["vehicle-bus"])
     for c in m.containers:
-        r = units.resolve(m, c, EXAMPLE_CONFIGS.get(c.name))
+        r = resolve.resolve(m, c, EXAMPLE_CONFIGS.get(c.name))
         default = sandbox.service_lines(dataclasses.replace(c, sandbox=None), r.user)
         assert service_sandbox(f[f"{UNIT}/{c.name}.service"]) == sandbox.service_lines(c, r.user)
         assert (sandbox.service_lines(c, r.user) != default) == (c.sandbox is not None), c.name
@@ -633,7 +635,7 @@ def test_devices_relaxation(tmp_path):
             for n in ("ro", "rw")}
     assert "/dev/video0:r" in desc["ro"] and "/dev/video0:rw" in desc["rw"] and "/dev/ttyS1:w" in desc["rw"]
     # podman: device nodes as AddDevice= (a bound node would not pass its device cgroup)
-    q = section(f[f"{units.QUADLET_DIR}/rw.container"], "Container")
+    q = section(f[f"{QUADLET_DIR}/rw.container"], "Container")
     assert "AddDevice=/dev/video0:/dev/video0:rw" in q and "AddDevice=/dev/ttyS1:/dev/ttyS1:w" in q
     assert not any(x.startswith("Volume=/dev/") for x in q)
     assert verify(f, ["/usr/bin/ro", "/usr/bin/rw"]).returncode == 0
@@ -668,12 +670,12 @@ def test_quadlet_sandbox_keys(tmp_path):
     m = make_manifest(tmp_path, [box("q", sandbox={"reason": "t", "capabilities": ["CAP_NET_RAW", "CAP_NET_ADMIN"],
                                                    "realtime_priority": 20}), box("p")])
     f = generate(m)
-    text = f[f"{units.QUADLET_DIR}/q.container"]
+    text = f[f"{QUADLET_DIR}/q.container"]
     assert quadlet.check_container(text, "q.container") == []
     lines = section(text, "Container")
     assert {"DropCapability=all", "AddCapability=CAP_NET_ADMIN CAP_NET_RAW", "Ulimit=rtprio=20:20"} <= set(lines)
     assert "# Podman quadlet (needs podman >= 4.7)" in text                  # Ulimit=
-    assert "DropCapability=all" in section(f[f"{units.QUADLET_DIR}/p.container"], "Container")
+    assert "DropCapability=all" in section(f[f"{QUADLET_DIR}/p.container"], "Container")
     # root keeps them in its bounding set; a non-root user gets them as ambient capabilities too
     s = service_sandbox(f[f"{UNIT}/q.service"])
     assert "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW" in s and not any(x.startswith("Ambient") for x in s)
@@ -689,10 +691,10 @@ def test_templates_ship_and_render_strictly():
     assert (REPO / "units").resolve() == (REPO / "bootimg" / "boot" / "templates").resolve()
     assert 'templates/*' in (REPO / "pyproject.toml").read_text()
     with pytest.raises(KeyError, match="no value for @WANTS@"):
-        units.render("wants.conf.in", {"RELEASE": "r", "WHY": "w"})
+        unit_syntax.render("wants.conf.in", {"RELEASE": "r", "WHY": "w"})
     with pytest.raises(KeyError, match="unused values"):
-        units.render("wants.conf.in", {"RELEASE": "r", "WHY": "w", "WANTS": "x", "EXTRA": "y"})
-    assert not re.search(r"@[A-Z_]+@", units.render("wants.conf.in", {"RELEASE": "r", "WHY": "w", "WANTS": "x"}))
+        unit_syntax.render("wants.conf.in", {"RELEASE": "r", "WHY": "w", "WANTS": "x", "EXTRA": "y"})
+    assert not re.search(r"@[A-Z_]+@", unit_syntax.render("wants.conf.in", {"RELEASE": "r", "WHY": "w", "WANTS": "x"}))
 
 
 def test_no_containers_no_files(tmp_path):
@@ -783,8 +785,8 @@ def root_files(out: Path) -> dict[str, tuple[bytes, int]]:
     found = {}
     for node in root.walk():
         path = node.path().decode()
-        if not node.is_reg() or not path.startswith((UNIT, units.QUADLET_DIR, units.HELPER,
-                                                      units.SYSUSERS_FILE)):
+        if not node.is_reg() or not path.startswith((UNIT, QUADLET_DIR, HELPER,
+                                                      SYSUSERS_FILE)):
             continue
         data = node.content if node.content is not None else (out / "objects" / node.payload.decode()).read_bytes()
         found[path] = (bytes(data), stat.S_IMODE(node.mode))
@@ -800,10 +802,10 @@ def test_build_puts_the_units_in_the_root_image(built):
     expected = {f"{UNIT}/{n}" for n in ("bootimg-containers.target", "multi-user.target.d/50-bootimg.conf",
                                          "sysinit.target.d/50-bootimg.conf", "basic.target.d/50-bootimg.conf")}
     for n in names:
-        expected |= {f"{UNIT}/{n}.service", f"{UNIT}/bootimg-image-{n}.service", f"{units.QUADLET_DIR}/{n}.container"}
-    expected |= {units.HELPER, units.SYSUSERS_FILE}
+        expected |= {f"{UNIT}/{n}.service", f"{UNIT}/bootimg-image-{n}.service", f"{QUADLET_DIR}/{n}.container"}
+    expected |= {HELPER, SYSUSERS_FILE}
     assert expected <= set(files)
-    assert files[units.HELPER] == (setup_root.build().read_bytes(), 0o755)
+    assert files[HELPER] == (setup_root.build().read_bytes(), 0o755)
     # Each image unit pins its container to the digest the release records for it.
     for n in names:
         text = files[f"{UNIT}/bootimg-image-{n}.service"][0].decode()
@@ -821,8 +823,8 @@ def test_units_from_the_root_image_pass_systemd_analyze(built):
     ws, (out, _) = built
     files = root_files(out)
     m = load_manifest(ws / "manifests" / "ivi-demo.yaml", on_warning=None)
-    decoded = {p: d.decode() for p, (d, _) in files.items() if p != units.HELPER}    # the helper is a program
-    res = units.systemd_verify(files, executables=commands_of(m, decoded))
+    decoded = {p: d.decode() for p, (d, _) in files.items() if p != HELPER}    # the helper is a program
+    res = systemd_check.systemd_verify(files, executables=commands_of(m, decoded))
     assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
 
 

@@ -38,7 +38,7 @@ from ..errors import BootimgError
 from ..release.build import BuildContext
 from ..release.layout import ReleaseDir
 from . import initramfs
-from .units import ContainerImage
+from .image_view import ContainerImage
 
 MIN_KERNEL = (6, 6)
 SYSTEMD = "/usr/lib/systemd/systemd"

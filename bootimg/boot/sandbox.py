@@ -107,7 +107,7 @@ class Device:
 
 
 def _unit(path: str) -> str:
-    """A path for a unit setting (units.check_path has refused whitespace and ':' in binds,
+    """A path for a unit setting (unit_syntax.check_path has refused whitespace and ':' in binds,
     the schema in sandbox.devices): '%' starts a specifier there."""
     return path.replace("%", "%%")
 

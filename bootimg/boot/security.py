@@ -26,10 +26,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..manifest.model import Manifest
+from ..manifest.reserved import UNIT_DIR, service_unit
 from ..release import layout
 from ..release.build import BuildContext, Report
 from . import sandbox
-from .units import UNIT_DIR, service_unit
 
 REPORT_FORMAT = "bootimg-sandbox-report/1"
 COMMAND = "systemd-analyze security --offline=true"

@@ -8,8 +8,9 @@ root's fs-verity digest covers every file), in order, and what it reports about 
   verifies and mounts the root) and its configuration;
 - ``units.container_units``: the boot-time containers' systemd units, podman quadlets, the
   target that starts them and the image mount helper (docs/boot-design.md, "Boot-time
-  containers"); ``quadlet`` checks the quadlet files statically, ``sandbox`` chooses each
-  container's sandbox settings;
+  containers"); ``resolve`` works out what each container runs and as whom, ``unit_syntax``
+  writes the files' syntax, ``quadlet`` checks the quadlet files statically, ``sandbox``
+  chooses each container's sandbox settings;
 - ``assessment.contribute``: when a boot counts as good (``boot-complete.target``) and the unit
   that raises the rollback minimum then;
 - ``initramfs.add_program``: ``bootimg-setup-root`` compiled for the root's architecture (a tree

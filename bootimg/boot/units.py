@@ -24,17 +24,10 @@ The unit names and paths are defined in ``bootimg.manifest.reserved``, whose lis
 manifest checks hold container names and ``add_files`` against.
 
 Everything is a pure function of the manifest, the image digests, the images' OCI configs
-and (for checks and name lookups) the container trees, so builds stay byte-identical. The
-file skeletons are templates in ``bootimg/boot/templates/`` (``units/`` at the top of the
-repository is a link to it); ``@KEY@`` fills a value, a line holding only ``@BLOCK@`` expands
-to zero or more lines.
-
-Quoting. ExecStart= words: systemd unquotes and C-unescapes each word, expands ``%``
-specifiers in it and ``$VAR`` at run time, and takes a lone ``;`` as a separator, so every
-``%`` is written ``%%``, every ``$`` ``$$``, and a word with whitespace, quotes, a backslash,
-``;`` or control characters is double-quoted with C escapes. Environment= assignments get the
-same quoting but keep ``$`` (systemd does not expand variables there). The quadlet keys that
-end up in podman's ExecStart (Exec=, Environment=) are escaped like ExecStart words.
+and (for checks and name lookups) the container trees, so builds stay byte-identical. What a
+container runs and as whom is :func:`resolve.resolve`'s; the file syntax (templates, quoting)
+is ``unit_syntax``'s; this module chooses the settings and, as the build's root contributor
+and tree hooks, puts the files into the root.
 
 Deadline. ``deadline_ms`` is a per-boot KPI measured from kernel start (the KPI verifier
 checks it); the unit records it as ``# bootimg: deadline_ms=N`` and sets
@@ -51,16 +44,9 @@ forever and its failure would never count.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import stat
-import subprocess
-import tempfile
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
+from collections.abc import Mapping
 
 from ..composefs.tree import Node
 from ..errors import BootimgError
@@ -80,301 +66,24 @@ from ..manifest.reserved import (
 )
 from ..manifest.reserved import SETUP_ROOT as HELPER
 from ..release.build import BuildContext, InjectedFile
-from ..release.layout import ReleaseDir
 from ..sources import treeops
 from . import quadlet, sandbox
+from .image_view import ContainerImage
+from .resolve import Resolved, resolve
+from .unit_syntax import check_path, env_assignment, exec_line, exec_word, render, timespan_ms, unit_path
 
 CONTAINERS_MOUNT_DIR = "/run/bootimg/containers"
-# What a runtime searches for a bare command name when the image sets no PATH (runc/crun).
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MIN_START_TIMEOUT_MS = 5000
 DEFAULT_START_TIMEOUT_MS = 90000    # systemd's DefaultTimeoutStartSec=
 START_LIMIT_BURST = 5               # systemd's default StartLimitBurst=
-SYMLINK_HOPS = 40
-
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_NEEDS_QUOTES = re.compile(r"[\s\"'\\;]|[\x00-\x1f\x7f]")
-_C_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r", "\a": "\\a",
-              "\b": "\\b", "\f": "\\f", "\v": "\\v"}
-_PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
-
-
-# -- templates -----------------------------------------------------------------------------------
-
-def template_text(name: str) -> str:
-    """A template shipped in bootimg/boot/templates (package data, so it works from a wheel too)."""
-    return resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
-
-
-def render(name: str, values: Mapping[str, str | list[str]]) -> str:
-    """Fill template ``name``: ``@KEY@`` takes a string; a line that is exactly ``@KEY@`` takes a
-    list of lines (none: the line goes). Unknown or unused keys are errors (a template and its
-    caller must agree)."""
-    used: set[str] = set()
-    out: list[str] = []
-
-    def fill(m: re.Match) -> str:
-        key = m.group(1)
-        if key not in values:
-            raise KeyError(f"template {name}: no value for @{key}@")
-        value = values[key]
-        if not isinstance(value, str):
-            raise TypeError(f"template {name}: @{key}@ is inside a line, so it takes a string")
-        used.add(key)
-        return value
-
-    for line in template_text(name).split("\n"):
-        whole = _PLACEHOLDER.fullmatch(line)
-        if whole and not isinstance(values.get(whole.group(1)), str):
-            key = whole.group(1)
-            if key not in values:
-                raise KeyError(f"template {name}: no value for @{key}@")
-            used.add(key)
-            out.extend(values[key])
-            continue
-        out.append(_PLACEHOLDER.sub(fill, line))
-    unused = set(values) - used
-    if unused:
-        raise KeyError(f"template {name}: unused values {sorted(unused)}")
-    return "\n".join(out)
-
-
-# -- systemd quoting -------------------------------------------------------------------------------
-
-def _c_escape(s: str) -> str:
-    return "".join(_C_ESCAPES.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x20 or ord(ch) == 0x7f else ch)
-                   for ch in s)
-
-
-def exec_word(arg: str) -> str:
-    """One ExecStart= argument, written so systemd hands the program exactly ``arg``."""
-    s = arg.replace("%", "%%").replace("$", "$$")
-    if s and not _NEEDS_QUOTES.search(s):
-        return s
-    return '"' + _c_escape(s) + '"'
-
-
-def exec_line(argv: Iterable[str], *, container: str = "?") -> str:
-    """A whole command line. argv[0] is the executable: systemd reads prefix characters
-    (``-@:+!``) off its front, and expands no variables in it, so those are refused."""
-    argv = list(argv)
-    problem = limits.executable_problem(argv[0])
-    if problem is not None:
-        raise BootimgError(f"container '{container}': command {argv[0]!r} {problem}")
-    return " ".join(exec_word(a) for a in argv)
-
-
-def env_assignment(key: str, value: str) -> str:
-    """An Environment= value: specifiers are expanded there, variables are not."""
-    s = f"{key}={value}".replace("%", "%%")
-    if not _NEEDS_QUOTES.search(s):
-        return s
-    return '"' + _c_escape(s) + '"'
-
-
-def check_path(path: str, *, container: str, what: str) -> str:
-    """A path that goes into a list-valued setting (BindReadOnlyPaths=, quadlet Volume=, the
-    helper's --bind=): ':' and whitespace separate there, so such paths are refused rather
-    than escaped."""
-    problem = limits.list_path_problem(path)
-    if problem is not None:
-        raise BootimgError(f"container '{container}': {what} {path!r} {problem}")
-    return path
-
-
-def unit_path(path: str, *, container: str, what: str) -> str:
-    """check_path, then ``%`` escaped for a unit file setting."""
-    return check_path(path, container=container, what=what).replace("%", "%%")
-
-
-def timespan_ms(ms: int) -> str:
-    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
-
-
-def start_timeout_ms(deadline_ms: int) -> int:
-    return max(2 * deadline_ms, MIN_START_TIMEOUT_MS)
-
-
-# -- container images --------------------------------------------------------------------------------
-
-@dataclass
-class ContainerImage:
-    """A container's tree as built (to check its command and read its /etc/passwd).
-
-    ``release`` is the release directory whose object store holds its external files (None:
-    only inline content can be read)."""
-
-    root: Node
-    release: ReleaseDir | None = None
-
-    def resolve(self, path: str, *, follow_last: bool = True) -> Node | None:
-        """The node at absolute ``path``, following symlinks inside the image (an absolute
-        link target means the image's root, as it will be under RootDirectory=)."""
-        pending = [c for c in path.encode("utf-8", "surrogateescape").split(b"/") if c][::-1]
-        stack = [self.root]
-        hops = 0
-        while pending:
-            comp = pending.pop()
-            if comp == b".":
-                continue
-            if comp == b"..":
-                if len(stack) > 1:
-                    stack.pop()
-                continue
-            cur = stack[-1].target()
-            if cur.children is None:
-                return None
-            child = cur.children.get(comp)
-            if child is None:
-                return None
-            node = child.target()
-            if node.is_symlink() and (pending or follow_last):
-                hops += 1
-                if hops > SYMLINK_HOPS or node.payload is None:
-                    return None
-                if node.payload.startswith(b"/"):
-                    stack = [self.root]
-                pending.extend(c for c in reversed(node.payload.split(b"/")) if c)
-                continue
-            stack.append(node)
-        return stack[-1].target()
-
-    def read(self, path: str) -> bytes | None:
-        node = self.resolve(path)
-        if node is None or not node.is_reg():
-            return None
-        if node.content is not None:
-            return bytes(node.content)
-        if node.size == 0:
-            return b""
-        return self.release.read_file(node) if self.release is not None else None
-
-    def is_executable(self, path: str) -> bool:
-        node = self.resolve(path)
-        return node is not None and node.is_reg() and bool(node.mode & 0o111)
-
-    def lookup_id(self, db: str, name: str) -> tuple[int, int | None] | None:
-        """(id, primary gid) of ``name`` in the image's /etc/passwd (db "passwd") or
-        /etc/group (db "group"; no primary gid)."""
-        data = self.read(f"/etc/{db}")
-        if data is None:
-            return None
-        for line in data.decode("utf-8", "replace").splitlines():
-            fields = line.split(":")
-            if len(fields) >= 3 and fields[0] == name and fields[2].isdigit():
-                gid = int(fields[3]) if db == "passwd" and len(fields) > 3 and fields[3].isdigit() else None
-                return int(fields[2]), gid
-        return None
-
-
-# -- resolution: what runs, as whom, with which environment -------------------------------------------
-
-@dataclass(frozen=True)
-class Resolved:
-    argv: tuple[str, ...]
-    environment: tuple[tuple[str, str], ...]   # sorted by name
-    user: str | None = None
-    group: str | None = None
-    workdir: str | None = None
-    notes: tuple[str, ...] = field(default=())  # "# bootimg: ..." comments for the units
-
-
-def _fail(manifest: Manifest, message: str) -> BootimgError:
-    return BootimgError(message, file=str(manifest.source_file or "manifest"))
-
-
-def resolve(manifest: Manifest, c: Container, config: Mapping | None = None,
-            image: ContainerImage | None = None) -> Resolved:
-    """The command, environment, user and working directory container ``c`` runs with:
-    the manifest's settings over its OCI image config (``config``: the config's "config"
-    object). With ``image`` the command is checked to exist and be executable in the image,
-    a bare command name is looked up on the image's PATH, and user/group names are turned
-    into the image's numeric ids (systemd would look names up on the host, not the image)."""
-    config = config or {}
-    notes: list[str] = []
-    # Environment: the image's Env, then the manifest's on top.
-    env: dict[str, str] = {}
-    for item in config.get("Env") or []:
-        key, sep, value = str(item).partition("=")
-        if not sep:
-            continue
-        if not _ENV_NAME.match(key):
-            raise _fail(manifest, f"container '{c.name}': the image's environment variable {key!r} is not a "
-                                  "valid name for systemd")
-        env[key] = value
-    env.update(c.environment)
-    # Command: the manifest's, else the image's Entrypoint + Cmd.
-    if c.command is not None:
-        argv = list(c.command)
-    else:
-        argv = [str(a) for a in (config.get("Entrypoint") or [])] + [str(a) for a in (config.get("Cmd") or [])]
-        if not argv:
-            raise _fail(manifest, f"container '{c.name}': no command: the manifest sets none and its image "
-                                  "configures no Entrypoint or Cmd")
-        notes.append("# bootimg: command from the image's OCI config (Entrypoint + Cmd)")
-    if image is not None:
-        argv[0] = _find_command(manifest, c, argv[0], env.get("PATH", DEFAULT_PATH), image)
-    exec_line(argv, container=c.name)  # refuses what systemd cannot run
-    # User: the manifest's, else the image's.
-    spec = c.user if c.user is not None else (config.get("User") or None)
-    user = group = None
-    if spec:
-        if c.user is None:
-            notes.append(f"# bootimg: user {spec} from the image's OCI config")
-        user, group = _user_group(manifest, c, spec, image, notes)
-    workdir = config.get("WorkingDir") or None
-    return Resolved(argv=tuple(argv), environment=tuple(sorted(env.items())), user=user, group=group,
-                    workdir=workdir, notes=tuple(notes))
-
-
-def _find_command(manifest: Manifest, c: Container, cmd: str, path_env: str, image: ContainerImage) -> str:
-    if "/" in cmd:
-        if not cmd.startswith("/"):
-            raise _fail(manifest, f"container '{c.name}': command {cmd!r} is a relative path")
-        if not image.is_executable(cmd):
-            node = image.resolve(cmd)
-            what = "is not in its image" if node is None else "is not an executable file in its image"
-            raise _fail(manifest, f"container '{c.name}': command {cmd} {what}")
-        return cmd
-    for d in path_env.split(":"):
-        if d.startswith("/") and image.is_executable(f"{d.rstrip('/')}/{cmd}"):
-            return f"{d.rstrip('/')}/{cmd}"
-    raise _fail(manifest, f"container '{c.name}': command {cmd!r} is not on the image's PATH ({path_env})")
-
-
-def _user_group(manifest: Manifest, c: Container, spec: str, image: ContainerImage | None,
-                notes: list[str]) -> tuple[str, str | None]:
-    user, _, group = spec.partition(":")
-    out_group: str | None = group or None
-    if not user.isdigit() and image is not None:
-        found = image.lookup_id("passwd", user)
-        if found is None:
-            raise _fail(manifest, f"container '{c.name}': user '{user}' is not in its image's /etc/passwd")
-        notes.append(f"# bootimg: user {user} is {found[0]} in the image's /etc/passwd")
-        user = str(found[0])
-        if out_group is None and found[1] is not None:
-            out_group = str(found[1])
-    elif user.isdigit() and out_group is None and image is not None:
-        for line in (image.read("/etc/passwd") or b"").decode("utf-8", "replace").splitlines():
-            fields = line.split(":")
-            if len(fields) > 3 and fields[2] == user and fields[3].isdigit():
-                out_group = fields[3]
-                break
-    if out_group is not None and not out_group.isdigit() and image is not None:
-        found = image.lookup_id("group", out_group)
-        if found is None:
-            raise _fail(manifest, f"container '{c.name}': group '{out_group}' is not in its image's /etc/group")
-        out_group = str(found[0])
-    for value in (user, out_group):
-        if value is not None and not re.fullmatch(r"[0-9]+|[a-z_][a-z0-9_-]{0,31}", value):
-            raise _fail(manifest, f"container '{c.name}': invalid user or group {value!r}")
-        problem = limits.id_problem(value) if value is not None and value.isdigit() else None
-        if problem is not None:
-            raise _fail(manifest, f"container '{c.name}': user or group {problem}")
-    return user, out_group
 
 
 # -- the units -----------------------------------------------------------------------------------------
+
+def start_timeout_ms(deadline_ms: int) -> int:
+    """TimeoutStartSec= for a container with a deadline (see "Deadline" above)."""
+    return max(2 * deadline_ms, MIN_START_TIMEOUT_MS)
+
 
 def _release(manifest: Manifest) -> str:
     return f"{manifest.identity.name} {manifest.identity.version}"
@@ -593,7 +302,8 @@ def unit_files(manifest: Manifest, digests: Mapping[str, str], configs: Mapping[
     for c in manifest.containers:
         digest = digests.get(c.name)
         if digest is None or not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise _fail(manifest, f"container '{c.name}': no image digest (64 hex digits) to pin its units to")
+            raise BootimgError(f"container '{c.name}': no image digest (64 hex digits) to pin its units to",
+                               file=str(manifest.source_file or "manifest"))
         r = resolved[c.name] = resolve(manifest, c, configs.get(c.name), images.get(c.name))
         add(f"{UNIT_DIR}/{image_unit(c.name)}", image_service(manifest, c, digest))
         add(f"{UNIT_DIR}/{service_unit(c.name)}", container_service(manifest, c, r))
@@ -654,45 +364,3 @@ def add_tmp(ctx: BuildContext, root: Node) -> None:
     if not ctx.manifest.containers or name in root.children:
         return
     treeops.make_dirs(root, [name], mtime=ctx.manifest.identity.source_date_epoch).mode = stat.S_IFDIR | 0o1777
-
-
-# -- checking with systemd ---------------------------------------------------------------------------
-
-def systemd_verify(files: Mapping[str, bytes | tuple[bytes, int]], *, executables: Iterable[str] = (),
-                   units: Iterable[str] | None = None, system_units: str | os.PathLike = "/usr/lib/systemd/system",
-                   systemd_analyze: str = "systemd-analyze") -> subprocess.CompletedProcess:
-    """Run ``systemd-analyze verify --root=TMP`` on generated units.
-
-    TMP is a scratch root holding a copy of ``system_units`` (the stock targets and services
-    the units order against), ``files`` ({absolute path: content or (content, mode)}) and,
-    as empty scripts, ``executables``. systemd 252 checks each ExecStart= path inside --root
-    and ignores RootDirectory=, so a container's command must be given here at its path in
-    the image. ``units`` defaults to every unit file among ``files`` plus the targets they
-    have drop-ins for. Returns the finished process (text stdout/stderr)."""
-    with tempfile.TemporaryDirectory(prefix="bootimg-verify-") as tmp:
-        root = Path(tmp)
-        unit_dir = root / UNIT_DIR.lstrip("/")
-        shutil.copytree(system_units, unit_dir, symlinks=True)
-        names: list[str] = []
-        for path, item in files.items():
-            data, mode = item if isinstance(item, tuple) else (item, 0o644)
-            dest = root / path.lstrip("/")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.is_symlink():
-                dest.unlink()
-            dest.write_bytes(data)
-            os.chmod(dest, mode)
-            parent = os.path.dirname(path)
-            if parent == UNIT_DIR:
-                names.append(os.path.basename(path))
-            elif os.path.dirname(parent) == UNIT_DIR and parent.endswith(".d"):
-                names.append(os.path.basename(parent)[:-2])
-        for exe in executables:
-            dest = root / exe.lstrip("/")
-            if not dest.exists():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_text("#!/bin/sh\n")
-                os.chmod(dest, 0o755)
-        wanted = sorted(set(units if units is not None else names))
-        return subprocess.run([systemd_analyze, "verify", f"--root={root}", *wanted],
-                              capture_output=True, text=True, timeout=120)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import arch as archmod
 from ..boot import preflight
-from ..boot.units import ContainerImage
+from ..boot.image_view import ContainerImage
 from ..composefs.tree import Node
 from ..errors import BootimgError
 from ..host import (

@@ -4,8 +4,8 @@ A value outside them passes a plain schema check yet fails on the target: ``syst
 verify`` complains, a unit whose ``User=`` is not a valid id never starts, the kernel cuts a
 command line that is too long. The bounds JSON Schema can express are ``maximum``s in
 schema.json (tests/test_manifest.py holds them equal to the constants here); semantic.py
-checks the rest with the functions below, and boot/units.py refuses with the same ones, so
-``validate`` and ``build`` agree.
+checks the rest with the functions below, and boot/unit_syntax.py and boot/resolve.py refuse
+with the same ones, so ``validate`` and ``build`` agree.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """What bootimg itself names and writes: the names and root paths a manifest cannot claim.
 
 The one list of them. The build takes its names from here (release/layout.py,
-release/build.py, boot/initramfs.py and boot/units.py import these constants), and the
-manifest checks refuse a container whose name, or an ``add_files`` path, would collide
-with one: a container called ``root`` would overwrite ``images/root.cfs``, one called
-``dbus`` would replace the system's ``dbus.service``, a file added at
-``/usr/lib/bootimg/containers.json`` would be silently replaced by the build's own.
+release/build.py, boot/initramfs.py, boot/units.py and boot/security.py import these
+constants), and the manifest checks refuse a container whose name, or an ``add_files``
+path, would collide with one: a container called ``root`` would overwrite
+``images/root.cfs``, one called ``dbus`` would replace the system's ``dbus.service``, a file
+added at ``/usr/lib/bootimg/containers.json`` would be silently replaced by the build's own.
 tests/test_release.py builds the example and checks every path the build injected into
 the root is covered by :func:`root_paths`.
 """
