@@ -334,7 +334,7 @@ def test_update_transfers_only_what_changed_then_boots_and_is_blessed(fleet):
             sh(vm, f"bootimg verify /sysroot/bootimg/releases/{v} --objects /sysroot/bootimg/objects "
                    "--key /run/release-2026.pub >/dev/null")
     entry = record["system"]["boot_entry"]
-    assert entry["selected"] == r2.entry and entry["tries_left"] == 2 and entry["tries_done"] == 1
+    assert entry["id"] == r2.entry and entry["tries_left"] == 2 and entry["tries_done"] == 1
     # The delta: one container's image and its changed file, against a full copy of 2.0.
     r2_objects = sum(p.stat().st_size for p in (r2.path / "objects").glob("??/*"))
     r2_images = sum(p.stat().st_size for p in (r2.path / "images").glob("*.cfs"))
@@ -371,7 +371,7 @@ def test_bad_update_is_tried_then_the_previous_release_boots_by_itself(fleet):
     assert by["2.0"]["state"] == "good" and st["booted"]["release"] == "/bootimg/releases/2.0"
     assert boots == 4                                       # three tries of 3.0, then 2.0
     entry = record["system"]["boot_entry"]
-    assert entry["selected"] == fleet.r("2.0").entry and entry["tries_left"] is None
+    assert entry["id"] == fleet.r("2.0").entry and entry["tries_left"] is None
     assert {e["id"]: e["state"] for e in entry["entries"]}[fleet.r("3.0").entry] == "bad"
     assert "telemetry 3.0 cannot start" in failed           # the persistent journal says why
     _print("automatic fallback 3.0 -> 2.0", {"kernels started": boots, "seconds from reboot to 2.0 up":

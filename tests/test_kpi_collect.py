@@ -296,8 +296,11 @@ def test_loader_variables_say_which_entry_booted_and_its_tries():
 
     path = "\\loader\\entries\\bootimg-x-2.0+2-1.conf"
     got = parse_loader_vars(f"LoaderEntrySelected {var('bootimg-x-2.0')}\nLoaderBootCountPath {var(path)}\n")
-    assert got == {"selected": "bootimg-x-2.0", "count_path": "\\loader\\entries\\bootimg-x-2.0+2-1.conf",
-                   "tries_left": 2, "tries_done": 1}
+    assert got == {"selected": "bootimg-x-2.0", "id": "bootimg-x-2.0",
+                   "count_path": "\\loader\\entries\\bootimg-x-2.0+2-1.conf", "tries_left": 2, "tries_done": 1}
+    # systemd 252's systemd-boot names the entry by its file name as it was when it booted it
+    old = parse_loader_vars(f"LoaderEntrySelected {var('bootimg-x-2.0+3.conf')}\nLoaderBootCountPath {var(path)}\n")
+    assert (old["selected"], old["id"], old["tries_left"], old["tries_done"]) == ("bootimg-x-2.0+3.conf", "bootimg-x-2.0", 2, 1)
     blessed = parse_loader_vars(f"LoaderEntrySelected {var('bootimg-x-1.0')}\n")
     assert blessed["selected"] == "bootimg-x-1.0" and blessed["tries_left"] is None
     # The ESP's entries: a fallback boot's record says which entry used up its tries.

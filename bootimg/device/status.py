@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from ..boot.loader import EntryName
 from ..composefs.store import ObjectStore
 from . import installed
 from .gc import referenced_objects
@@ -40,8 +41,9 @@ def status(target: Target) -> Status:
     nxt = next((i for i in items if i.state != "bad"), None)
     st.next_boot = nxt.entry.filename if nxt else None
     if target.booted:
+        selected = installed.loader_entry_selected()
         st.booted = {"release": target.booted.get("release"), "digest": target.booted.get("digest"),
-                     "entry": installed.loader_entry_selected(),
+                     "entry": selected, "id": _entry_id(selected),
                      "security_version": target.booted.get("security_version")}
     st.rollback_minimum, st.rollback_store = rollback_minimum(target)
     store = ObjectStore(target.data.objects, fsync=False, on_notice=lambda _m: None)
@@ -63,6 +65,15 @@ def status(target: Target) -> Status:
                                "missing": sum(1 for d in objs if d not in sizes)} for path, objs in sorted(per.items())},
     }
     return st
+
+
+def _entry_id(selected: str | None) -> str | None:
+    """The booted entry's id without its counter: systemd 252's LoaderEntrySelected is the file
+    name as it was at boot (``bootimg-N-V+3.conf``), newer systemd-boot's the id."""
+    if not selected:
+        return None
+    parsed = EntryName.parse(selected)
+    return parsed.id if parsed else selected
 
 
 def _size(path: str) -> int:

@@ -415,8 +415,11 @@ def parse_loader_vars(text: str) -> dict[str, Any] | None:
                 continue
     if not values:
         return None
-    out: dict[str, Any] = {"selected": values.get("LoaderEntrySelected"), "count_path": values.get("LoaderBootCountPath"),
-                           "tries_left": None, "tries_done": None}
+    # LoaderEntrySelected is the entry's file name with its counter as it was at boot (systemd
+    # 252) or the id without it (newer systemd-boot): "id" is the Boot Loader Specification id.
+    selected = values.get("LoaderEntrySelected")
+    out: dict[str, Any] = {"selected": selected, "id": _counted(selected)["id"] if selected else None,
+                           "count_path": values.get("LoaderBootCountPath"), "tries_left": None, "tries_done": None}
     counted = _counted((out["count_path"] or "").replace("\\", "/").rsplit("/", 1)[-1])
     if out["count_path"]:
         out["tries_left"], out["tries_done"] = counted["tries_left"], counted["tries_done"]

@@ -45,7 +45,7 @@ def _entry(boot: dict[str, Any]) -> str:
         return "–"
     tries = f" ({e['tries_left']} tries left)" if e.get("tries_left") is not None else ""
     bad = [x["id"] for x in e.get("entries", []) if x.get("state") == "bad"]
-    return _e(e["selected"] + tries + (f"; tries used up: {', '.join(bad)}" if bad else ""))
+    return _e((e.get("id") or e["selected"]) + tries + (f"; tries used up: {', '.join(bad)}" if bad else ""))
 
 
 def _sec(ms: float | None) -> str:
