@@ -328,6 +328,7 @@ def test_update_transfers_only_what_changed_then_boots_and_is_blessed(fleet):
         nv = sh(vm, "tpm2_nvread 0x01500016 | od -An -tx1 | tr -d ' \\n'")
         assert int(nv, 16) == 2                                # the TPM's own counter, read by tpm2-tools
         record = kpi_record(vm)
+        hook_line = sh(vm, "journalctl -b -k -o cat --no-pager | grep -m1 'the rollback check'")
         # Both releases are intact in the shared store.
         push_keys(vm, fleet)
         for v in ("1.0", "2.0"):
@@ -340,6 +341,13 @@ def test_update_transfers_only_what_changed_then_boots_and_is_blessed(fleet):
     r2_images = sum(p.stat().st_size for p in (r2.path / "images").glob("*.cfs"))
     assert res["objects_transferred"] >= 1 and res["objects_present"] > 100 * res["objects_transferred"]
     assert res["bytes_transferred"] < r2_objects / 100
+    # The hook's own time and its rollback check's (the TPM's NV counter read by raw commands).
+    m = re.search(r"in (\d+\.\d) ms, the rollback check \(TPM\) (\d+\.\d\d) ms of it", hook_line)
+    assert m, hook_line
+    hook_ms, rollback_ms = float(m.group(1)), float(m.group(2))
+    assert 0 < rollback_ms < hook_ms
+    _print("rollback check", {"hook ms": hook_ms, "rollback check ms (TPM)": rollback_ms,
+                              "share of the hook": round(rollback_ms / hook_ms, 4)})
     fleet.figures["install_seconds"] = res["seconds"]
     fleet.figures["install_wall"] = round(wall, 1)
     _print("update 1.0 -> 2.0", {

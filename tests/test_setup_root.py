@@ -607,6 +607,9 @@ def test_signed_root_mounts_with_verity_required(scenario, paths, layout):
     erofs = at["/run/meta"]["source"]      # file-backed where the kernel has it, else a loop device
     assert erofs.startswith("/dev/loop") or (not paths and erofs.startswith("/proc/self/fd/")), erofs
     assert ("erofs on a loop device" in o.stderr) == erofs.startswith("/dev/loop"), o.stderr
+    # Its own time and the rollback check's, for the KPI record and the device test's figures.
+    m = re.search(r"mounted \(.*\) in (\d+\.\d) ms, the rollback check \(file\) (\d+\.\d\d) ms of it", o.stderr)
+    assert m and 0 < float(m.group(2)) <= float(m.group(1)), o.stderr
     # The physical root here is a tmpfs (no block device): no volatile-root link for gpt-auto.
     assert not (s.top / "run" / "systemd" / "volatile-root").is_symlink()
 

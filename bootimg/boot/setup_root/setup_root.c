@@ -20,6 +20,7 @@
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <time.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -258,8 +259,17 @@ static void volatile_root(const char *phys)
         warn("cannot link %s to %s (the ESP will not be mounted at /efi): %s", link, dev, strerror(errno));
 }
 
+static double ms_since(const struct timespec *t0)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)(t.tv_sec - t0->tv_sec) * 1e3 + (double)(t.tv_nsec - t0->tv_nsec) / 1e6;
+}
+
 int setup_root_main(void)
 {
+    struct timespec t_start, t_rb;
+    clock_gettime(CLOCK_MONOTONIC, &t_start);
     const char *conf_path = PARAM("BOOTIMG_CONF", "/etc/bootimg/boot.conf");
     const char *cmdline_path = PARAM("BOOTIMG_CMDLINE", "/proc/cmdline");
     const char *keys_dir = PARAM("BOOTIMG_KEYS_DIR", "/etc/bootimg/keys");
@@ -457,8 +467,10 @@ int setup_root_main(void)
     struct rollback rb;
     join(rb_label, cf.state, "/rollback");
     join(rb_file, SYSROOT, rb_label);
+    clock_gettime(CLOCK_MONOTONIC, &t_rb);
     if (rollback_minimum(rb_file, rb_label, nv, &rb, err, sizeof err) < 0)
         fatal("cannot read this device's rollback minimum: %s", err);
+    double rb_ms = ms_since(&t_rb);
     if (secver < rb.minimum) {
         char store[BSR_PATH_MAX + 32];
         if (rb.from_tpm)
@@ -621,8 +633,9 @@ int setup_root_main(void)
     if (n < 0 || (size_t)n >= sizeof out || write_file(p, out, (size_t)n, 0644))
         fatal("cannot write %s", p);
     checkpoint();
-    note("root %s mounted (trust %s%s%s, verity %s, /etc %s, /var %s, erofs %s)", digest, cf.trust,
-         keyid[0] ? ", key " : "", keyid, verity ? "require" : "none", cf.etc, cf.var,
-         via_loop ? "on a loop device" : "file-backed");
+    note("root %s mounted (trust %s%s%s, verity %s, /etc %s, /var %s, erofs %s) in %.1f ms, the rollback "
+         "check (%s) %.2f ms of it", digest, cf.trust, keyid[0] ? ", key " : "", keyid, verity ? "require" : "none",
+         cf.etc, cf.var, via_loop ? "on a loop device" : "file-backed", ms_since(&t_start), rb.tpm ? "TPM" : "file",
+         rb_ms);
     return 0;
 }
