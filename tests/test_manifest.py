@@ -597,7 +597,7 @@ def test_minimal_defaults():
     assert m.containers == () and m.kpis == ()
     assert m.integrity == model.Integrity(trust="sealed", fsverity="required")
     assert m.boot == model.Boot(kernel_args=(), etc="transient", var="persistent", on_verification_failure="reboot",
-                                assessment=model.Assessment(tries=3))
+                                assessment=model.Assessment(tries=3, settle_ms=10000))
     assert m.identity.security_version == 0 and m.good_boot_units() == ()
     assert m.rootfs.source == model.Source("tar", REPO / "build" / "minimal-rootfs.tar")
 

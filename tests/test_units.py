@@ -30,7 +30,7 @@ from bootimg.composefs.store import ObjectStore
 from bootimg.composefs.tree import Node
 from bootimg.errors import BootimgError
 from bootimg.manifest import Bind, ManifestError, limits, load_manifest
-from bootimg.manifest.reserved import QUADLET_DIR, SYSUSERS_FILE, UNIT_DIR
+from bootimg.manifest.reserved import ASSESS_PROGRAM, QUADLET_DIR, SYSUSERS_FILE, UNIT_DIR
 from bootimg.manifest.reserved import SETUP_ROOT as HELPER
 from bootimg.sources import treeops
 
@@ -824,8 +824,9 @@ def test_units_from_the_root_image_pass_systemd_analyze(built):
     files = root_files(out)
     m = load_manifest(ws / "manifests" / "ivi-demo.yaml", on_warning=None)
     decoded = {p: d.decode() for p, (d, _) in files.items() if p != HELPER}    # the helper is a program
-    res = systemd_check.systemd_verify(files, executables=commands_of(m, decoded))
-    assert (res.returncode, res.stdout, res.stderr) == (0, "", "")
+    # /bin/sh: the root's shell, which the blessing's ExecCondition= runs
+    res = systemd_check.systemd_verify(files, executables=[*commands_of(m, decoded), "/bin/sh", ASSESS_PROGRAM])
+    assert (res.returncode, res.stdout, res.stderr) == (0, "", ""), res.stderr
 
 
 @needs_analyze

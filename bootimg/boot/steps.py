@@ -11,13 +11,15 @@ root's fs-verity digest covers every file), in order, and what it reports about 
   containers"); ``resolve`` works out what each container runs and as whom, ``unit_syntax``
   writes the files' syntax, ``quadlet`` checks the quadlet files statically, ``sandbox``
   chooses each container's sandbox settings;
-- ``assessment.contribute``: when a boot counts as good (``boot-complete.target``) and the unit
-  that raises the rollback minimum then;
+- ``assessment.contribute``: when a boot counts as good (``boot-complete.target``: the units it
+  needs are up and never restarted, checked once they have settled) and the unit that raises
+  the rollback minimum then;
 - ``initramfs.add_program``: ``bootimg-setup-root`` compiled for the root's architecture (a tree
   hook: the architecture is read from the root's own binaries);
-- ``units.add_sysroot``, ``units.add_tmp``, ``assessment.add_esp_mount``: an empty ``/sysroot``,
-  a ``/tmp`` for a root with containers, an empty ``/efi`` for the ESP (tree hooks: InjectedFile
-  only makes files);
+- ``units.add_sysroot``, ``units.add_tmp``, ``assessment.add_esp_mount``,
+  ``assessment.mask_bless_generator``: an empty ``/sysroot``, a ``/tmp`` for a root with
+  containers, an empty ``/efi`` for the ESP, the mask of systemd-bless-boot-generator (tree
+  hooks: InjectedFile only makes files);
 - ``security.container_sandboxes``: the reporter of the units' systemd-analyze security
   scores (OUT/sandbox.json, not in the root).
 """
@@ -26,5 +28,6 @@ from ..release.build import RootSteps
 from . import assessment, initramfs, security, units
 
 ROOT_STEPS = RootSteps(contributors=(initramfs.contribute, units.container_units, assessment.contribute),
-                       tree_hooks=(initramfs.add_program, units.add_sysroot, units.add_tmp, assessment.add_esp_mount),
+                       tree_hooks=(initramfs.add_program, units.add_sysroot, units.add_tmp, assessment.add_esp_mount,
+                                   assessment.mask_bless_generator),
                        reporters=(security.container_sandboxes,))

@@ -44,7 +44,9 @@ def systemd_verify(files: Mapping[str, bytes | tuple[bytes, int]], *, executable
             if parent == UNIT_DIR:
                 names.append(os.path.basename(path))
             elif os.path.dirname(parent) == UNIT_DIR and parent.endswith(".d"):
-                names.append(os.path.basename(parent)[:-2])
+                # a drop-in for a unit the root may lack (systemd-bless-boot without systemd-boot)
+                if (unit_dir / os.path.basename(parent)[:-2]).exists() or os.path.basename(parent)[:-2] in names:
+                    names.append(os.path.basename(parent)[:-2])
         for exe in executables:
             dest = root / exe.lstrip("/")
             if not dest.exists():

@@ -171,6 +171,7 @@ class Integrity:
 @dataclass(frozen=True)
 class Assessment:
     tries: int
+    settle_ms: int                             # the units run this long before the boot is assessed
     requires: tuple[str, ...] | None = None   # None: every essential container
 
 

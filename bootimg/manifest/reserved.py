@@ -52,7 +52,15 @@ SYSROOT = "/sysroot"  # an empty directory: the physical root is mounted there a
 TMP_DIR = "/tmp"
 ESP_MOUNT = "/efi"    # an empty directory: systemd's gpt-auto generator mounts the ESP there
 BLESS_UNIT = "bootimg-bless.service"
-ASSESSMENT_DROPINS = ("boot-complete.target", "multi-user.target")   # 60-bootimg-assessment.conf each
+BLESS_TIMER = "bootimg-bless.timer"      # starts the assessment once the good boot's units have settled
+ASSESS_UNIT = "bootimg-assess.service"   # required by boot-complete.target: the units are up, never restarted
+ASSESS_PROGRAM = f"{LIBEXEC_DIR}/bootimg-assess"
+# systemd-boot's boot counting variable: set when the booted entry is being counted.
+BOOT_COUNT_VAR = "/sys/firmware/efi/efivars/LoaderBootCountPath-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+# Masked (a symlink to /dev/null): it would start systemd-bless-boot.service, and with it the
+# assessment, in the boot transaction itself, before the containers had time to fail.
+BLESS_GENERATOR_MASK = "/etc/systemd/system-generators/systemd-bless-boot-generator"
+ASSESSMENT_DROPINS = ("boot-complete.target", "multi-user.target", "systemd-bless-boot.service")
 ASSESSMENT_DROPIN_NAME = "60-bootimg-assessment.conf"
 
 # Where systemd (system manager) and podman's quadlet generator look for units in a root image.
@@ -99,6 +107,9 @@ def root_paths(container_names: Iterable[str] = ()) -> list[ReservedPath]:
         ReservedPath(SYSUSERS_FILE, "the containers' users"),
         ReservedPath(ESP_MOUNT, "an empty directory the ESP is mounted on (boot counting, updates)", tree=True),
         ReservedPath(f"{UNIT_DIR}/{BLESS_UNIT}", "the unit that raises the rollback minimum after a good boot"),
+        ReservedPath(f"{UNIT_DIR}/{BLESS_TIMER}", "the timer that assesses the boot once its units have settled"),
+        ReservedPath(f"{UNIT_DIR}/{ASSESS_UNIT}", "the unit that checks the units a good boot needs"),
+        ReservedPath(BLESS_GENERATOR_MASK, "the mask of systemd-bless-boot-generator (bootimg starts the blessing)"),
     ]
     out += [ReservedPath(f"{UNIT_DIR}/{target}.d/{DROPIN_NAME}", f"the drop-in that makes {target} start containers")
             for target in WANTS_TARGETS]
