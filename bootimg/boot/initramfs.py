@@ -30,13 +30,13 @@ from importlib import resources
 from ..composefs.tree import Node
 from ..errors import BootimgError
 from ..manifest.model import Manifest
-from ..manifest.reserved import BOOT_CONF, DRACUT_CONF, RELEASE_PATH, SETUP_ROOT
+from ..manifest.reserved import BOOT_CONF, DRACUT_CONF, DRACUT_DEPENDS, RELEASE_PATH, SETUP_ROOT
+from ..manifest.reserved import DRACUT_MODULE as MODULE_NAME
 from ..manifest.reserved import DRACUT_MODULE_DIR as MODULE_DIR
 from ..release.build import BuildContext, InjectedFile
 from ..sources import treeops
 from . import partition, setup_root
 
-MODULE_NAME = "bootimg"
 # The data partition (boot/partition.py): releases side by side over one object store, and state.
 RELEASES_PATH = partition.RELEASES                # RELEASES_PATH/<version>: bootimg.release= names one
 OBJECTS_PATH = partition.OBJECTS                  # the fs-verity object store all releases share
@@ -53,7 +53,7 @@ TEMPLATES = {
 # What module-setup.sh takes from the root into the initramfs, in one place: the template gets
 # these lists through its placeholders, and the build's boot check (``preflight``) checks that
 # the root has every one of them. The program needs no tool of the root's: nothing but libc.
-DRACUT_DEPENDS = ("systemd",)                     # dracut modules 90bootimg depends on
+# DRACUT_DEPENDS (bootimg.manifest.reserved): the dracut modules 90bootimg depends on.
 KERNEL_MODULES = ("erofs", "overlay", "loop")     # built in or modules of the root's kernel
 # The TPM's drivers, for the rollback counter: installed when the kernel has them as modules (a
 # machine without a TPM boots without them), not required by the boot check.
