@@ -20,6 +20,7 @@ In data-flow order:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -288,6 +289,45 @@ def baseline_disk(system: System, image: Path, work: Path) -> DiskImage:
         return make_plain_disk(image, tree, label=LABEL, seed="board-baseline")
     finally:
         remove_tree(tree)
+
+
+# What the integrity floor leaves without fs-verity: what the booted system writes in place
+# (a file with fs-verity is read-only), as composefs keeps /var on the data partition.
+FLOOR_WRITABLE = ("var", "etc/machine-id")
+
+
+def integrity_floor_disk(system: System, image: Path, work: Path) -> tuple[DiskImage, int]:
+    """The baseline disk with fs-verity enabled on every regular file but FLOOR_WRITABLE: the
+    cost of fs-verity's own hashing on every read, without composefs (the floor a verified root
+    cannot go below). Enabled on the host through a loop mount. (disk, files enabled)."""
+    import tempfile
+
+    from ..composefs.fsverity import enable_fd
+
+    disk = baseline_disk(system, image, work)
+    enabled = 0
+    with tempfile.TemporaryDirectory(prefix="bootimg-floor-") as mnt:
+        run(["mount", "-t", "ext4", "-o", "loop", str(image), mnt], what="mounting the floor disk")
+        try:
+            skip = {os.path.join(mnt, p) for p in FLOOR_WRITABLE}
+            for dirpath, dirnames, filenames in os.walk(mnt):
+                dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in skip]
+                for name in filenames:
+                    path = os.path.join(dirpath, name)
+                    if path in skip or not os.path.isfile(path) or os.path.islink(path):
+                        continue
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                    try:
+                        enable_fd(fd)
+                        enabled += 1
+                    except OSError as err:
+                        if err.errno != errno.EEXIST:     # a hard link of a file already enabled
+                            raise HostError(f"cannot enable fs-verity: {err.strerror}", file=path) from None
+                    finally:
+                        os.close(fd)
+        finally:
+            run(["umount", mnt], what="unmounting the floor disk")
+    return disk, enabled
 
 
 def baseline_machine(system: System, disk: Path, extra: str = "", **kw) -> Machine:

@@ -33,6 +33,7 @@ class Member:
     name: str
     mode: int
     size: int
+    data: bytes | None = None       # its content, when read with ``contents=True``
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,14 @@ class Initramfs:
         """{path: size} of its regular files (a later archive's member replaces an earlier one)."""
         return {m.name: m.size for m in self.members if m.mode & 0o170000 == 0o100000}
 
+    def contents(self) -> dict[str, bytes]:
+        """{path: content} of its regular files (read with ``contents=True``)."""
+        return {m.name: m.data or b"" for m in self.members if m.mode & 0o170000 == 0o100000}
 
-def read_initramfs(path: str | os.PathLike[str]) -> Initramfs:
-    """Every archive of the initramfs at ``path``; BootimgError for what is no initramfs."""
+
+def read_initramfs(path: str | os.PathLike[str], *, contents: bool = False) -> Initramfs:
+    """Every archive of the initramfs at ``path`` (with each member's content when ``contents``);
+    BootimgError for what is no initramfs."""
     with open(path, "rb") as f:
         data = f.read()
     result = Initramfs(len(data))
@@ -78,7 +84,7 @@ def read_initramfs(path: str | os.PathLike[str]) -> Initramfs:
         if pos >= len(data):
             break
         if data[pos:pos + 6] in CPIO_MAGICS:
-            end = _members(data, pos, result.members, str(path))
+            end = _members(data, pos, result.members, str(path), contents)
             result.segments.append(Segment(pos, end - pos, None, end - pos))
             pos = end
             continue
@@ -95,7 +101,7 @@ def read_initramfs(path: str | os.PathLike[str]) -> Initramfs:
             while cpos < len(payload) and payload[cpos] == 0:
                 cpos += 1
             if cpos < len(payload):
-                cpos = _members(payload, cpos, result.members, str(path))
+                cpos = _members(payload, cpos, result.members, str(path), contents)
         pos += used
     return result
 
@@ -129,7 +135,7 @@ def _decompress(kind: str, data: bytes, pos: int, file: str) -> tuple[bytes, int
     return b"".join(out), pos - start
 
 
-def _members(data: bytes, pos: int, members: list[Member], file: str) -> int:
+def _members(data: bytes, pos: int, members: list[Member], file: str, contents: bool = False) -> int:
     """Read the newc archive at ``pos`` into ``members``; the offset after its trailer."""
     while True:
         if data[pos:pos + 6] not in CPIO_MAGICS or pos + HEADER > len(data):
@@ -142,7 +148,7 @@ def _members(data: bytes, pos: int, members: list[Member], file: str) -> int:
         pos = (pos + HEADER + namesize + 3) & ~3
         if name == TRAILER:
             return pos
-        members.append(Member(name, mode, filesize))
+        members.append(Member(name, mode, filesize, bytes(data[pos:pos + filesize]) if contents else None))
         pos = (pos + filesize + 3) & ~3
         if pos > len(data):
             raise BootimgError(f"truncated cpio member {name!r}", file=file)
