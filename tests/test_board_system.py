@@ -122,13 +122,13 @@ def test_boots_the_verified_root_and_starts_the_containers_in_order(system, keys
         root = vm.run("findmnt", "-no", "FSTYPE,OPTIONS", "/").stdout.split()
         assert root[0] == "overlay" and "verity=require" in root[1].split(","), root
         opts = root[1].split(",")          # the store as data-only layer: fsconfig's datadir+ or mount(2)'s "::"
-        assert "lowerdir=/run/bootimg/meta::/run/bootimg/phys/bootimg/release/objects" in opts or \
-            {"lowerdir+=/run/bootimg/meta", "datadir+=/run/bootimg/phys/bootimg/release/objects"} <= set(opts), opts
+        assert "lowerdir=/run/bootimg/meta::/run/bootimg/phys/bootimg/objects" in opts or \
+            {"lowerdir+=/run/bootimg/meta", "datadir+=/run/bootimg/phys/bootimg/objects"} <= set(opts), opts
         # the kernel itself says the image and an object carry the digests the release names
-        meas = vm.run("fsverity", "measure", "/sysroot/bootimg/release/images/root.cfs").stdout
+        meas = vm.run("fsverity", "measure", "/sysroot/bootimg/releases/1.4.0/images/root.cfs").stdout
         assert meas.split()[0] == f"sha256:{system.digest}"
         obj = object_of(system, "/usr/bin/bash")
-        meas = vm.run("fsverity", "measure", f"/sysroot/bootimg/release/objects/{obj}").stdout
+        meas = vm.run("fsverity", "measure", f"/sysroot/bootimg/objects/{obj}").stdout
         assert meas.split()[0] == "sha256:" + obj.replace("/", "")
         # /etc transient (tmpfs upper), /var persistent (bound from the data partition)
         assert vm.run("findmnt", "-no", "FSTYPE", "/etc").stdout.strip() == "overlay"
@@ -197,7 +197,7 @@ def test_tampered_root_object_reads_as_eio(system, tmp_path):
     victim = "/usr/share/common-licenses/GPL-3"
     obj = object_of(system, victim)
     disk = disk_copy(system, tmp_path)
-    path = f"/bootimg/release/objects/{obj}"
+    path = f"/bootimg/objects/{obj}"
     original = diskedit.read_file(disk, path)
     diskedit.replace_file(disk, path, original.replace(b"GNU", b"GNO", 1))
     diskedit.unprovision(disk)                     # the next boot gives the new file fs-verity
@@ -221,7 +221,7 @@ def test_tampered_container_object_fails_the_container_as_essential_says(system,
 
     obj = object_of(system, "/usr/bin/rvc", image="rear-camera")
     disk = disk_copy(system, tmp_path)
-    path = f"/bootimg/release/objects/{obj}"
+    path = f"/bootimg/objects/{obj}"
     diskedit.replace_file(disk, path, diskedit.read_file(disk, path) + b"# tampered\n", mode=0o755)
     diskedit.unprovision(disk)
     # systemd reports why the container could not start from inside its sandbox, to the journal
@@ -243,7 +243,7 @@ def test_modified_root_image_is_refused(system, tmp_path):
     from bootimg.board import diskedit
 
     disk = disk_copy(system, tmp_path)
-    image = "/bootimg/release/images/root.cfs"
+    image = "/bootimg/releases/1.4.0/images/root.cfs"
     data = bytearray(diskedit.read_file(disk, image))
     data[-1] ^= 0x01                                # one bit, in the last block
     diskedit.replace_file(disk, image, bytes(data))
@@ -257,7 +257,7 @@ def test_replaced_root_image_without_fsverity_is_refused(system, tmp_path):
 
     disk = disk_copy(system, tmp_path)
     other = (system.release_dir / "images" / "cluster.cfs").read_bytes()
-    diskedit.replace_file(disk, "/bootimg/release/images/root.cfs", other)
+    diskedit.replace_file(disk, "/bootimg/releases/1.4.0/images/root.cfs", other)
     assert_refused(boot(system, disk, serial_log=tmp_path / "console.log"), "has no fs-verity")
 
 
@@ -267,7 +267,7 @@ def test_release_signed_by_an_untrusted_key_is_refused(system, tmp_path):
 
     secret, _public = generate_keypair()
     disk = disk_copy(system, tmp_path)
-    diskedit.replace_file(disk, "/bootimg/release/release.json.minisig", sign_release(system, secret))
+    diskedit.replace_file(disk, "/bootimg/releases/1.4.0/release.json.minisig", sign_release(system, secret))
     assert_refused(boot(system, disk, serial_log=tmp_path / "console.log"),
                    "is not signed by a trusted key (2 tried)")
 
@@ -276,7 +276,7 @@ def test_unsigned_release_is_refused(system, tmp_path):
     from bootimg.board import diskedit
 
     disk = disk_copy(system, tmp_path)
-    diskedit.remove(disk, "/bootimg/release/release.json.minisig")
+    diskedit.remove(disk, "/bootimg/releases/1.4.0/release.json.minisig")
     assert_refused(boot(system, disk, serial_log=tmp_path / "console.log"), "is not signed")
 
 
@@ -286,7 +286,7 @@ def test_release_signed_with_the_next_key_boots(system, keys, tmp_path):
     from bootimg.board import diskedit
 
     disk = disk_copy(system, tmp_path)
-    diskedit.replace_file(disk, "/bootimg/release/release.json.minisig",
+    diskedit.replace_file(disk, "/bootimg/releases/1.4.0/release.json.minisig",
                           sign_release(system, keys["release-2027"][0]))
     result = boot(system, disk, serial_log=tmp_path / "console.log")
     assert result.ok, result.summary()
