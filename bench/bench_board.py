@@ -41,6 +41,8 @@ sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO))
 
 DRIVER_INDEXES = ("usr/lib/modules/", "lib/modules/")
+# What 90bootimg's module-setup.sh installs (bootimg.boot.dracut).
+MODULE_FILES = ("usr/libexec/bootimg/", "etc/bootimg/", "usr/lib/systemd/system/bootimg-")
 HOOK_PROVISIONING_S = 141.0        # issue 14: the shell hook's first boot, one `fsverity enable` per file
 PROVISION_LINE = re.compile(r"bootimg-provision: fs-verity enabled on (\d+) files; all (\d+) files of \S+ have it "
                             r"\(([\d.]+) s, (\d+) threads\)")
@@ -64,6 +66,43 @@ def median(values):
     return statistics.median(values) if values else None
 
 
+def initramfs_figures(system) -> dict[str, str]:
+    """What the bootimg dracut module adds to the release's initramfs, and the whole initramfs.
+
+    The module's bytes are the files 90bootimg installs (MODULE_FILES; /usr/lib/initrd-release
+    when dracut's base module, which writes one otherwise, is not in the initramfs), compressed
+    together with the initramfs' own compressor. Files the profile's choice of dracut modules
+    brings (a /bin/sh, dracut's own lists) are not the module's. The drivers bootimg adds to a
+    profile's (EROFS, overlayfs, loop, TPM) are counted apart: a generic initramfs has them anyway."""
+    from bootimg.boot.initramfs import KERNEL_MODULES, OPTIONAL_KERNEL_MODULES
+    from bootimg.disk.cpio import read_initramfs
+
+    base, ours = read_initramfs(system.board.initrd), read_initramfs(system.initrd, contents=True)
+    files = ours.contents()
+    dracut_modules = files.get("usr/lib/dracut/modules.txt", b"").decode().split()
+    mine = {p: d for p, d in files.items() if p.startswith(MODULE_FILES)
+            or (p == "usr/lib/initrd-release" and "base" not in dracut_modules)}
+    drivers = {p: d for p, d in files.items() if p.startswith(DRIVER_INDEXES)
+               and re.sub(r"\.ko(\.\w+)?$", "", p.rsplit("/", 1)[-1]).replace("-", "_")
+               in (*KERNEL_MODULES, *OPTIONAL_KERNEL_MODULES)}
+    print("initramfs: the bootimg module's files")
+    for p, d in sorted(mine.items(), key=lambda kv: -len(kv[1])):
+        print(f"  {len(d):>9,} B  /{p}")
+    raw = b"".join(d for _, d in sorted(mine.items()))
+    packed = len(compress_like(ours.compression, raw))
+    print(f"  {len(raw):,} B in {len(mine)} files; {packed:,} B ({packed / 1024:.1f} KiB) compressed with "
+          f"{ours.compression}; bootimg's drivers: " + ", ".join(f"/{p} {len(d):,} B" for p, d in sorted(drivers.items())))
+    print(f"whole initramfs: {ours.size:,} B compressed ({ours.compression}), {ours.uncompressed_size or 0:,} B unpacked, "
+          f"{len(files)} files, dracut modules {' '.join(dracut_modules)}; profile "
+          f"{system.release.get('boot', {}).get('initramfs')}; the board's generic one: {base.size:,} B "
+          f"({base.compression}), {base.uncompressed_size or 0:,} B unpacked, {len(base.files())} files", flush=True)
+    dsize = sum(len(d) for d in drivers.values())
+    return {"bytes our module adds (compressed)": f"{packed / 1024:.1f} KiB ({len(raw) / 1024:.1f} KiB unpacked; "
+                                                  f"+ {dsize / 1024:.1f} KiB of drivers a generic initramfs has too)",
+            "whole initramfs, compressed": f"{ours.size / 1e6:.2f} MB ({ours.compression}; {(ours.uncompressed_size or 0) / 1e6:.1f} "
+                                           f"MB unpacked; dracut's generic one {base.size / 1e6:.1f} MB)"}
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.3f}" if a and b else "n/a"
 
@@ -73,6 +112,7 @@ def main() -> int:
     ap.add_argument("--boots", type=int, default=3, help="boots per variant (default 3)")
     ap.add_argument("--build-dir", default=str(REPO / "build"), help="build directory (default build/)")
     ap.add_argument("--full-system", action="store_true", help="also UEFI vs direct boots of the full system")
+    ap.add_argument("--initramfs-only", action="store_true", help="only the initramfs figures (no boots)")
     args = ap.parse_args()
 
     import example_inputs
@@ -86,7 +126,6 @@ def main() -> int:
         prepare_system,
         provision,
     )
-    from bootimg.disk.cpio import read_initramfs
     from bootimg.disk.image import DiskOptions, make_disk
     from bootimg.host import HostError
     from bootimg.vm.qemu import boot
@@ -98,31 +137,13 @@ def main() -> int:
                             key=build / "keys" / "release-2026.key")
     print(f"system prepared in {time.monotonic() - t0:.0f} s: {system.timings}", flush=True)
     table: dict[str, str] = {}
+    if args.initramfs_only:
+        table.update(initramfs_figures(system))
+        print_table(table, "the initramfs")
+        return 0
 
     # -- the initramfs --------------------------------------------------------------------------
-    base, ours = read_initramfs(system.board.initrd, contents=True), read_initramfs(system.initrd, contents=True)
-    base_files, our_files = base.contents(), ours.contents()
-    added = {p: d for p, d in our_files.items() if p not in base_files}
-    # Files both have but with other bytes count too (the module's initrd-release), but not what
-    # follows from the profile's drivers (depmod's indexes) or the libraries' cache.
-    changed = {p: d for p, d in our_files.items() if p in base_files and d != base_files[p]
-               and not p.startswith(DRIVER_INDEXES) and p != "etc/ld.so.cache"}
-    print(f"initramfs: the bootimg module adds (against the board's plain initramfs, {base.size:,} B {base.compression})")
-    for p, d in sorted(added.items(), key=lambda kv: -len(kv[1])):
-        print(f"  + {len(d):>9,} B  /{p}")
-    for p, d in sorted(changed.items()):
-        print(f"  ~ {len(d):>9,} B  /{p} (differs)")
-    raw = b"".join(d for _, d in sorted({**added, **changed}.items()))
-    packed = len(compress_like(ours.compression, raw))
-    profile = system.release.get("boot", {}).get("initramfs")
-    print(f"  {len(raw):,} B uncompressed in {len(added)} new and {len(changed)} differing files; {packed:,} B "
-          f"({packed / 1024:.1f} KiB) compressed with {ours.compression}")
-    print(f"whole initramfs: {ours.size:,} B compressed ({ours.compression}), {ours.uncompressed_size or 0:,} B "
-          f"unpacked, {len(our_files)} files; profile {profile}")
-    table["bytes our module adds (compressed)"] = f"{packed / 1024:.1f} KiB ({len(raw) / 1024:.1f} KiB unpacked)"
-    table["whole initramfs, compressed"] = (f"{ours.size / 1e6:.2f} MB ({ours.compression}; "
-                                            f"{(ours.uncompressed_size or 0) / 1e6:.1f} MB unpacked)")
-
+    table.update(initramfs_figures(system))
     masks = " ".join(container_masks(system))
     with tempfile.TemporaryDirectory(prefix="bench-board-", dir=build) as tmp:
         # -- first boot: provisioning a fresh disk -----------------------------------------------
@@ -183,11 +204,15 @@ def main() -> int:
 
     if args.full_system:
         full_system(system, args.boots)
-    print(f"\nissue 14's figures, one run, {args.boots} boots per variant (TCG):")
+    print_table(table, f"one run, {args.boots} boots per variant (TCG)")
+    return 0
+
+
+def print_table(table: dict[str, str], what: str) -> None:
+    print(f"\nissue 14's figures, {what}:")
     width = max(len(k) for k in table)
     for k, v in table.items():
         print(f"  {k:<{width}}  {v}")
-    return 0
 
 
 def full_system(system, boots: int) -> None:
