@@ -20,7 +20,6 @@ In data-flow order:
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -293,41 +292,51 @@ def baseline_disk(system: System, image: Path, work: Path) -> DiskImage:
 
 # What the integrity floor leaves without fs-verity: what the booted system writes in place
 # (a file with fs-verity is read-only), as composefs keeps /var on the data partition.
-FLOOR_WRITABLE = ("var", "etc/machine-id")
+FLOOR_WRITABLE = ("/var", "/etc/machine-id")
+# Run by the guest's python3 (the board root has it, and bootimg's package): fs-verity on every
+# regular file of the root filesystem but FLOOR_WRITABLE, one process.
+_ENABLE_ALL = r"""
+import errno, os, sys
+from bootimg.composefs.fsverity import enable_fd
+skip, dev, done, busy = set(sys.argv[1:]), os.lstat("/").st_dev, 0, 0
+for top, dirs, files in os.walk("/"):
+    dirs[:] = [d for d in dirs if os.path.join(top, d) not in skip and os.lstat(os.path.join(top, d)).st_dev == dev]
+    for name in files:
+        path = os.path.join(top, name)
+        if path in skip or not os.path.isfile(path) or os.path.islink(path):
+            continue
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            enable_fd(fd)
+            done += 1
+        except OSError as err:
+            if err.errno == errno.ETXTBSY:
+                busy += 1
+            elif err.errno != errno.EEXIST:
+                sys.exit(f"{path}: {err.strerror}")
+        finally:
+            os.close(fd)
+os.sync()
+print(f"enabled {done} busy {busy}")
+"""
 
 
 def integrity_floor_disk(system: System, image: Path, work: Path) -> tuple[DiskImage, int]:
     """The baseline disk with fs-verity enabled on every regular file but FLOOR_WRITABLE: the
     cost of fs-verity's own hashing on every read, without composefs (the floor a verified root
-    cannot go below). Enabled on the host through a loop mount. (disk, files enabled)."""
-    import tempfile
-
-    from ..composefs.fsverity import enable_fd
+    cannot go below). Enabled by the guest's kernel in one boot of the disk with its writes kept
+    (the build host's kernel need not have fs-verity). (disk, files enabled)."""
+    from ..vm.session import running
 
     disk = baseline_disk(system, image, work)
-    enabled = 0
-    with tempfile.TemporaryDirectory(prefix="bootimg-floor-") as mnt:
-        run(["mount", "-t", "ext4", "-o", "loop", str(image), mnt], what="mounting the floor disk")
-        try:
-            skip = {os.path.join(mnt, p) for p in FLOOR_WRITABLE}
-            for dirpath, dirnames, filenames in os.walk(mnt):
-                dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in skip]
-                for name in filenames:
-                    path = os.path.join(dirpath, name)
-                    if path in skip or not os.path.isfile(path) or os.path.islink(path):
-                        continue
-                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-                    try:
-                        enable_fd(fd)
-                        enabled += 1
-                    except OSError as err:
-                        if err.errno != errno.EEXIST:     # a hard link of a file already enabled
-                            raise HostError(f"cannot enable fs-verity: {err.strerror}", file=path) from None
-                    finally:
-                        os.close(fd)
-        finally:
-            run(["umount", mnt], what="unmounting the floor disk")
-    return disk, enabled
+    with running(baseline_machine(system, disk.path, snapshot=False), marker=BOARD_READY, timeout=900) as vm:
+        if not vm.result.ok:
+            raise HostError(f"the floor disk's preparing boot failed: {vm.result.summary()}")
+        out = vm.run("python3", "-", *FLOOR_WRITABLE, input=_ENABLE_ALL, timeout=1800).stdout
+    m = re.search(r"enabled (\d+) busy (\d+)", out)
+    if m is None:
+        raise HostError(f"enabling fs-verity in the floor disk's guest said {out!r}")
+    return disk, int(m.group(1))
 
 
 def baseline_machine(system: System, disk: Path, extra: str = "", **kw) -> Machine:
