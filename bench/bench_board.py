@@ -103,6 +103,27 @@ def initramfs_figures(system) -> dict[str, str]:
                                            f"MB unpacked; dracut's generic one {base.size / 1e6:.1f} MB)"}
 
 
+def lean_baseline_initrd(system) -> Path | None:
+    """An initramfs of the plain board root made with the release's initramfs profile (and
+    dracut's base module, which writes the initrd-release bootimg's module writes otherwise), so
+    that the ext4 roots' initrd phase differs from composefs' by bootimg alone. None without a
+    profile (the board's generic initramfs is then the same kind as the release's)."""
+    from bootimg.board.initramfs import build_initramfs
+    from bootimg.boot.initramfs import dracut_options
+    from bootimg.disk.initramfs import release_profile
+
+    profile = release_profile(system.release, "release.json")
+    if profile is None:
+        return None
+    # The profile's options (its --drivers carry bootimg's drivers too), but the plain root has no
+    # bootimg module to list.
+    options = dracut_options(dataclasses.replace(profile, modules=None))
+    if profile.modules is not None:
+        options += ["--modules", " ".join(dict.fromkeys((*profile.modules, "systemd", "base")))]
+    boot = build_initramfs(system.board.rootfs, cache=system.board.cache, add_drivers=(), dracut_args=options)
+    return boot.initrd
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.3f}" if a and b else "n/a"
 
@@ -113,6 +134,8 @@ def main() -> int:
     ap.add_argument("--build-dir", default=str(REPO / "build"), help="build directory (default build/)")
     ap.add_argument("--full-system", action="store_true", help="also UEFI vs direct boots of the full system")
     ap.add_argument("--initramfs-only", action="store_true", help="only the initramfs figures (no boots)")
+    ap.add_argument("--generic-baseline", action="store_true",
+                    help="boot the ext4 roots with the board's generic initramfs, not one of the release's profile")
     args = ap.parse_args()
 
     import example_inputs
@@ -172,8 +195,11 @@ def main() -> int:
         plain = baseline_disk(system, Path(tmp) / "plain.img", Path(tmp) / "tree")
         floor, enabled = integrity_floor_disk(system, Path(tmp) / "floor.img", Path(tmp) / "tree")
         print(f"integrity floor: fs-verity enabled on {enabled} files of the plain ext4 root", flush=True)
-        machines = {"composefs": lambda: system.direct(masks), "ext4": lambda: baseline_machine(system, plain.path),
-                    "floor": lambda: baseline_machine(system, floor.path)}
+        base_initrd = None if args.generic_baseline else lean_baseline_initrd(system)
+        print(f"ext4 roots boot with {base_initrd or system.board.initrd}", flush=True)
+        machines = {"composefs": lambda: system.direct(masks),
+                    "ext4": lambda: baseline_machine(system, plain.path, initrd=base_initrd),
+                    "floor": lambda: baseline_machine(system, floor.path, initrd=base_initrd)}
         runs: dict[str, list] = {k: [] for k in machines}
         for i in range(args.boots):
             for kind, machine in machines.items():

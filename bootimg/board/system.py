@@ -339,13 +339,15 @@ def integrity_floor_disk(system: System, image: Path, work: Path) -> tuple[DiskI
     return disk, int(m.group(1))
 
 
-def baseline_machine(system: System, disk: Path, extra: str = "", **kw) -> Machine:
-    """A direct boot of the plain ext4 root: the board's baseline initramfs, the entry's kernel
-    arguments but root= the plain disk, without the containers (they run from the release)."""
+def baseline_machine(system: System, disk: Path, extra: str = "", *, initrd: Path | None = None, **kw) -> Machine:
+    """A direct boot of the plain ext4 root: the board's baseline initramfs (or ``initrd``), the
+    entry's kernel arguments but root= the plain disk, without the containers (they run from the
+    release)."""
     from .board import baseline_cmdline
 
     args = [a for a in system.cmdline.split() if not a.startswith(("root=", "composefs.", "bootimg.release="))
             and a != "rw"]
     append = baseline_cmdline(" ".join([*args, *container_masks(system), *([extra] if extra else [])]),
                               poweroff=False, console=system.arch.console)
-    return Machine(disk=disk, kernel=system.kernel, initrd=system.board.initrd, append=append, arch=system.arch, **kw)
+    return Machine(disk=disk, kernel=system.kernel, initrd=initrd or system.board.initrd, append=append, arch=system.arch,
+                   **kw)
