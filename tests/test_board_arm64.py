@@ -93,7 +93,7 @@ def test_arm64_system_boots_verified_by_uefi_with_its_arm64_containers(system, t
         assert booted["provisioned_now"] is False
         root = vm.run("findmnt", "-no", "FSTYPE,OPTIONS", "/").stdout.split()
         assert root[0] == "overlay" and "verity=require" in root[1].split(","), root
-        meas = vm.run("fsverity", "measure", "/sysroot/bootimg/release/images/root.cfs").stdout
+        meas = vm.run("fsverity", "measure", "/sysroot/bootimg/releases/1.4.0/images/root.cfs").stdout
         assert meas.split()[0] == f"sha256:{system.digest}"
         # the boot-time containers: active, each from its verified image, running arm64 programs
         units = vm.unit_properties([f"{c}.service" for c in CONTAINERS], "ActiveState,MainPID,ActiveEnterTimestampMonotonic")
@@ -125,7 +125,7 @@ def test_arm64_tampered_root_object_reads_as_eio(system, tmp_path):
     victim = "/usr/share/common-licenses/GPL-3"
     obj = object_of(system, victim)
     disk = copy_disk(system, tmp_path / "disk.img")
-    path = f"/bootimg/release/objects/{obj}"
+    path = f"/bootimg/objects/{obj}"
     original = diskedit.read_file(disk, path)
     diskedit.replace_file(disk, path, original.replace(b"GNU", b"GNO", 1))
     diskedit.unprovision(disk)                     # the next boot gives the new file fs-verity
