@@ -232,7 +232,7 @@ def test_unknown_key_did_you_mean():
 
 def test_unknown_key_without_close_match_lists_allowed_keys():
     assert messages(BASE + "boot: {zzz: 1}\n") == [
-        "boot.zzz: unknown key 'zzz' (allowed: kernel_args, etc, var, on_verification_failure, assessment)"]
+        "boot.zzz: unknown key 'zzz' (allowed: kernel_args, etc, var, on_verification_failure, assessment, initramfs)"]
 
 
 def test_missing_required_points_at_parent_key():
@@ -1203,3 +1203,71 @@ def test_validate_reports_and_build_refuses(refusal_workspace, case, capsys):
     code, err = _build_in_process(manifest, top / f"out-{name}", capsys)
     assert (code, err) == (1, [f"bootimg build: {first}"])
     assert sorted(p.name for p in top.iterdir()) == before  # no output, no temp dir
+
+
+# -- boot.initramfs (the lean initramfs profile) -----------------------------------------
+
+def test_initramfs_profile_loads_into_the_model_and_release_dict():
+    text = BASE + ("boot:\n  initramfs:\n    drivers: [virtio_blk, ext4]\n    modules: [systemd-initrd]\n"
+                   "    omit: [plymouth]\n    compress: xz\n    compress_level: 6\n")
+    result = validate_text(text, "m.yaml", "/base")
+    assert result.errors == []
+    profile = result.manifest.boot.initramfs
+    assert profile.drivers == ("virtio_blk", "ext4") and profile.modules == ("systemd-initrd",)
+    assert profile.to_dict() == {"drivers": ["virtio_blk", "ext4"], "modules": ["systemd-initrd"], "omit": ["plymouth"],
+                                 "compress": "xz", "compress_level": 6}
+    assert validate_text(BASE, "m.yaml", "/base").manifest.boot.initramfs is None
+
+
+def test_initramfs_profile_errors_name_line_and_column():
+    text = BASE + ("boot:\n"
+                   "  initramfs:\n"
+                   "    drivers: [virtio_blk, 'bad/name']\n"
+                   "    modules: [systemd-initrd, base]\n"
+                   "    omit: [bootimg, systemd, base]\n"
+                   "    compress: bzip2\n"
+                   "    hostonly: true\n")
+    got = check(text)
+    msgs = [f"{line}:{col}: {path}: {msg}" for line, col, path, msg in got]
+    assert "8:27: boot.initramfs.drivers[1]: invalid value 'bad/name': must be a kernel module name (letters, digits, " \
+           "'_' or '-', at most 55 characters), e.g. 'virtio_blk'" in msgs
+    assert any(m.startswith("10:12: boot.initramfs.omit[0]: 'bootimg' cannot be omitted: it is bootimg's own") for m in msgs)
+    assert any(m.startswith("10:21: boot.initramfs.omit[1]: 'systemd' cannot be omitted: bootimg's dracut module "
+                            "depends on it") for m in msgs)
+    assert "10:30: boot.initramfs.omit[2]: 'base' is also in modules (modules[1]); a dracut module is either listed " \
+           "or omitted" in msgs
+    assert any(m.startswith("11:15: boot.initramfs.compress: ") and "gzip" in m for m in msgs)
+    assert any(m.startswith("12:5: boot.initramfs.hostonly: unknown key 'hostonly'") for m in msgs)
+
+
+@pytest.mark.parametrize("profile, expected", [
+    ("{compress_level: 9}", "boot.initramfs.compress_level: a level needs its compressor: add compress"),
+    ("{compress: gzip, compress_level: 0}", "boot.initramfs.compress_level: gzip has levels 1-9, not 0"),
+    ("{compress: zstd, compress_level: 19}", None),
+    ("{compress: xz, compress_level: 0}", None),
+    ("{compress: lz4, compress_level: 13}", "boot.initramfs.compress_level: lz4 has levels 1-12, not 13"),
+    ("{compress: lz4, compress_level: 12}", None),
+    ("{drivers: []}", "boot.initramfs.drivers: "),
+    ("{drivers: [ext4, ext4]}", "boot.initramfs.drivers[1]: duplicate item 'ext4' (same as item 0)"),
+])
+def test_initramfs_compress_levels_and_lists(profile, expected):
+    got = messages(BASE + f"boot:\n  initramfs: {profile}\n")
+    if expected is None:
+        assert got == []
+    else:
+        assert len(got) == 1 and got[0].startswith(expected), got
+
+
+def test_initramfs_profile_keeps_the_emergency_shell_of_the_emergency_policy():
+    policy = "boot:\n  on_verification_failure: emergency\n  initramfs:\n"
+    got = messages(BASE + policy + "    modules: [systemd-initrd]\n")
+    assert sorted(m for m in got if "initramfs" in m) == [
+        "boot.initramfs.modules: on_verification_failure is emergency: the initramfs needs dracut's 'base' module "
+        "for its emergency shell; add it",
+        "boot.initramfs.modules: on_verification_failure is emergency: the initramfs needs dracut's 'dracut-systemd' "
+        "module for its emergency shell; add it"]
+    got = messages(BASE + policy + "    omit: [base]\n")
+    assert [m for m in got if "initramfs" in m] == [
+        "boot.initramfs.omit[0]: on_verification_failure is emergency: the initramfs needs 'base' for its emergency shell"]
+    assert [m for m in messages(BASE + policy + "    modules: [systemd-initrd, dracut-systemd, base]\n")
+            if "initramfs" in m] == []

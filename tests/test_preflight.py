@@ -20,7 +20,7 @@ from conftest import REPO, run_cli
 from bootimg.boot import initramfs, preflight
 from bootimg.composefs.reader import load_image
 from bootimg.composefs.store import ObjectStore
-from bootimg.manifest.model import Source
+from bootimg.manifest.model import Initramfs, Source
 from bootimg.release.layout import ReleaseDir
 from bootimg.signing import generate_keypair
 from bootimg.sources import SourcePolicy, load_source
@@ -62,7 +62,8 @@ def make_root(top: Path, kver: str = KVER, *, fedora: bool = False, config: str 
     return top
 
 
-def write_manifest(top: Path, source: dict, trust: str = "sealed", exclude: tuple[str, ...] = ()) -> Path:
+def write_manifest(top: Path, source: dict, trust: str = "sealed", exclude: tuple[str, ...] = (),
+                   boot: dict | None = None) -> Path:
     doc = {"apiVersion": "bootimg/v1",
            "identity": {"name": "pf", "version": "1", "source_date_epoch": EPOCH},
            "rootfs": {"source": source, **({"exclude": list(exclude)} if exclude else {})},
@@ -74,8 +75,10 @@ def write_manifest(top: Path, source: dict, trust: str = "sealed", exclude: tupl
             secret.to_file(top / "k.key")
             public.to_file(pub)
         doc["integrity"]["trusted_keys"] = [str(pub)]
+    if boot is not None:
+        doc["boot"] = boot
     path = top / "m.yaml"
-    path.write_text(json.dumps(doc))
+    path.write_text(json.dumps(doc, indent=2))
     return path
 
 
@@ -189,11 +192,11 @@ def test_the_check_reads_a_tar_source_through_the_store(tmp_path):
 
 # -- the pieces, on the tree ---------------------------------------------------------------------------
 
-def check(root_dir: Path, tmp_path: Path, trust: str = "signed") -> preflight.BootCheck:
+def check(root_dir: Path, tmp_path: Path, trust: str = "signed", initramfs: Initramfs | None = None) -> preflight.BootCheck:
     rel = ReleaseDir(tmp_path / "scratch")
     store = ObjectStore(rel.objects, fsync=False, on_notice=lambda _m: None)
     tree = load_source(Source("directory", root_dir), store, policy=SourcePolicy(allow_devices=True)).root
-    return preflight.check_root(tree, rel, trust)
+    return preflight.check_root(tree, rel, trust, initramfs)
 
 
 def test_the_lists_are_the_ones_module_setup_uses():
@@ -291,3 +294,62 @@ def test_the_board_root_passes(tmp_path):
     assert result.problems == []
     assert set(result.modules) == set(initramfs.KERNEL_MODULES) and result.fsverity == "built in"
     assert preflight.kernel_version(result.kernel) >= (6, 6, 0)
+
+
+# -- the initramfs profile (boot.initramfs) against the root ---------------------------------------------------
+
+def test_a_profile_the_root_has_passes(tmp_path):
+    root = make_root(tmp_path / "root", modules=("fs/erofs/erofs.ko.xz", "fs/overlayfs/overlay.ko.zst",
+                                                  "drivers/block/virtio_blk.ko.xz"),
+                     config=CONFIG + "CONFIG_RD_ZSTD=y\n")
+    (root / "usr/bin/zstd").write_bytes(b"\x7fELF zstd")
+    profile = Initramfs(drivers=("virtio-blk", "loop", "erofs"), modules=("kernel-modules",), omit=("systemd",),
+                        compress="zstd")
+    result = check(root, tmp_path, initramfs=profile)
+    assert result.ok and result.initramfs == []
+
+
+def test_every_problem_of_a_profile_is_at_its_place(tmp_path):
+    root = make_root(tmp_path / "root", modules=("fs/erofs/erofs.ko.xz", "fs/overlayfs/overlay.ko.zst",
+                                                  "drivers/block/virtio_blk.ko.xz"),
+                     config=CONFIG + "# CONFIG_RD_XZ is not set\n")
+    profile = Initramfs(drivers=("ext4", "virtio_blkk"), modules=("kernel-modules", "systemd-initrd"),
+                        omit=("kernel-modulez",), compress="xz")
+    result = check(root, tmp_path, initramfs=profile)
+    assert result.problems == [] and not result.ok
+    assert result.initramfs == [
+        (("drivers", 0), f"'ext4' is no module of the root's kernel {KVER} (not in /usr/lib/modules/{KVER}/modules.builtin, "
+                         f"no /usr/lib/modules/{KVER}/kernel/.../ext4.ko*)"),
+        (("drivers", 1), f"'virtio_blkk' is no module of the root's kernel {KVER} (not in /usr/lib/modules/{KVER}/"
+                         f"modules.builtin, no /usr/lib/modules/{KVER}/kernel/.../virtio_blkk.ko*) (did you mean 'virtio_blk'?)"),
+        (("modules", 1), "the root's dracut has no 'systemd-initrd' module (no /usr/lib/dracut/modules.d/NNsystemd-initrd)"),
+        (("omit", 0), "the root's dracut has no 'kernel-modulez' module (no /usr/lib/dracut/modules.d/NNkernel-modulez) "
+                      "(did you mean 'kernel-modules'?)"),
+        (("compress",), "the root has no xz (/usr/bin/xz), which dracut compresses a xz initramfs with: install the "
+                        "xz-utils package in it"),
+        (("compress",), f"the root's kernel {KVER} cannot unpack a xz initramfs (/boot/config-{KVER}: CONFIG_RD_XZ=n)"),
+    ]
+
+
+def test_the_build_names_the_profiles_place_in_the_manifest(tmp_path):
+    root = make_root(tmp_path / "root")
+    boot = {"initramfs": {"drivers": ["erofs", "virtio_scsii"], "compress": "lz4"}}
+    manifest = write_manifest(tmp_path, {"type": "directory", "path": str(root)}, boot=boot)
+    out = tmp_path / "out" / "release"
+    res = run_cli("build", str(manifest), "-o", str(out))
+    assert res.returncode == 1 and b"Traceback" not in res.stderr
+    lines = error_lines(res)
+    text = manifest.read_text().splitlines()
+    line = next(i for i, t in enumerate(text, 1) if '"virtio_scsii"' in t)
+    col = text[line - 1].index('"virtio_scsii"') + 1
+    assert lines[0] == (f"bootimg build: {manifest}:{line}:{col}: boot.initramfs.drivers[1]: "
+                        f"'virtio_scsii' is no module of the root's kernel {KVER} (not in /usr/lib/modules/{KVER}/"
+                        f"modules.builtin, no /usr/lib/modules/{KVER}/kernel/.../virtio_scsii.ko*)")
+    assert lines[1].startswith(f"bootimg build: {manifest}:") and "boot.initramfs.compress: the root has no lz4" in lines[1]
+    assert lines[2].endswith(f"boot.initramfs.compress: the root's kernel {KVER} cannot unpack a lz4 initramfs "
+                             f"(/boot/config-{KVER}: CONFIG_RD_LZ4=n)")
+    assert len(lines) == 3 and not out.exists()
+    # validate --root checks the profile too, with the same lines
+    res = run_cli("validate", str(manifest), "--root")
+    assert res.returncode == 1 and [ln.split(": ", 1)[1] for ln in error_lines(res)] == \
+        [ln.split(": ", 1)[1] for ln in lines]

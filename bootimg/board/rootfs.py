@@ -42,6 +42,8 @@ FORMAT = 1
 DEFAULT_PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "dracut", "dracut-core", "kmod", "e2fsprogs",
     "util-linux", "mount", "fsverity", "minisign", "procps", "iproute2",
+    # dracut compresses the board's lean initramfs (manifests/board.yaml) with the root's xz.
+    "xz-utils",
     # sshd: the host reaches the running board over QEMU's user network (tests, KPI collection);
     # systemd-stdio-bridge (in systemd) serves pystemd's and systemctl -H's remote bus over it.
     "openssh-server",

@@ -290,13 +290,64 @@ def baseline_disk(system: System, image: Path, work: Path) -> DiskImage:
         remove_tree(tree)
 
 
-def baseline_machine(system: System, disk: Path, extra: str = "", **kw) -> Machine:
-    """A direct boot of the plain ext4 root: the board's baseline initramfs, the entry's kernel
-    arguments but root= the plain disk, without the containers (they run from the release)."""
+# What the integrity floor leaves without fs-verity: what the booted system writes in place
+# (a file with fs-verity is read-only), as composefs keeps /var on the data partition.
+FLOOR_WRITABLE = ("/var", "/etc/machine-id")
+# Run by the guest's python3 (the board root has it, and bootimg's package): fs-verity on every
+# regular file of the root filesystem but FLOOR_WRITABLE, one process.
+_ENABLE_ALL = r"""
+import errno, os, sys
+from bootimg.composefs.fsverity import enable_fd
+skip, dev, done, busy = set(sys.argv[1:]), os.lstat("/").st_dev, 0, 0
+for top, dirs, files in os.walk("/"):
+    dirs[:] = [d for d in dirs if os.path.join(top, d) not in skip and os.lstat(os.path.join(top, d)).st_dev == dev]
+    for name in files:
+        path = os.path.join(top, name)
+        if path in skip or not os.path.isfile(path) or os.path.islink(path):
+            continue
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            enable_fd(fd)
+            done += 1
+        except OSError as err:
+            if err.errno == errno.ETXTBSY:
+                busy += 1
+            elif err.errno != errno.EEXIST:
+                sys.exit(f"{path}: {err.strerror}")
+        finally:
+            os.close(fd)
+os.sync()
+print(f"enabled {done} busy {busy}")
+"""
+
+
+def integrity_floor_disk(system: System, image: Path, work: Path) -> tuple[DiskImage, int]:
+    """The baseline disk with fs-verity enabled on every regular file but FLOOR_WRITABLE: the
+    cost of fs-verity's own hashing on every read, without composefs (the floor a verified root
+    cannot go below). Enabled by the guest's kernel in one boot of the disk with its writes kept
+    (the build host's kernel need not have fs-verity). (disk, files enabled)."""
+    from ..vm.session import running
+
+    disk = baseline_disk(system, image, work)
+    with running(baseline_machine(system, disk.path, snapshot=False), marker=BOARD_READY, timeout=900) as vm:
+        if not vm.result.ok:
+            raise HostError(f"the floor disk's preparing boot failed: {vm.result.summary()}")
+        out = vm.run("python3", "-", *FLOOR_WRITABLE, input=_ENABLE_ALL, timeout=1800).stdout
+    m = re.search(r"enabled (\d+) busy (\d+)", out)
+    if m is None:
+        raise HostError(f"enabling fs-verity in the floor disk's guest said {out!r}")
+    return disk, int(m.group(1))
+
+
+def baseline_machine(system: System, disk: Path, extra: str = "", *, initrd: Path | None = None, **kw) -> Machine:
+    """A direct boot of the plain ext4 root: the board's baseline initramfs (or ``initrd``), the
+    entry's kernel arguments but root= the plain disk, without the containers (they run from the
+    release)."""
     from .board import baseline_cmdline
 
     args = [a for a in system.cmdline.split() if not a.startswith(("root=", "composefs.", "bootimg.release="))
             and a != "rw"]
     append = baseline_cmdline(" ".join([*args, *container_masks(system), *([extra] if extra else [])]),
                               poweroff=False, console=system.arch.console)
-    return Machine(disk=disk, kernel=system.kernel, initrd=system.board.initrd, append=append, arch=system.arch, **kw)
+    return Machine(disk=disk, kernel=system.kernel, initrd=initrd or system.board.initrd, append=append, arch=system.arch,
+                   **kw)

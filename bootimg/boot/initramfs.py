@@ -29,14 +29,14 @@ from importlib import resources
 
 from ..composefs.tree import Node
 from ..errors import BootimgError
-from ..manifest.model import Manifest
-from ..manifest.reserved import BOOT_CONF, DRACUT_CONF, RELEASE_PATH, SETUP_ROOT
+from ..manifest.model import Initramfs, Manifest
+from ..manifest.reserved import BOOT_CONF, DRACUT_CONF, DRACUT_DEPENDS, RELEASE_PATH, SETUP_ROOT
+from ..manifest.reserved import DRACUT_MODULE as MODULE_NAME
 from ..manifest.reserved import DRACUT_MODULE_DIR as MODULE_DIR
 from ..release.build import BuildContext, InjectedFile
 from ..sources import treeops
 from . import partition, setup_root
 
-MODULE_NAME = "bootimg"
 # The data partition (boot/partition.py): releases side by side over one object store, and state.
 RELEASES_PATH = partition.RELEASES                # RELEASES_PATH/<version>: bootimg.release= names one
 OBJECTS_PATH = partition.OBJECTS                  # the fs-verity object store all releases share
@@ -53,17 +53,55 @@ TEMPLATES = {
 # What module-setup.sh takes from the root into the initramfs, in one place: the template gets
 # these lists through its placeholders, and the build's boot check (``preflight``) checks that
 # the root has every one of them. The program needs no tool of the root's: nothing but libc.
-DRACUT_DEPENDS = ("systemd",)                     # dracut modules 90bootimg depends on
+# DRACUT_DEPENDS (bootimg.manifest.reserved): the dracut modules 90bootimg depends on.
 KERNEL_MODULES = ("erofs", "overlay", "loop")     # built in or modules of the root's kernel
 # The TPM's drivers, for the rollback counter: installed when the kernel has them as modules (a
 # machine without a TPM boots without them), not required by the boot check.
 OPTIONAL_KERNEL_MODULES = ("tpm_tis", "tpm_crb")
+# What a QEMU board (virtio) and a generic PC need to reach the data partition: added to dracut's
+# generic set of drivers when the manifest names no drivers of its own.
+GENERIC_DRIVERS = ("virtio_blk", "virtio_pci", "virtio_scsi", "ext4")
+# boot.initramfs.compress_level -> the command dracut compresses with (its own options but the
+# level; xz keeps the kernel's CRC32 check).
+COMPRESS_COMMANDS = {
+    "gzip": "gzip -n -{level}",
+    "zstd": "zstd -{level} -q -T0",
+    "xz": "xz --check=crc32 -{level} -T0",
+    "lz4": "lz4 -l -{level}",
+}
 _WORD = re.compile(r"[A-Za-z0-9._+-]+")
 assert all(_WORD.fullmatch(w) for w in DRACUT_DEPENDS + KERNEL_MODULES + OPTIONAL_KERNEL_MODULES)
 
 # The program reads no environment; these would change what the dynamic loader does to it.
 UNSET_ENVIRONMENT = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT")
 _PLACEHOLDER = re.compile(r"@[A-Z_]+@")
+
+
+def dracut_options(profile: Initramfs | None) -> list[str]:
+    """dracut's options for the initramfs profile (``boot.initramfs``; None: dracut's generic
+    initramfs plus GENERIC_DRIVERS). The profile's lists are dracut's exclusive ones, to which
+    bootimg's boot path is always added: the ``bootimg`` module and the modules it depends on,
+    and the EROFS, overlayfs, loop and TPM drivers (``--drivers`` skips a driver the kernel does
+    not have, so a kernel without TPM drivers still builds)."""
+    if profile is None:
+        return ["--add-drivers", " ".join(GENERIC_DRIVERS)]
+    argv: list[str] = []
+    if profile.drivers is not None:
+        argv += ["--drivers", " ".join(_unique((*profile.drivers, *KERNEL_MODULES, *OPTIONAL_KERNEL_MODULES)))]
+    else:
+        argv += ["--add-drivers", " ".join(GENERIC_DRIVERS)]
+    if profile.modules is not None:
+        argv += ["--modules", " ".join(_unique((*profile.modules, MODULE_NAME, *DRACUT_DEPENDS)))]
+    if profile.omit:
+        argv += ["--omit", " ".join(profile.omit)]
+    if profile.compress is not None:
+        level = profile.compress_level
+        argv += ["--compress", profile.compress if level is None else COMPRESS_COMMANDS[profile.compress].format(level=level)]
+    return argv
+
+
+def _unique(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
 
 
 def template(name: str) -> str:

@@ -25,16 +25,26 @@ What the root needs:
 The initramfs takes no program of the root's besides dracut's own: bootimg-setup-root (put into
 the root by the build, which checks the root's glibc when it does) does the whole boot path.
 
+With a lean initramfs profile (the manifest's ``boot.initramfs``), also what dracut would
+silently get wrong or only fail on: every driver it names is a module of that kernel or built
+into it (dracut skips a driver it does not find), every dracut module it lists or omits is in
+the root's dracut, and the compressor it asks for is in the root and its kernel can unpack it
+(``CONFIG_RD_*``; dracut falls back to another compressor without it). These problems are
+reported at their place in the profile (``BootCheck.initramfs``).
+
 Each missing piece is one line naming it and what provides it; every one is reported.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..composefs.tree import Node
 from ..errors import BootimgError
+from ..manifest.model import Initramfs
 from ..release.build import BuildContext
 from ..release.layout import ReleaseDir
 from . import initramfs
@@ -54,6 +64,14 @@ KERNEL_FEATURES = {
     "overlay": ("overlayfs", "CONFIG_OVERLAY_FS", "kernel/fs/overlayfs"),
     "loop": ("loop devices", "CONFIG_BLK_DEV_LOOP", "kernel/drivers/block"),
 }
+# boot.initramfs.compress -> (its program, Debian's package of it, the kernel's decompressor symbol)
+COMPRESSORS = {
+    "gzip": ("gzip", "gzip", "CONFIG_RD_GZIP"),
+    "zstd": ("zstd", "zstd", "CONFIG_RD_ZSTD"),
+    "xz": ("xz", "xz-utils", "CONFIG_RD_XZ"),
+    "lz4": ("lz4", "lz4", "CONFIG_RD_LZ4"),
+}
+PROGRAM_DIRS = ("/usr/bin", "/usr/sbin", "/bin", "/sbin")
 KERNEL_PACKAGE = "a kernel package (Debian: linux-image-amd64 or linux-image-arm64, Fedora: kernel-core)"
 NEW_KERNEL = "a Linux 6.6 or newer kernel (Debian bookworm: linux-image-amd64 or -arm64 from bookworm-backports)"
 
@@ -61,12 +79,18 @@ _VERSION = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
 _CONFIG = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$|^# (CONFIG_[A-Za-z0-9_]+) is not set$")
 
 
+# Where a problem of the initramfs profile is, inside it (("drivers", 2)), and what it is.
+ProfileProblem = tuple[tuple[str | int, ...], str]
+# Formats one: the line naming the manifest (or release.json) place of the profile.
+Place = Callable[[tuple[str | int, ...], str], str]
+
+
 class BootCheckError(BootimgError):
     """The root cannot boot a verified composefs root: one line per missing piece."""
 
-    def __init__(self, label: str, problems: list[str]):
+    def __init__(self, label: str, problems: list[str], more: list[str] = ()):
         self.problems = problems
-        self.lines = [f"{label}: {p}" for p in problems]
+        self.lines = [f"{label}: {p}" for p in problems] + list(more)
         super().__init__("\n".join(self.lines))
 
 
@@ -78,30 +102,52 @@ class BootCheck:
     modules: dict[str, str] = field(default_factory=dict)    # kernel module -> "built in" | "module"
     fsverity: str = "not checked (no kernel config in the root)"
     problems: list[str] = field(default_factory=list)
+    initramfs: list[ProfileProblem] = field(default_factory=list)   # of the initramfs profile
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.initramfs
 
     def summary(self) -> str:
         mods = ", ".join(f"{m} {how}" for m, how in self.modules.items())
         return f"kernel {self.kernel} ({mods}; fs-verity {self.fsverity}), systemd, dracut"
 
 
-def check_root(root: Node, release: ReleaseDir, trust: str) -> BootCheck:
+def check_root(root: Node, release: ReleaseDir, trust: str, initramfs: Initramfs | None = None) -> BootCheck:
     """Check the root tree ``root`` (external files read from ``release``'s object store) for
-    trust profile ``trust``."""
+    trust profile ``trust`` and, when given, the initramfs profile ``initramfs``."""
     view = ContainerImage(root, release)
     result = BootCheck()
-    _check_kernel(view, result)
+    kernel = _check_kernel(view, result)
     if not _is_file(view, SYSTEMD):
         result.problems.append(f"the root has no systemd ({SYSTEMD}): install the systemd package")
     _check_dracut(view, result)
+    if initramfs is not None:
+        result.initramfs = _check_profile(view, initramfs, kernel)
     return result
 
 
-def require_bootable(root: Node, release: ReleaseDir, trust: str, label: str) -> BootCheck:
-    """``check_root``, raising BootCheckError (every problem, one line each) when it fails."""
-    result = check_root(root, release, trust)
-    if result.problems:
-        raise BootCheckError(label, result.problems)
+def check_profile(root: Node, release: ReleaseDir, initramfs: Initramfs) -> list[ProfileProblem]:
+    """The initramfs profile's problems alone, against the root tree (``bootimg initramfs``
+    checks a release's profile before dracut runs)."""
+    view = ContainerImage(root, release)
+    return _check_profile(view, initramfs, _check_kernel(view, BootCheck()))
+
+
+def require_bootable(root: Node, release: ReleaseDir, trust: str, label: str, initramfs: Initramfs | None = None,
+                     place: Place | None = None) -> BootCheck:
+    """``check_root``, raising BootCheckError (every problem, one line each) when it fails; the
+    profile's problems are formatted by ``place``."""
+    result = check_root(root, release, trust, initramfs)
+    if not result.ok:
+        where = place or (lambda path, message: f"{label}: boot.initramfs.{format_place(path)}: {message}")
+        raise BootCheckError(label, result.problems, [where(path, message) for path, message in result.initramfs])
     return result
+
+
+def format_place(path: tuple[str | int, ...]) -> str:
+    """``("drivers", 2)`` -> ``drivers[2]``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(path))
 
 
 def source_label(source_path: object) -> str:
@@ -111,8 +157,12 @@ def source_label(source_path: object) -> str:
 
 def check_hook(ctx: BuildContext, root: Node) -> None:
     """The build's check of the root as loaded: refuse one that cannot boot before any of it is
-    written."""
-    require_bootable(root, ctx.out, ctx.manifest.integrity.trust, source_label(ctx.manifest.rootfs.source.path))
+    written (the profile's problems at their place in the manifest)."""
+    from ..manifest.loader import placer
+
+    m = ctx.manifest
+    require_bootable(root, ctx.out, m.integrity.trust, source_label(m.rootfs.source.path), m.boot.initramfs,
+                     placer(m.source_file, ("boot", "initramfs")))
 
 
 # -- the pieces --------------------------------------------------------------------------------------
@@ -214,7 +264,19 @@ def _config(view: ContainerImage, kver: str, moddir: str | None) -> tuple[str | 
     return None, {}
 
 
-def _check_kernel(view: ContainerImage, result: BootCheck) -> None:
+@dataclass(frozen=True)
+class _Kernel:
+    """What the checks of the initramfs profile need of the kernel the root boots."""
+
+    kver: str
+    moddir: str | None
+    config_path: str | None
+    config: dict[str, str]
+    builtin: set[str]
+    files: set[str]
+
+
+def _check_kernel(view: ContainerImage, result: BootCheck) -> _Kernel | None:
     found = find_kernel(view)
     if found is None:
         orphan = _unmatched_kernel(view)
@@ -224,7 +286,7 @@ def _check_kernel(view: ContainerImage, result: BootCheck) -> None:
         else:
             result.problems.append("the root has no kernel (/usr/lib/modules/KVER/vmlinuz or /boot/vmlinuz-KVER): "
                                    f"install {KERNEL_PACKAGE}")
-        return
+        return None
     kver, path = found
     result.kernel = kver
     version = kernel_version(kver)
@@ -253,6 +315,40 @@ def _check_kernel(view: ContainerImage, result: BootCheck) -> None:
             wanted = f"a kernel built with {symbol}=y or =m" if symbol else f"a kernel with the {module} module"
             result.problems.append(f"the root's kernel {kver} has no {what} (not in {moddir}/modules.builtin, no "
                                    f"{moddir}/{where}/{module}.ko*): install {wanted}")
+    return _Kernel(kver, moddir, config_path, config, builtin, files)
+
+
+def _did_you_mean(name: str, known: set[str]) -> str:
+    guess = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return f" (did you mean '{guess[0]}'?)" if guess else ""
+
+
+def _check_profile(view: ContainerImage, profile: Initramfs, kernel: _Kernel | None) -> list[ProfileProblem]:
+    """Every driver, dracut module and compressor the profile names, against the root."""
+    out: list[ProfileProblem] = []
+    if kernel is not None:
+        known = kernel.builtin | kernel.files
+        for j, driver in enumerate(profile.drivers or ()):
+            if _norm(driver) not in known:
+                out.append((("drivers", j), f"'{driver}' is no module of the root's kernel {kernel.kver} (not in "
+                                            f"{kernel.moddir}/modules.builtin, no {kernel.moddir}/kernel/.../{driver}.ko*)"
+                                            + _did_you_mean(_norm(driver), known)))
+    present = {re.sub(r"^\d\d", "", name) for name in _listdir(view, DRACUT_MODULES)}
+    if _is_file(view, DRACUT):
+        for key in ("modules", "omit"):
+            for j, name in enumerate(getattr(profile, key) or ()):
+                if name not in present:
+                    out.append(((key, j), f"the root's dracut has no '{name}' module (no {DRACUT_MODULES}/NN{name})"
+                                          + _did_you_mean(name, present)))
+    if profile.compress is not None:
+        program, package, symbol = COMPRESSORS[profile.compress]
+        if not any(_is_file(view, f"{d}/{program}") for d in PROGRAM_DIRS):
+            out.append((("compress",), f"the root has no {program} (/usr/bin/{program}), which dracut compresses a "
+                                       f"{profile.compress} initramfs with: install the {package} package in it"))
+        if kernel is not None and kernel.config_path is not None and kernel.config.get(symbol) != "y":
+            out.append((("compress",), f"the root's kernel {kernel.kver} cannot unpack a {profile.compress} initramfs "
+                                       f"({kernel.config_path}: {symbol}={kernel.config.get(symbol, 'n')})"))
+    return out
 
 
 def _check_dracut(view: ContainerImage, result: BootCheck) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import arch as archmod
+from ..boot import initramfs as boot_initramfs
 from ..boot import preflight
 from ..boot.image_view import ContainerImage
 from ..composefs.tree import Node
@@ -41,12 +42,11 @@ from ..host import (
     stderr_log,
     write_json_atomically,
 )
+from ..manifest.model import Initramfs, from_dict
 from ..release.description import parse_release
 from ..release.layout import ROOT_IMAGE_NAME, ReleaseDir
 
-FORMAT = 1
-# What a QEMU board (virtio) and a generic PC need to reach the data partition.
-DEFAULT_DRIVERS = ("virtio_blk", "virtio_pci", "virtio_scsi", "ext4")
+FORMAT = 2
 SYSTEMD_BINARY = "/usr/lib/systemd/systemd"
 _KVER = re.compile(r"^[0-9][A-Za-z0-9.+_~-]*$")
 
@@ -98,17 +98,26 @@ def root_arch(release: ReleaseDir, root: Node) -> archmod.Arch:
     return archmod.of_elf(data[:64], file=SYSTEMD_BINARY)
 
 
-def dracut_argv(kver: str, output: str, *, drivers: Sequence[str] = DEFAULT_DRIVERS,
-                modules: Sequence[str] = (), compress: str | None = None, extra: Sequence[str] = ()) -> list[str]:
-    """The dracut command line: a generic (not host-only) initramfs, reproducible."""
+def dracut_argv(kver: str, output: str, profile: Initramfs | None = None, *, extra: Sequence[str] = ()) -> list[str]:
+    """The dracut command line: not host-only (dracut would take the build host's hardware for
+    the target's), reproducible, made of what the release's initramfs profile asks for."""
     argv = ["dracut", "--no-hostonly", "--no-hostonly-cmdline", "--reproducible", "--force", "--kver", kver]
-    if drivers:
-        argv += ["--add-drivers", " ".join(drivers)]
-    if modules:
-        argv += ["--add", " ".join(modules)]
-    if compress:
-        argv += ["--compress", compress]
-    return [*argv, *extra, output]
+    return [*argv, *boot_initramfs.dracut_options(profile), *extra, output]
+
+
+def release_profile(release: dict, file: str) -> Initramfs | None:
+    """The initramfs profile release.json records (``boot.initramfs``), or None."""
+    data = (release.get("boot") or {}).get("initramfs") if isinstance(release.get("boot"), dict) else None
+    if data is None:
+        return None
+    lists = ("drivers", "modules", "omit")
+    if (not isinstance(data, dict) or not set(data) <= {*lists, "compress", "compress_level"}
+            or not all(isinstance(data[k], list) and all(isinstance(v, str) for v in data[k]) for k in lists if k in data)
+            or data.get("compress", "xz") not in boot_initramfs.COMPRESS_COMMANDS
+            or type(data.get("compress_level", 0)) is not int):
+        raise BootimgError("malformed 'boot.initramfs' (not an initramfs profile)", file=file)
+    profile = from_dict(Initramfs, data)
+    return profile
 
 
 # Runs in private mount + PID namespaces: mount the release's root the composefs way (no
@@ -131,21 +140,22 @@ cp "$R$KERNEL" "$OUT/vmlinuz"
 '''
 
 
-def initramfs_key(release: dict, *, drivers: Sequence[str], modules: Sequence[str], compress: str | None,
-                  extra: Sequence[str]) -> str:
-    return digest({"format": FORMAT, "root": release["root"]["digest"], "drivers": list(drivers),
-                   "modules": list(modules), "compress": compress, "extra": list(extra)})
+def initramfs_key(release: dict, profile: Initramfs | None, *, extra: Sequence[str]) -> str:
+    """The cache key: the root (its digest covers the root's dracut, kernel and 90bootimg) and
+    every dracut option, the profile's among them."""
+    return digest({"format": FORMAT, "root": release["root"]["digest"],
+                   "dracut": boot_initramfs.dracut_options(profile), "extra": list(extra)})
 
 
 def build_initramfs(release_dir: str | os.PathLike[str], *, cache: str | os.PathLike[str] | None = None,
-                    drivers: Sequence[str] = DEFAULT_DRIVERS, modules: Sequence[str] = (),
-                    compress: str | None = None, extra: Sequence[str] = (), rebuild: bool = False,
-                    log: Log = stderr_log) -> BootFiles:
-    """The kernel + initramfs of the release at ``release_dir`` (cached; building needs root)."""
+                    extra: Sequence[str] = (), rebuild: bool = False, log: Log = stderr_log) -> BootFiles:
+    """The kernel + initramfs of the release at ``release_dir`` (cached; building needs root),
+    made as its initramfs profile asks (checked against the root before dracut runs)."""
     start = time.monotonic()
     rel = ReleaseDir(release_dir)
     release = _read_release(rel)
-    key = initramfs_key(release, drivers=drivers, modules=modules, compress=compress, extra=extra)
+    profile = release_profile(release, str(rel.release_json))
+    key = initramfs_key(release, profile, extra=extra)
     cdir = cache_dir(cache, "initramfs")
     out = cdir / key
     with file_lock(cdir / f".{key}.lock"):
@@ -159,6 +169,12 @@ def build_initramfs(release_dir: str | os.PathLike[str], *, cache: str | os.Path
         if root.lookup(b"usr/bin/dracut") is None and root.lookup(b"bin/dracut") is None:
             raise BootimgError("the root has no dracut (/usr/bin/dracut): install the dracut package in it",
                                file=str(rel.image_path(release["root"]["image"])))
+        if profile is not None:
+            problems = preflight.check_profile(root, rel, profile)
+            if problems:
+                raise preflight.BootCheckError(str(rel.release_json), [], [
+                    f"{rel.release_json}: boot.initramfs.{preflight.format_place(path)}: {message}"
+                    for path, message in problems])
         need_root("building the initramfs (mounting the root image, chroot)")
         need_tools("unshare", "chroot", "mount")
         enable_foreign(arch)            # an arm64 root's dracut on an x86_64 host: through qemu-user
@@ -169,8 +185,7 @@ def build_initramfs(release_dir: str | os.PathLike[str], *, cache: str | os.Path
         with scratch_dir(cdir, f".build-{key}-") as work:
             stage = work / "out"
             stage.mkdir()
-            argv = dracut_argv(kernel.kver, "/tmp/initrd.img", drivers=drivers, modules=modules,
-                               compress=compress, extra=extra)
+            argv = dracut_argv(kernel.kver, "/tmp/initrd.img", profile, extra=extra)
             env = dict(CHROOT_ENV, SOURCE_DATE_EPOCH=str(release["source_date_epoch"]))
             t0 = time.monotonic()
             log(f"dracut {kernel.kver} in the release's root image")
@@ -182,8 +197,8 @@ def build_initramfs(release_dir: str | os.PathLike[str], *, cache: str | os.Path
             t_dracut = time.monotonic() - t0
             info = {"key": key, "release": release["name"], "version": release["version"],
                     "root": release["root"]["digest"], "kver": kernel.kver, "kernel_path": kernel.path,
-                    "arch": arch.name, "drivers": list(drivers), "modules": list(modules), "compress": compress,
-                    "extra": list(extra), "initrd_size": (stage / "initrd.img").stat().st_size,
+                    "arch": arch.name, "profile": profile.to_dict() if profile is not None else None,
+                    "dracut": argv[:-1], "initrd_size": (stage / "initrd.img").stat().st_size,
                     "kernel_size": (stage / "vmlinuz").stat().st_size,
                     "seconds": {"dracut": round(t_dracut, 1)}}
             write_json_atomically(stage / "info.json", info)

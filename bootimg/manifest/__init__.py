@@ -21,6 +21,7 @@ from .model import (
                     Boot,
                     Container,
                     Identity,
+                    Initramfs,
                     Integrity,
                     KpiBudget,
                     Manifest,
@@ -43,7 +44,7 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 __all__ = [
-    "API_VERSION", "STAGE_NAME", "AddFile", "Bind", "Boot", "Container", "Diagnostic", "Identity", "Integrity",
+    "API_VERSION", "STAGE_NAME", "AddFile", "Bind", "Boot", "Container", "Diagnostic", "Identity", "Initramfs", "Integrity",
     "KpiBudget", "Manifest", "ManifestError", "ManifestUnreadable", "Ordering", "Resources", "Result", "Rootfs",
     "Source", "load_manifest", "load_schema", "osbuild_options_schema", "validate_file", "validate_text",
 ]

@@ -33,6 +33,10 @@ MAX_MEMORY_MIB = (2**64 - 1) // 2**20
 ID_MAX = 2**32 - 2
 INVALID_IDS = {65535: "the 16-bit -1", 2**32 - 1: "the 32-bit -1"}
 
+# The levels each initramfs compressor takes (boot.initramfs.compress_level): gzip(1), zstd(1)
+# without --ultra, xz(1) presets, lz4(1) high compression.
+COMPRESS_LEVELS = {"gzip": (1, 9), "zstd": (1, 19), "xz": (0, 9), "lz4": (1, 12)}
+
 # The kernel keeps the command line in a buffer of COMMAND_LINE_SIZE bytes including its NUL
 # and silently cuts what does not fit: 2048 on x86_64 (arch/x86/include/asm/setup.h) and arm64
 # (arch/arm64/include/uapi/asm/setup.h; the newest kernels raise arm64's to 4096).

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from . import inputs, messages, model, normalize, semantic
 from . import schema as schema_mod
-from .diagnostics import Diagnostic, ManifestError, ManifestUnreadable, sort_unique
+from .diagnostics import Diagnostic, ManifestError, ManifestUnreadable, format_path, sort_unique
 from .document import parse
 
 
@@ -119,3 +119,25 @@ def load_manifest(path: str | os.PathLike[str], *, check_inputs: bool = False,
             on_warning(d.format(result.file))
     assert result.manifest is not None
     return result.manifest
+
+
+def placer(path: str | os.PathLike[str] | None, prefix: tuple[str | int, ...] = ()) -> Callable[[tuple, str], str]:
+    """A formatter of problems that checks after loading find (the build's boot check of the
+    initramfs profile): ``(json path under prefix, message) -> "FILE:LINE:COL: path: message"``,
+    with the positions of the manifest file, parsed again; without a file (a manifest made in
+    memory) or when it no longer parses, ``"manifest: path: message"``."""
+    doc = None
+    if path is not None:
+        try:
+            doc = parse(read_text(path))
+        except ManifestUnreadable:
+            doc = None
+    name = os.fspath(path) if path is not None else "manifest"
+
+    def place(where: tuple, message: str) -> str:
+        full = (*prefix, *where)
+        if doc is None or doc.data is None:
+            return f"{name}: {format_path(full)}: {message}"
+        return doc.at_value(full, message).format(name)
+
+    return place

@@ -52,6 +52,10 @@ PATTERN_HINTS: dict[str, str] = {
     r"^/": "must be an absolute path",
     r"^/dev(/(?!\.\.?(/|$))[A-Za-z0-9_.+@-]+)+$": "must be a device node path under /dev/ (letters, digits, '_', "
                                                  "'.', '+', '@', '-'; no '.', '..' or '//')",
+    r"^[A-Za-z0-9_-]{1,55}$": "must be a kernel module name (letters, digits, '_' or '-', at most 55 characters), "
+                              "e.g. 'virtio_blk'",
+    r"^[A-Za-z][A-Za-z0-9_+.-]{0,63}$": "must be a dracut module name (its modules.d directory without the number), "
+                                        "e.g. 'systemd-initrd'",
     SYSCALL_PATTERN: "must be a system call name such as 'sched_setattr' or a systemd system call group such as "
                      "'@clock' (systemd-analyze syscall-filter lists them)",
 }

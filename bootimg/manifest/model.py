@@ -34,6 +34,7 @@ Measure = Literal["unit_active", "initrd", "root_mounted", "root_hook", "userspa
 Since = Literal["kernel_start", "userspace_start", "power_on"]
 Statistic = Literal["median", "p90", "p95", "max"]
 DeviceAccess = Literal["r", "w", "rw"]
+Compression = Literal["gzip", "zstd", "xz", "lz4"]
 NotifyAccess = Literal["exec", "all"]
 
 
@@ -176,12 +177,29 @@ class Assessment:
 
 
 @dataclass(frozen=True)
+class Initramfs:
+    """What the initramfs holds, as dracut's exclusive lists (``bootimg initramfs``): None is
+    dracut's generic choice. bootimg's own dracut module and drivers are added to these."""
+
+    drivers: tuple[str, ...] | None = None   # kernel modules: dracut --drivers
+    modules: tuple[str, ...] | None = None   # dracut modules: dracut --modules
+    omit: tuple[str, ...] = ()               # dracut modules: dracut --omit
+    compress: Compression | None = None      # None: dracut's default
+    compress_level: int | None = None        # None: dracut's settings for ``compress``
+
+    def to_dict(self) -> dict[str, Any]:
+        """The profile as the manifest writes it (the keys it sets): what release.json records."""
+        return _to_data(self)
+
+
+@dataclass(frozen=True)
 class Boot:
     kernel_args: tuple[str, ...]
     etc: EtcPolicy
     var: VarPolicy
     on_verification_failure: VerificationFailure
     assessment: Assessment
+    initramfs: Initramfs | None = None       # None: dracut's generic initramfs
 
 
 @dataclass(frozen=True)

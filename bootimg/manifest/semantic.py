@@ -19,6 +19,9 @@ from .document import Document
 
 PHASES = ("early", "basic", "default")
 CONTAINER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# The dracut modules of the initramfs's emergency shell (dracut-systemd's emergency.service runs
+# dracut-emergency, which needs base's dracut-lib.sh).
+EMERGENCY_SHELL = ("dracut-systemd", "base")
 # Milestones reached before the switch to the real root: meaningless against userspace_start.
 BEFORE_USERSPACE = ("initrd", "root_mounted", "root_hook", "userspace")
 
@@ -332,6 +335,7 @@ class Checker:
             self.warning(("boot", "on_verification_failure"),
                          "a failed verification opens an emergency shell on an unverified system; "
                          "development images only (use reboot)")
+        self.initramfs(boot.get("initramfs"), boot.get("on_verification_failure"))
         for j, ref in enumerate(self._list("boot", "assessment", "requires")):
             if isinstance(ref, str) and is_bare(ref) and container_of(ref, set(self.names)) is None:
                 self.error(("boot", "assessment", "requires", j), self._unknown(ref))
@@ -348,6 +352,45 @@ class Checker:
             if length > limits.CMDLINE_MAX and not too_long:  # reported at the argument that crosses it
                 too_long = True
                 self.error(("boot", "kernel_args", j), cmdline_message(args, length))
+
+    def initramfs(self, profile: Any, on_failure: Any) -> None:
+        """What dracut would refuse, or silently make unbootable: bootimg's own dracut modules
+        omitted, a module both listed and omitted, a level its compressor does not have, the
+        emergency policy without the initramfs's emergency shell. (Whether the root's kernel and
+        dracut have the named drivers and modules is the build's boot check.)"""
+        if not isinstance(profile, dict):
+            return
+        where = ("boot", "initramfs")
+        modules = profile.get("modules")
+        listed = {m: j for j, m in enumerate(modules) if isinstance(m, str)} if isinstance(modules, list) else None
+        omitted: dict[str, int] = {}
+        for j, name in enumerate(self._list(*where, "omit")):
+            if not isinstance(name, str):
+                continue
+            omitted.setdefault(name, j)
+            if name == reserved.DRACUT_MODULE or name in reserved.DRACUT_DEPENDS:
+                why = ("it is bootimg's own dracut module (it verifies and mounts the root)"
+                       if name == reserved.DRACUT_MODULE else "bootimg's dracut module depends on it")
+                self.error((*where, "omit", j), f"'{name}' cannot be omitted: {why}")
+            elif listed is not None and name in listed:
+                self.error((*where, "omit", j), f"'{name}' is also in modules (modules[{listed[name]}]); a dracut module "
+                                                "is either listed or omitted")
+        level, compress = profile.get("compress_level"), profile.get("compress")
+        if _is_int(level):
+            if "compress" not in profile:
+                self.error((*where, "compress_level"), "a level needs its compressor: add compress")
+            elif compress in limits.COMPRESS_LEVELS:
+                low, high = limits.COMPRESS_LEVELS[compress]
+                if not low <= level <= high:
+                    self.error((*where, "compress_level"), f"{compress} has levels {low}-{high}, not {level}")
+        if on_failure == "emergency":
+            for shell in EMERGENCY_SHELL:
+                if shell in omitted:
+                    self.error((*where, "omit", omitted[shell]), f"on_verification_failure is emergency: the initramfs "
+                                                                  f"needs '{shell}' for its emergency shell")
+                elif listed is not None and shell not in listed:
+                    self.error((*where, "modules"), f"on_verification_failure is emergency: the initramfs needs dracut's "
+                                                    f"'{shell}' module for its emergency shell; add it")
 
     # -- kpis -----------------------------------------------------------------
 

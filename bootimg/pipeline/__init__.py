@@ -43,10 +43,13 @@ def check_rootfs(manifest: Manifest) -> BootCheck:
     assembles it (its source, the manifest's excludes and added files; not the boot layer's own
     files, which the check does not look for), loaded into a scratch object store that is removed
     afterwards. Raises BootCheckError when it cannot boot."""
+    from ..manifest.loader import placer
+
     with tempfile.TemporaryDirectory(prefix="bootimg-validate-") as scratch:
         release = ReleaseDir(scratch)
         # A scratch store: whether it can have fs-verity does not matter.
         store = ObjectStore(release.objects, fsync=False, on_notice=lambda _msg: None)
         root = root_tree(BuildContext(manifest=manifest, store=store, out=release), RootSteps())
         return preflight.require_bootable(root, release, manifest.integrity.trust,
-                                          preflight.source_label(manifest.rootfs.source.path))
+                                          preflight.source_label(manifest.rootfs.source.path), manifest.boot.initramfs,
+                                          placer(manifest.source_file, ("boot", "initramfs")))

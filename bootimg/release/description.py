@@ -55,6 +55,9 @@ def describe_release(manifest: Manifest, records: list[ImageRecord], *, verity_c
                  "on_verification_failure": manifest.boot.on_verification_failure,
                  "tries": manifest.boot.assessment.tries, "good_when": list(manifest.good_boot_units())},
     }
+    if manifest.boot.initramfs is not None:
+        # What `bootimg initramfs` makes the release's kernel and initramfs with.
+        release["boot"]["initramfs"] = manifest.boot.initramfs.to_dict()
     if verity_cert:
         release["fsverity"]["certificate"] = layout.VERITY_CERT
     return release

@@ -46,4 +46,10 @@ install() {
     mkdir -p "$initdir$systemdsystemunitdir/initrd-root-fs.target.requires"
     ln_r "$systemdsystemunitdir/bootimg-root.service" \
         "$systemdsystemunitdir/initrd-root-fs.target.requires/bootimg-root.service"
+    # systemd runs as an initrd's (initrd.target) only with /etc/initrd-release, which dracut's
+    # base module writes; a lean initramfs without base gets the root's os-release there.
+    if ! dracut_module_included base; then
+        inst_simple /usr/lib/os-release /usr/lib/initrd-release || return 1
+        ln_r /usr/lib/initrd-release /etc/initrd-release
+    fi
 }
