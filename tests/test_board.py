@@ -300,3 +300,35 @@ def test_extra_dracut_module_runs_in_the_initramfs(board, baseline_disk, tmp_pat
     hook = result.line_time("BOOTIMG-TEST-MODULE: sysroot ok")
     assert hook is not None and hook < result.line_time(SWITCH_ROOT_RE.pattern) < result.duration
     assert custom.initrd != board.initrd and board.initrd.is_file()
+
+
+def test_device_tools_in_the_board_root_do_not_follow_the_checkout_times(tmp_path):
+    """The root image's digest depends on bootimg's code, not on when its checkout's directories
+    changed (an import makes __pycache__ and changes its directory's mtime)."""
+    import os
+
+    import bootimg
+    from bootimg.board.system import install_device_tools
+
+    tree = tmp_path / "root"
+    for d in ("usr/lib/python3/dist-packages", "usr/bin"):
+        (tree / d).mkdir(parents=True)
+        os.utime(tree / d, (1000, 1000))
+
+    def times() -> dict[str, int]:
+        return {str(p.relative_to(tree)): p.lstat().st_mtime_ns for p in sorted(tree.rglob("*"))}
+
+    install_device_tools(tree)
+    first = times()
+    package = Path(bootimg.__file__).parent / "boot"
+    before = package.stat()
+    os.utime(package, (before.st_atime + 3600, before.st_mtime + 3600))    # as a new __pycache__ would
+    try:
+        install_device_tools(tree)
+    finally:
+        os.utime(package, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert times() == first
+    assert first["usr/bin"] == first["usr/lib/python3/dist-packages"] == 1000 * 10**9
+    assert (tree / "usr/bin/bootimg").stat().st_mode & 0o777 == 0o755
+    assert (tree / "usr/lib/python3/dist-packages/bootimg/cli.py").is_file()
+    assert not list(tree.rglob("__pycache__"))

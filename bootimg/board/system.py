@@ -37,7 +37,7 @@ from ..release.layout import ROOT_IMAGE_NAME, ReleaseDir
 from ..vm.qemu import BootResult, Machine, Run
 from ..vm.session import authorized_keys
 from .board import Board, prepare
-from .disk import LABEL, DiskImage
+from .disk import DEFAULT_EPOCH, LABEL, DiskImage
 from .disk import make_disk as make_plain_disk
 from .rootfs import MARKER, RootfsSpec, extract_rootfs
 
@@ -129,12 +129,20 @@ def install_device_tools(tree: Path) -> None:
     and python3-cryptography are in the root). What a product would package for its root."""
     package = Path(__file__).resolve().parent.parent
     dest = tree / "usr/lib/python3/dist-packages/bootimg"
+    launcher = tree / "usr/bin/bootimg"
+    # The same bytes and times for the same package: the root image's digest must not follow the
+    # checkout's directory times (a __pycache__ made by an import changes its directory's).
+    parents = {d: d.stat() for d in (dest.parent, launcher.parent) if d.is_dir()}
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(package, dest, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc", "*.o"))
-    launcher = tree / "usr/bin/bootimg"
     launcher.write_text("#!/usr/bin/python3\nimport sys\n\nfrom bootimg.cli import main\n\nsys.exit(main())\n")
     launcher.chmod(0o755)
+    epoch = int(os.environ.get("SOURCE_DATE_EPOCH") or DEFAULT_EPOCH)
+    for path in [launcher, dest, *dest.rglob("*")]:
+        os.utime(path, (epoch, epoch), follow_symlinks=False)
+    for d, st in parents.items():
+        os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def provision(system: System, *, timeout: float = 900.0, serial_log: Path | None = None) -> BootResult:
