@@ -231,3 +231,20 @@ def test_cli_bad_inputs_one_line_no_traceback(tmp_path):
     assert r.returncode == 1 and b"exactly one target" in r.stderr
     r = run_cli("kpi", "collect", "--ssh", "nobody@127.0.0.1", "--port", "1", "--via", "busctl")
     assert r.returncode == 2 and b"cannot connect" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_the_hooks_own_time_is_a_kpi_from_the_journal():
+    """root_hook: bootimg-root.service started -> the verified root mounted, both from the boot's
+    journal; from D-Bus alone (the manager forgets initrd units) it is not measurable."""
+    recs = boots()
+    for i, r in enumerate(recs):
+        clock = r.milestones["boot_finished"].clock
+        r.milestones["root_hook_start"] = Value("ok", 2_000_000, clock, "journal:unit-starting bootimg-root.service")
+        r.milestones["root_mounted"] = Value("ok", 2_000_000 + (250 + 10 * i) * 1000, clock,
+                                             "journal:job-done bootimg-root.service __MONOTONIC_TIMESTAMP")
+    r = one(budget(measure="root_hook", statistic="max", warn_ms=265, fail_ms=300), recs)
+    assert r.verdict == "warn" and r.stats["max"] == 270.0 and [s.value_ms for s in r.samples] == [250.0, 260.0, 270.0]
+    assert one(budget(measure="root_hook", statistic="max", warn_ms=100, fail_ms=200), recs).verdict == "fail"
+    live = boots()          # collected over D-Bus only: no start of the hook
+    r = one(budget(measure="root_hook"), live)
+    assert r.verdict == "not_measurable" and "journal" in r.message
