@@ -82,6 +82,7 @@ inst_multiple() { echo "inst_multiple $*" >>"$LOG"; }
 instmods() { echo "instmods $*" >>"$LOG"; }
 dfatal() { echo "dfatal $*" >>"$LOG"; }
 ln_r() { echo "ln_r $*" >>"$LOG"; mkdir -p "$initdir$(dirname "$2")" && ln -sfn "$1" "$initdir$2"; }
+dracut_module_included() { case " ${DRACUT_MODULES-base systemd} " in *" $1 "*) return 0;; esac; return 1; }
 """
 
 HARNESS = r"""#!/bin/sh
@@ -108,6 +109,7 @@ if [ "$(cat "$T/out/rc")" = 0 ]; then
     echo probe 2>/dev/null >"$S/var/bootimg-probe"; echo $? >"$T/out/var-write.rc"
     echo probe 2>/dev/null >"$S/tmp/bootimg-probe"; echo $? >"$T/out/tmp-write.rc"
     stat -c %a "$S/tmp" >"$T/out/tmp-mode" 2>&1
+    cat "$S/etc/machine-id" >"$T/out/machine-id" 2>&1
     ls -a "$S/sysroot/bootimg" >"$T/out/physical" 2>&1
     cp -a "$S/sysroot/bootimg/state" "$T/out/state-after" 2>/dev/null
 fi
@@ -206,12 +208,14 @@ def extract_module_root(release: Path, dest: Path) -> Path:
     return dest
 
 
-def run_module_setup(sysroot: Path, initdir: Path, log: Path, calls: str) -> subprocess.CompletedProcess:
-    """Source module-setup.sh (from sysroot) in bash, as dracut does, with stub dracut functions."""
+def run_module_setup(sysroot: Path, initdir: Path, log: Path, calls: str,
+                     dracut_modules: str = "base systemd") -> subprocess.CompletedProcess:
+    """Source module-setup.sh (from sysroot) in bash, as dracut does, with stub dracut functions
+    (``dracut_modules``: the dracut modules of this initramfs)."""
     script = (DRACUT_STUBS + f'moddir="{sysroot}{MODULE_DIR}"\n'
               f'. "$moddir/module-setup.sh"\n{calls}\n')
     env = {"PATH": os.environ["PATH"], "LOG": str(log), "initdir": str(initdir),
-           "systemdsystemunitdir": UNIT_DIR, "dracutsysrootdir": str(sysroot)}
+           "systemdsystemunitdir": UNIT_DIR, "dracutsysrootdir": str(sysroot), "DRACUT_MODULES": dracut_modules}
     return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -561,6 +565,13 @@ def test_module_setup(releases, keyids, tmp_path, kind):
     assert (initdir / "etc/bootimg/boot.conf").read_bytes() == (sysroot / "usr/lib/bootimg/boot.conf").read_bytes()
     # One program, no shell tools: nothing else is installed into the initramfs.
     assert not [c for c in calls if c.startswith("inst_multiple")]
+    # A lean initramfs without dracut's base module: systemd needs /etc/initrd-release to run
+    # as the initrd's, which base would have written; the root's os-release stands in.
+    lean_log = tmp_path / "lean-calls"
+    res = run_module_setup(sysroot, tmp_path / "lean", lean_log, "install", dracut_modules="systemd systemd-initrd")
+    assert res.returncode == 0, res.stderr
+    assert lean_log.read_text().splitlines() == [c for c in expected if not c.startswith("instmods")] + [
+        "inst_simple /usr/lib/os-release /usr/lib/initrd-release", "ln_r /usr/lib/initrd-release /etc/initrd-release"]
 
 
 def test_module_setup_refuses_signed_without_keys(releases, tmp_path):
@@ -612,6 +623,26 @@ def test_signed_root_mounts_with_verity_required(scenario, paths, layout):
     assert m and 0 < float(m.group(2)) <= float(m.group(1)), o.stderr
     # The physical root here is a tmpfs (no block device): no volatile-root link for gpt-auto.
     assert not (s.top / "run" / "systemd" / "volatile-root").is_symlink()
+
+
+@kernel_test
+def test_one_machine_id_per_device_kept_on_the_data_partition(scenario):
+    """/etc transient, /var persistent, no machine ID in the image: the first boot makes one and
+    keeps it in the state directory; every later boot has the same one in /etc (journald files
+    the persistent journal under it)."""
+    s = scenario("signed")
+    o = s.run()
+    assert o.rc == 0, o.stderr
+    made = o.read("machine-id")
+    assert re.fullmatch(r"[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}\n", made), made
+    assert (o.out / "state-after" / "machine-id").read_text() == made
+    assert "machine ID made for this device" in o.stderr
+    kept = s.phys / "bootimg" / "state"
+    kept.mkdir(parents=True, exist_ok=True)
+    (kept / "machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    again = s.run()
+    assert again.rc == 0 and again.read("machine-id") == "0123456789abcdef0123456789abcdef\n"
+    assert "machine ID made" not in again.stderr
 
 
 @kernel_test

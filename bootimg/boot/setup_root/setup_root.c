@@ -259,6 +259,78 @@ static void volatile_root(const char *phys)
         warn("cannot link %s to %s (the ESP will not be mounted at /efi): %s", link, dev, strerror(errno));
 }
 
+/* 32 lowercase hex digits and a newline: what systemd writes to /etc/machine-id. */
+static int valid_machine_id(const char *s, size_t n)
+{
+    if (n != 33 || s[32] != '\n')
+        return 0;
+    for (int i = 0; i < 32; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+            return 0;
+    return 1;
+}
+
+/* One machine ID per device: with a transient /etc and a persistent /var, an image without its
+ * own /etc/machine-id would get a new random one at every boot, and journald would file every
+ * boot's journal under a new /var/log/journal/ID (earlier boots out of journalctl's sight, and
+ * never vacuumed). The ID is kept in STATE/machine-id on the data partition, made on the first
+ * boot (random, a version 4 UUID as systemd makes them) and written into the transient /etc. */
+static void persist_machine_id(const char *phys, const char *state, const char *sys_etc)
+{
+    char etc_id[BSR_PATH_MAX], kept[BSR_PATH_MAX], tmp[BSR_PATH_MAX], *data = NULL;
+    size_t n = 0;
+    join(etc_id, sys_etc, "/machine-id");
+    if (read_file(etc_id, 64, &data, &n) == 0) {
+        int own = valid_machine_id(data, n);
+        free(data);
+        if (own)
+            return;                               /* the image brings its own */
+    }
+    if (snprintf(kept, sizeof kept, "%s%s/machine-id", phys, state) >= (int)sizeof kept)
+        return;
+    char id[33];
+    data = NULL;
+    if (read_file(kept, 64, &data, &n) == 0 && valid_machine_id(data, n)) {
+        memcpy(id, data, 33);
+    } else {
+        unsigned char r[16];
+        int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || read(fd, r, sizeof r) != (ssize_t)sizeof r) {
+            if (fd >= 0)
+                close(fd);
+            free(data);
+            warn("cannot make a machine ID: no random bytes");
+            return;
+        }
+        close(fd);
+        r[6] = (r[6] & 0x0f) | 0x40;             /* version 4 */
+        r[8] = (r[8] & 0x3f) | 0x80;             /* RFC 4122 variant */
+        for (int i = 0; i < 16; i++)
+            snprintf(id + 2 * i, 3, "%02x", r[i]);
+        id[32] = '\n';
+        snprintf(tmp, sizeof tmp, "%s.tmp", kept);
+        int e = write_file(tmp, id, 33, 0444);
+        if (!e)
+            e = fsync_path(tmp, 0);
+        if (!e && rename(tmp, kept) < 0)
+            e = errno;
+        if (e) {
+            unlink(tmp);
+            warn("cannot keep the machine ID in %s: %s", kept, strerror(e));
+        } else {
+            char dir[BSR_PATH_MAX];
+            snprintf(dir, sizeof dir, "%s%s", phys, state);
+            fsync_path(dir, 1);
+            note("machine ID made for this device, kept in %s/machine-id", state);
+        }
+    }
+    free(data);
+    unlink(etc_id);
+    int e = write_file(etc_id, id, 33, 0444);
+    if (e)
+        warn("cannot write %s: %s", etc_id, strerror(e));
+}
+
 static double ms_since(const struct timespec *t0)
 {
     struct timespec t;
@@ -588,6 +660,8 @@ int setup_root_main(void)
         fatal("cannot mount the transient /var: %s", strerror(errno));
     }
     pushed(sys_var);
+    if (var_persistent && strcmp(cf.etc, "transient") == 0)
+        persist_machine_id(phys, cf.state, sys_etc);
     /* /tmp is a tmpfs (what systemd's tmp.mount makes) over the read-only image: systemd 252
      * builds a service's private /dev (PrivateDevices=, every boot-time container) in /tmp and
      * puts PrivateTmp= directories there. A root image without a /tmp directory gets none. */
