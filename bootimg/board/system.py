@@ -252,10 +252,14 @@ def _copy_disk(src: Path, dest: Path) -> Path:
 
 
 def container_masks(system: System) -> list[str]:
-    """``systemd.mask=`` arguments for every boot-time container and its image service: boots
-    that compare the root alone (composefs against plain ext4) leave the containers out."""
+    """``systemd.mask=`` arguments for every boot-time container and its image service, and the
+    boot assessment that needs them: boots that compare the root alone (composefs against plain
+    ext4) leave the containers out."""
+    from ..manifest.reserved import BLESS_TIMER
+
     names = sorted(name for name, entry in system.release["images"].items() if entry["role"] == "container")
-    return [f"systemd.mask={unit}" for n in names for unit in (f"{n}.service", f"bootimg-image-{n}.service")]
+    return [f"systemd.mask={unit}" for n in names for unit in (f"{n}.service", f"bootimg-image-{n}.service")] + \
+        [f"systemd.mask={BLESS_TIMER}"]
 
 
 def materialize_root(system: System, dest: Path) -> Path:
