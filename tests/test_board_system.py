@@ -184,7 +184,10 @@ def test_boots_the_verified_root_and_starts_the_containers_in_order(system, keys
         this = past[record["boot_id"]]
         rm = this["milestones"]["root_mounted"]
         assert rm["state"] == "ok" and "bootimg-root.service" in rm["source"], rm
-        assert rm["usec"] <= record["milestones"]["root_mounted"]["usec"]
+        # journald stamps the hook's "Finished" when it receives it, after the manager's own
+        # state change (initrd-root-fs.target follows the hook at once): a TCG guest under load
+        # takes some milliseconds for that
+        assert rm["usec"] <= record["milestones"]["root_mounted"]["usec"] + 250_000, (rm, record["milestones"])
 
 
 # -- 2. a tampered object ------------------------------------------------------------------------
