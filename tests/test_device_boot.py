@@ -409,9 +409,29 @@ def test_downgrade_by_copying_the_old_signed_release_over_is_refused(fleet, tmp_
     r1 = fleet.r("1.0").path
     for name in ("release.json", "release.json.minisig"):
         diskedit.replace_file(disk, f"/bootimg/releases/2.0/{name}", (r1 / name).read_bytes())
+    # 1.0's signed files under 2.0's name: 2.0's entry carries 2.0's digest
     console = refused_boot(disk, tpm, tmp_path / "copied.log")
     assert "mounted (trust" not in console
-    assert re.search(r"bootimg: FATAL: .*security_version", console), console[-3000:]
+    assert "bootimg: FATAL: composefs.digest= on the kernel command line disagrees with the signed release.json" \
+        in console, console[-3000:]
+    # ... and with the entry edited to 1.0's digest and index too (root on the device; nothing on
+    # the ESP is signed without Secure Boot): the device's minimum refuses it
+    disk, tpm = copy_disk(fleet.disk, fleet.tpm, tmp_path / "e.raw")
+    old = json.loads((r1 / "release.json").read_text())["root"]["kernel_argument"]
+    entry = f"/efi/loader/entries/{fleet.r('2.0').entry}.conf"
+    with device(disk, tpm, reboot=False) as vm:
+        for name in ("release.json", "release.json.minisig"):
+            sh(vm, f"cp /sysroot/bootimg/releases/1.0/{name} /sysroot/bootimg/releases/2.0/{name}")
+        sh(vm, f"sed -i -e 's/composefs.digest=[^ ]*/{old}/' -e 's/bootimg.security_version=[0-9]*/"
+               f"bootimg.security_version=1/' {entry} && grep -q '{old}' {entry} && sync")
+        vm.run("systemctl --no-block reboot", check=False)
+        deadline = time.monotonic() + 600
+        while vm.qemu_running and time.monotonic() < deadline:           # -no-reboot: QEMU exits
+            time.sleep(2)
+    console = refused_boot(disk, tpm, tmp_path / "copied-and-edited.log")
+    assert "mounted (trust" not in console
+    assert "bootimg: FATAL: release 1.0 has security_version 1, below this device's minimum 2 (TPM NV 0x01500016)" \
+        in console, console[-3000:]
 
 
 def test_downgrade_with_the_state_file_deleted_is_refused_by_the_tpm(fleet, tmp_path):
