@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, example_workspace, is_root, run_cli
+from conftest import REPO, example_workspace, is_root, requires_root, run_cli
 from test_disk import make_root
 
 from bootimg.composefs.info import list_objects
@@ -272,3 +272,33 @@ def test_install_status_gc_on_a_disk_image(ws, releases, tmp_path):
     assert cli_json("gc", "--disk", str(disk))["objects_removed"] == 0
     # nothing stays mounted
     assert str(tmp_path) not in Path("/proc/self/mounts").read_text()
+
+
+@requires_root
+def test_a_full_esp_is_one_line_and_retiring_a_release_makes_room(ws, releases, tmp_path):
+    """The ESP keeps a kernel and initramfs per installed release: when the next one does not
+    fit, install says so in one line and leaves no half-written kernel; removing an entry (the
+    loader's truth) and gc make room."""
+    import subprocess
+
+    target = dirs_target(tmp_path)
+    esp = tmp_path / "esp"
+    boot = sum(p.stat().st_size for p in (releases["1.0"] / "boot").iterdir())
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={boot + 3 * 4096}", "tinyesp", str(esp)], check=True)
+    try:
+        first_install(releases, target)
+        r = run_cli("install", str(releases["2.0"]), *target)
+        lines = r.stderr.decode().strip().splitlines()
+        assert r.returncode == 1 and lines[-1].startswith(f"bootimg install: {tmp_path / 'data'}: the ESP is full: no "
+                                                          "room for the kernel and initramfs of 2.0"), lines
+        assert "Traceback" not in r.stderr.decode()
+        assert not (esp / "bootimg/fleet/2.0").exists()
+        assert sorted(p.name for p in (esp / "loader/entries").iterdir()) == ["bootimg-fleet-1.0.conf"]
+        (esp / "loader/entries/bootimg-fleet-1.0.conf").unlink()        # retire 1.0
+        cli_json("gc", *target)
+        keys = releases["1.0"].parent / "build" / "keys"
+        again = cli_json("install", str(releases["2.0"]), *target, "--key", str(keys / "release-2026.pub"),
+                         "--data-partuuid", PARTUUID)
+        assert again["entry"] == "bootimg-fleet-2.0" and (esp / "bootimg/fleet/2.0/vmlinuz").is_file()
+    finally:
+        subprocess.run(["umount", str(esp)], check=True)

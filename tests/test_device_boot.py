@@ -283,7 +283,9 @@ def fleet(tmp_path_factory) -> Fleet:
     ]
     build_seconds = time.monotonic() - t0
     disk = top / "device.raw"
-    cli("disk", str(rels[0].path), "-o", str(disk), "--boot", str(rels[0].path / "boot"))
+    # The ESP keeps a kernel and initramfs per installed release (46 MB each with dracut's generic
+    # initramfs): room for the five releases these tests install, none retired.
+    cli("disk", str(rels[0].path), "-o", str(disk), "--boot", str(rels[0].path / "boot"), "--esp-size", "320M")
     tpm = top / "device.tpm"
     # The first boot provisions fs-verity on the fresh data partition.
     with device(disk, tpm, log=top / "first-boot.log") as vm:

@@ -21,6 +21,7 @@ release changes nothing. The rollback minimum is never raised here (only a bless
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -239,14 +240,28 @@ def _stage_entry(source: Source, target: Target, release: dict, result: InstallR
     esp = target.esp
     present = [n for n, _ in esp.entries() if n.id == result.entry]
     kdir = loader.kernel_dir(release["name"], release["version"])
+    blobs = {}
     for name in BOOT_NAMES:
         blob = source.read(boot_file(name))
         if blob is None:
             raise BootimgError(f"no {boot_file(name)}: the release has no kernel and initramfs to boot "
                                f"(bootimg initramfs RELEASE -o RELEASE/boot)", file=source.describe)
+        blobs[name] = blob
         result.boot_bytes += len(blob)
-        if esp.read(f"{kdir}/{name}") != blob:
-            esp.write(f"{kdir}/{name}", blob)
+    try:
+        for name, blob in blobs.items():
+            if esp.read(f"{kdir}/{name}") != blob:
+                esp.write(f"{kdir}/{name}", blob)
+    except (OSError, BootimgError) as err:
+        full = getattr(err, "errno", None) == errno.ENOSPC or "Disk full" in str(err)
+        if not full:
+            raise
+        if not present:
+            esp.remove(kdir)              # no entry points at it: nothing half-written stays
+        raise BootimgError(f"the ESP is full: no room for the kernel and initramfs of {release['version']} "
+                           f"({result.boot_bytes / 2**20:.0f} MiB); every release a loader entry names is kept: retire "
+                           f"one you no longer need (remove its file from loader/entries/), then run `bootimg gc`",
+                           file=target.where) from None
     if present:
         result.notes.append(f"the ESP has its entry already ({present[0].filename})")
         return
