@@ -140,6 +140,10 @@ def test_install_update_status_and_gc_on_directories(ws, releases, tmp_path):
     # installing it again changes nothing
     again = cli_json("install", str(releases["2.0"]), *target)
     assert again["already_installed"] and again["objects_transferred"] == 0
+    # an entry a power cut left empty (FAT) is rewritten by the re-run, in its counting state
+    (esp / "loader/entries/bootimg-fleet-2.0+3.conf").write_bytes(b"")
+    cli_json("install", str(releases["2.0"]), *target)
+    assert (esp / "loader/entries/bootimg-fleet-2.0+3.conf").read_text() == entry
     # gc with both entries: nothing goes; without v1's entry: v1 and its own objects go
     assert cli_json("gc", *target)["objects_removed"] == 0
     (esp / "loader/entries/bootimg-fleet-1.0.conf").unlink()

@@ -536,18 +536,23 @@ def test_power_loss_during_an_install_never_stops_the_running_release(fleet):
                 vm.power_cut()
                 installer.kill()
                 installer.wait()
-                seen.append((at, "installed" if finished else "not installed"))
+                seen.append((at, "installed" if finished else "not installed", b["version"]))
         with device(disk, tpm, log=fleet.top / "after-cuts.log") as vm:
             leftovers = status(vm)["store"]["unreferenced_objects"]
             gc = json.loads(sh(vm, "bootimg gc --json"))
             res = json.loads(sh(vm, f"bootimg install {url}/2.0/ --json"))
             st = status(vm)
+            # A power cut during a boot of 2.0 cost it a try (it was never blessed): with its tries
+            # used up the loader stays on 1.0, and a re-run of the install leaves the bad entry as is.
+            on_new = sum(1 for s in seen if s[2] == "2.0")
+            state = entries(st)["2.0"]["state"]
+            assert (state == "bad") == (on_new >= 3), (on_new, st)
             reboot(vm)
-            assert booted(vm)["version"] == "2.0"
+            assert booted(vm)["version"] == ("1.0" if state == "bad" else "2.0")
     assert gc["objects_removed"] == leftovers
-    assert entries(st)["2.0"]["state"] in ("trying", "good")
     fleet.figures["power_cuts"] = seen
     _print("power cuts (seconds into the install)", {"cuts": cuts, "before each next boot": [s[1] for s in seen],
+                                                     "each boot ran": [s[2] for s in seen],
                                                      "objects left by cut installs": leftovers,
                                                      "re-run": {k: res[k] for k in ("objects_transferred",
                                                                                     "objects_present", "seconds")}})

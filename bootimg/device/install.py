@@ -262,14 +262,21 @@ def _stage_entry(source: Source, target: Target, release: dict, result: InstallR
                            f"({result.boot_bytes / 2**20:.0f} MiB); every release a loader entry names is kept: retire "
                            f"one you no longer need (remove its file from loader/entries/), then run `bootimg gc`",
                            file=target.where) from None
-    if present:
-        result.notes.append(f"the ESP has its entry already ({present[0].filename})")
-        return
     partuuid = target.data_partuuid or installed.data_partuuid(target)
     cmdline = loader.kernel_cmdline(release, partuuid, result.release_path)
+    text = loader.type1_entry(release, cmdline).encode()
+    if present:
+        # kept in its counting state; its content rewritten when a power cut left it short (FAT
+        # gives no ordering between a rename and the data)
+        path = f"{loader.ENTRIES_DIR}/{present[0].filename}"
+        if esp.read(path) != text:
+            esp.write(path, text)
+            result.notes.append(f"the ESP's entry {present[0].filename} was damaged: rewritten")
+        else:
+            result.notes.append(f"the ESP has its entry already ({present[0].filename})")
+        return
     tries = int(release.get("boot", {}).get("tries", 3))
-    esp.write(f"{loader.ENTRIES_DIR}/{loader.EntryName(result.entry, tries).filename}",
-              loader.type1_entry(release, cmdline).encode())
+    esp.write(f"{loader.ENTRIES_DIR}/{loader.EntryName(result.entry, tries).filename}", text)
 
 
 def _fsync_dir(path: Path) -> None:
