@@ -2,6 +2,7 @@
 #ifndef BSR_H
 #define BSR_H
 
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -22,6 +23,8 @@ void note(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Build the "FATAL" reason; the caller decides how to fail (setup_root undoes mounts first). */
 void log_line(int prio, const char *line);
+/* PREFIX + the formatted message as one log_line. */
+void log_prefixed(int prio, const char *prefix, const char *fmt, va_list ap);
 /* A hostile value made printable for one message line: at most 64 bytes, ? for the rest. */
 const char *shown(const char *value, char buf[80]);
 
@@ -29,6 +32,9 @@ const char *shown(const char *value, char buf[80]);
  * NUL-terminated buffer. Returns 0, or an errno (EFBIG: too large; EINVAL: not regular). */
 int read_file(const char *path, size_t max, char **data, size_t *len);
 int write_file(const char *path, const void *data, size_t len, int mode);
+/* temp + fsync + rename + fsync of the directory (made if missing): the old content or the new
+ * one, never neither. 0 or an errno. */
+int write_file_atomically(const char *path, const void *data, size_t len, int mode);
 int mkdir_p(const char *path, int mode);
 int path_join(char *out, size_t size, const char *a, const char *b);
 /* Absolute; only [A-Za-z0-9._/-]; no "..", "//" or trailing "/" (safe in mount options and JSON). */

@@ -66,42 +66,19 @@ int rollback_minimum(const char *path, const char *label, uint32_t nv, struct ro
 
 static void __attribute__((noreturn, format(printf, 1, 2))) bless_failed(const char *fmt, ...)
 {
-    char line[2048];
     va_list ap;
     va_start(ap, fmt);
-    int n = snprintf(line, sizeof line, "bootimg: bless failed: ");
-    vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
+    log_prefixed(-1, "bootimg: bless failed: ", fmt, ap);
     va_end(ap);
-    log_line(-1, line);
     exit(1);
 }
 
-/* temp + fsync + rename + fsync of the directory: the old value or the new one, never neither. */
-static int write_atomically(const char *path, uint32_t v)
+/* The state file: the old value or the new one, never neither. */
+static int write_value(const char *path, uint32_t v)
 {
-    char tmp[BSR_PATH_MAX], dir[BSR_PATH_MAX], text[16];
+    char text[16];
     int n = snprintf(text, sizeof text, "%u\n", v);
-    if (path_join(tmp, sizeof tmp, path, ".tmp") < 0 || path_join(dir, sizeof dir, path, "") < 0)
-        return ENAMETOOLONG;
-    *strrchr(dir, '/') = 0;
-    int e = mkdir_p(dir, 0755);
-    if (e)
-        return e;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
-    if (fd < 0)
-        return errno;
-    if (write(fd, text, (size_t)n) != n || fsync(fd) < 0) {
-        e = errno ? errno : EIO;
-        close(fd);
-        unlink(tmp);
-        return e;
-    }
-    if (close(fd) < 0 || rename(tmp, path) < 0) {
-        e = errno;
-        unlink(tmp);
-        return e;
-    }
-    return fsync_path(dir, 1);
+    return write_file_atomically(path, text, (size_t)n, 0644);
 }
 
 int bless_main(int argc, char **argv)
@@ -137,7 +114,7 @@ int bless_main(int argc, char **argv)
         int back_to_ro = is_readonly_mount(sysroot);
         if (back_to_ro && remount(sysroot, 0) < 0)
             bless_failed("cannot remount %s read-write: %s", sysroot, strerror(errno));
-        int e = write_atomically(file, target);
+        int e = write_value(file, target);
         if (back_to_ro && remount(sysroot, 1) < 0)
             note("cannot remount %s read-only: %s", sysroot, strerror(errno));
         if (e)

@@ -58,13 +58,10 @@ static void undo(void)
 
 static void __attribute__((noreturn, format(printf, 1, 2))) fatal(const char *fmt, ...)
 {
-    char line[2048];
     va_list ap;
     va_start(ap, fmt);
-    int n = snprintf(line, sizeof line, "bootimg: FATAL: ");
-    vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
+    log_prefixed(2, "bootimg: FATAL: ", fmt, ap);
     va_end(ap);
-    log_line(2, line);
     undo();
     exit(1);
 }
@@ -277,7 +274,7 @@ static int valid_machine_id(const char *s, size_t n)
  * boot (random, a version 4 UUID as systemd makes them) and written into the transient /etc. */
 static void persist_machine_id(const char *phys, const char *state, const char *sys_etc)
 {
-    char etc_id[BSR_PATH_MAX], kept[BSR_PATH_MAX], tmp[BSR_PATH_MAX], *data = NULL;
+    char etc_id[BSR_PATH_MAX], kept[BSR_PATH_MAX], *data = NULL;
     size_t n = 0;
     join(etc_id, sys_etc, "/machine-id");
     if (read_file(etc_id, 64, &data, &n) == 0) {
@@ -308,21 +305,11 @@ static void persist_machine_id(const char *phys, const char *state, const char *
         for (int i = 0; i < 16; i++)
             snprintf(id + 2 * i, 3, "%02x", r[i]);
         id[32] = '\n';
-        snprintf(tmp, sizeof tmp, "%s.tmp", kept);
-        int e = write_file(tmp, id, 33, 0444);
-        if (!e)
-            e = fsync_path(tmp, 0);
-        if (!e && rename(tmp, kept) < 0)
-            e = errno;
-        if (e) {
-            unlink(tmp);
+        int e = write_file_atomically(kept, id, 33, 0444);
+        if (e)
             warn("cannot keep the machine ID in %s: %s", kept, strerror(e));
-        } else {
-            char dir[BSR_PATH_MAX];
-            snprintf(dir, sizeof dir, "%s%s", phys, state);
-            fsync_path(dir, 1);
+        else
             note("machine ID made for this device, kept in %s/machine-id", state);
-        }
     }
     free(data);
     unlink(etc_id);

@@ -26,26 +26,28 @@ void log_line(int prio, const char *line)
     }
 }
 
-void note(const char *fmt, ...)
+void log_prefixed(int prio, const char *prefix, const char *fmt, va_list ap)
 {
     char line[2048];
+    int n = snprintf(line, sizeof line, "%s", prefix);
+    vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
+    log_line(prio, line);
+}
+
+void note(const char *fmt, ...)
+{
     va_list ap;
     va_start(ap, fmt);
-    int n = snprintf(line, sizeof line, "bootimg: ");
-    vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
+    log_prefixed(-1, "bootimg: ", fmt, ap);
     va_end(ap);
-    log_line(-1, line);
 }
 
 void warn(const char *fmt, ...)
 {
-    char line[2048];
     va_list ap;
     va_start(ap, fmt);
-    int n = snprintf(line, sizeof line, "bootimg: WARNING: ");
-    vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
+    log_prefixed(3, "bootimg: WARNING: ", fmt, ap);
     va_end(ap);
-    log_line(3, line);
 }
 
 const char *shown(const char *value, char buf[80])
@@ -133,6 +135,32 @@ int write_file(const char *path, const void *data, size_t len, int mode)
         len -= (size_t)w;
     }
     return close(fd) < 0 ? errno : 0;
+}
+
+int write_file_atomically(const char *path, const void *data, size_t len, int mode)
+{
+    char tmp[BSR_PATH_MAX], dir[BSR_PATH_MAX];
+    if (path_join(tmp, sizeof tmp, path, ".tmp") < 0 || path_join(dir, sizeof dir, path, "") < 0)
+        return ENAMETOOLONG;
+    *strrchr(dir, '/') = 0;
+    int e = mkdir_p(dir, 0755);
+    if (e)
+        return e;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, mode);
+    if (fd < 0)
+        return errno;
+    if (write(fd, data, len) != (ssize_t)len || fsync(fd) < 0) {
+        e = errno ? errno : EIO;
+        close(fd);
+        unlink(tmp);
+        return e;
+    }
+    if (close(fd) < 0 || rename(tmp, path) < 0) {
+        e = errno;
+        unlink(tmp);
+        return e;
+    }
+    return fsync_path(dir, 1);
 }
 
 int mkdir_p(const char *path, int mode)
