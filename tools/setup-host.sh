@@ -94,9 +94,10 @@ if ! printf '%s\n' 1.47.1 "$(e2fs_version)" | sort -V -C; then
     backports e2fsprogs
 fi
 
-if [ ! -x .venv/bin/python ]; then
+# A venv without pip is one whose creation was interrupted (ensurepip runs last): made again.
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
     echo "setup: creating .venv"
-    "$PY" -m venv .venv
+    "$PY" -m venv --clear .venv
 fi
 # Reinstall only when the project's metadata or C sources changed (an editable install does not
 # rebuild the extension by itself), or when the built extension went missing.
