@@ -113,6 +113,38 @@ def composefs_mount(image: Path, store: Path, where: Path, verity: bool = False)
         subprocess.run(["umount", str(erofs)], check=True)
 
 
+def nspawn_report(ns: Path, usr: Path, report: str, args: tuple[str, ...] = ()) -> tuple[list[str], str]:
+    """Boot systemd in ``systemd-nspawn`` from the directory ``ns`` (whose etc/systemd/system
+    the caller filled) with ``usr`` over the host's /usr, the usual /bin, /lib links, only root
+    in passwd and group, an empty machine-id and no login prompt; ``report`` is a oneshot unit,
+    wanted by multi-user.target, that prints ==REPORT== ... ==END== to the console and powers
+    off. Returns the report's lines and its text."""
+    units = ns / "etc/systemd/system"
+    (units / "multi-user.target.wants").mkdir(parents=True, exist_ok=True)
+    (units / "report.service").write_text(report)
+    (units / "multi-user.target.wants/report.service").symlink_to("../report.service")
+    for getty in ("console-getty.service", "getty@.service"):
+        (units / getty).symlink_to("/dev/null")
+    for d in ("usr", "var"):
+        (ns / d).mkdir(parents=True, exist_ok=True)
+    for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
+        (ns / link).symlink_to(target)
+    (ns / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (ns / "etc/group").write_text("root:x:0:\n")
+    (ns / "etc/machine-id").write_text("")
+    subprocess.run(["mount", "-t", "overlay", "nsusr", "-o", f"ro,lowerdir={usr}:/usr", str(ns / "usr")], check=True)
+    try:
+        res = subprocess.run(["systemd-nspawn", "--register=no", "--keep-unit", "-q", "-b", "-D", str(ns), *args],
+                             capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
+                             env={**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"})
+    finally:
+        subprocess.run(["umount", str(ns / "usr")], check=True)
+    console = res.stdout + res.stderr
+    assert "==END==" in console, console[-4000:]
+    text = console[console.index("==REPORT=="):console.index("==END==")]
+    return [x.rstrip("\r") for x in text.splitlines()], text
+
+
 def example_workspace(top: Path) -> Path:
     """A copy of manifests/ next to a build/ made by tools/example_inputs.py."""
     import shutil

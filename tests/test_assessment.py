@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import have
+from conftest import have, nspawn_report
 
 from bootimg.boot import assessment, systemd_check
 from bootimg.composefs.reader import load_image
@@ -137,8 +137,6 @@ SERVICES = {
 def _boot_assessment(manifest, tmp_path: Path, requires: tuple[str, ...]) -> tuple[list[str], str]:
     """Boot systemd in nspawn with the assessment units of a manifest that needs ``requires``
     (bootimg-setup-root replaced by a script that records the blessing): the report's lines."""
-    import os
-    import subprocess
 
     from bootimg.release.build import BuildContext
 
@@ -155,32 +153,13 @@ def _boot_assessment(manifest, tmp_path: Path, requires: tuple[str, ...]) -> tup
     fake.chmod(0o755)
     etc = ns / "etc/systemd/system"
     (etc / "multi-user.target.wants").mkdir(parents=True)
-    for name, text in {**SERVICES, "report.service": REPORT}.items():
+    for name, text in SERVICES.items():
         (etc / name).write_text(text)
         (etc / "multi-user.target.wants" / name).symlink_to(f"../{name}")
     (etc / "booted.service").write_text(SERVICES["booted.service"] + "[Unit]\nBefore=bootimg-bless.service\n")
-    for getty in ("console-getty.service", "getty@.service"):
-        (etc / getty).symlink_to("/dev/null")
     (ns / "etc/systemd/system-generators").mkdir(parents=True)
     (ns / "etc/systemd/system-generators/systemd-bless-boot-generator").symlink_to("/dev/null")
-    for d in ("usr", "var"):
-        (ns / d).mkdir(parents=True, exist_ok=True)
-    for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
-        (ns / link).symlink_to(target)
-    (ns / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (ns / "etc/group").write_text("root:x:0:\n")
-    (ns / "etc/machine-id").write_text("")
-    subprocess.run(["mount", "-t", "overlay", "nsusr", "-o", f"ro,lowerdir={usr}:/usr", str(ns / "usr")], check=True)
-    try:
-        res = subprocess.run(["systemd-nspawn", "--register=no", "--keep-unit", "-q", "-b", "-D", str(ns)],
-                             capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
-                             env={**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"})
-    finally:
-        subprocess.run(["umount", str(ns / "usr")], check=True)
-    console = res.stdout + res.stderr
-    assert "==END==" in console, console[-4000:]
-    report = console[console.index("==REPORT=="):console.index("==END==")]
-    return [x.rstrip("\r") for x in report.splitlines()], report
+    return nspawn_report(ns, usr, REPORT)
 
 
 @pytest.mark.kernel

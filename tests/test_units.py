@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, composefs_mount, example_workspace, have, requires_root, run_cli
+from conftest import REPO, composefs_mount, example_workspace, have, nspawn_report, requires_root, run_cli
 
 from bootimg.boot import quadlet, resolve, sandbox, security, setup_root, systemd_check, unit_syntax, units
 from bootimg.boot.image_view import ContainerImage
@@ -1108,37 +1108,15 @@ def test_units_boot_in_nspawn(nspawn_release, tmp_path):
                 dropin = ns / "etc/systemd/system" / f"bootimg-image-{name}.service.d"
                 dropin.mkdir(parents=True)
                 (dropin / "nspawn.conf").write_text("[Service]\nExecStart=\nExecStart=/bin/true\nExecStop=\n")
-            for d in ("usr", "var", "sysroot", "etc/systemd/system/multi-user.target.wants"):
-                (ns / d).mkdir(parents=True, exist_ok=True)
-            for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
-                (ns / link).symlink_to(target)
-            (ns / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-            (ns / "etc/group").write_text("root:x:0:\n")
-            (ns / "etc/machine-id").write_text("")
-            (ns / "etc/systemd/system/report.service").write_text(REPORT)
-            for getty in ("console-getty.service", "getty@.service"):   # no login prompt in the report
-                (ns / "etc/systemd/system" / getty).symlink_to("/dev/null")
-            (ns / "etc/systemd/system/multi-user.target.wants/report.service").symlink_to("../report.service")
-            subprocess.run(["mount", "-t", "overlay", "nsusr", "-o", f"ro,lowerdir={rootimg}/usr:/usr",
-                            str(ns / "usr")], check=True)
-            try:
-                # The unified cgroup hierarchy, CAP_BPF and bpf(): the inner systemd enforces
-                # DeviceAllow= with a BPF device filter, as PID 1 of the target does (nspawn gives
-                # it a read-only v1 devices controller on a hybrid host, and neither CAP_BPF nor bpf()).
-                res = subprocess.run(["systemd-nspawn", "--register=no", "--keep-unit", "-q", "-b", "-D", str(ns),
-                                      "--capability=CAP_BPF", "--system-call-filter=bpf",
-                                      f"--bind-ro={run}/containers:/run/bootimg/containers"],
-                                     capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"})
-            finally:
-                subprocess.run(["umount", str(ns / "usr")], check=True)
+            (ns / "sysroot").mkdir()
+            # The unified cgroup hierarchy, CAP_BPF and bpf(): the inner systemd enforces
+            # DeviceAllow= with a BPF device filter, as PID 1 of the target does (nspawn gives
+            # it a read-only v1 devices controller on a hybrid host, and neither CAP_BPF nor bpf()).
+            lines, report = nspawn_report(ns, rootimg / "usr", REPORT, (
+                "--capability=CAP_BPF", "--system-call-filter=bpf", f"--bind-ro={run}/containers:/run/bootimg/containers"))
         finally:
             for name in names:
                 run_helper("--umount", name, env=env)
-    console = res.stdout + res.stderr
-    assert "==END==" in console, console[-4000:]
-    report = console[console.index("==REPORT=="):console.index("==END==")]
-    lines = [x.rstrip("\r") for x in report.splitlines()]
     for name in names[:-2]:
         assert f"STATE {name} active running" in lines, report
     log = {n: [x[len(f"LOG {n} "):] for x in lines if x.startswith(f"LOG {n} ")] for n in names}
