@@ -113,6 +113,29 @@ def composefs_mount(image: Path, store: Path, where: Path, verity: bool = False)
         subprocess.run(["umount", str(erofs)], check=True)
 
 
+def board_rootfs_yaml(hostname: str) -> str:
+    """The ``rootfs:`` of a test system on the QEMU board's Debian root (``build/board/rootfs``,
+    made by bootimg.board's ensure_tree): what it leaves out, its hostname and the ssh key the
+    VM sessions log in with."""
+    return f"""rootfs:
+  source: {{type: directory, path: build/board/rootfs}}
+  exclude:
+    - /var/cache/**
+    - /usr/share/doc/**
+    - /usr/share/man/**
+    - /usr/share/locale/**
+    - /usr/share/zoneinfo/right/**
+    - /usr/lib/modules/*/kernel/drivers/media/**
+    - /usr/lib/modules/*/kernel/drivers/net/wireless/**
+    - /usr/lib/modules/*/kernel/drivers/net/ethernet/**
+    - /usr/lib/modules/*/kernel/drivers/infiniband/**
+    - /usr/lib/modules/*/kernel/sound/**
+  add_files:
+    - {{path: /etc/hostname, text: "{hostname}\\n"}}
+    - {{path: /root/.ssh/authorized_keys, source_path: build/board/authorized_keys, mode: "0600"}}
+"""
+
+
 def nspawn_report(ns: Path, usr: Path, report: str, args: tuple[str, ...] = ()) -> tuple[list[str], str]:
     """Boot systemd in ``systemd-nspawn`` from the directory ``ns`` (whose etc/systemd/system
     the caller filled) with ``usr`` over the host's /usr, the usual /bin, /lib links, only root

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import is_root, run_cli
+from conftest import board_rootfs_yaml, is_root, run_cli
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(not is_root(), reason="builds and boots a root: needs root")]
 
@@ -46,23 +46,7 @@ HOST = "10.0.2.2"                         # the host, from inside QEMU's user ne
 MANIFEST = """\
 apiVersion: bootimg/v1
 identity: {{name: {name}, version: "{version}", source_date_epoch: 1767225600, security_version: {sv}}}
-rootfs:
-  source: {{type: directory, path: build/board/rootfs}}
-  exclude:
-    - /var/cache/**
-    - /usr/share/doc/**
-    - /usr/share/man/**
-    - /usr/share/locale/**
-    - /usr/share/zoneinfo/right/**
-    - /usr/lib/modules/*/kernel/drivers/media/**
-    - /usr/lib/modules/*/kernel/drivers/net/wireless/**
-    - /usr/lib/modules/*/kernel/drivers/net/ethernet/**
-    - /usr/lib/modules/*/kernel/drivers/infiniband/**
-    - /usr/lib/modules/*/kernel/sound/**
-  add_files:
-    - {{path: /etc/hostname, text: "{name}\\n"}}
-    - {{path: /root/.ssh/authorized_keys, source_path: build/board/authorized_keys, mode: "0600"}}
-containers:
+{rootfs}containers:
   - name: {container}
     image: {{type: directory, path: {image}}}
     command: {command}
@@ -123,8 +107,8 @@ def build_release(top: Path, version: str, sv: int, *, key: str, trusted: tuple[
                   image: str = "build/images/telemetry", command: str = TELEMETRY) -> Release:
     manifest = top / f"m-{version}.yaml"
     keys = ", ".join(f"build/keys/{k}.pub" for k in trusted)
-    manifest.write_text(MANIFEST.format(name=NAME, version=version, sv=sv, container=CONTAINER, image=image,
-                                        command=command, keys=keys))
+    manifest.write_text(MANIFEST.format(name=NAME, rootfs=board_rootfs_yaml(NAME), version=version, sv=sv,
+                                        container=CONTAINER, image=image, command=command, keys=keys))
     out = top / "releases" / version
     cli("build", str(manifest), "-o", str(out), "--key", str(top / "build" / "keys" / f"{key}.key"))
     cli("initramfs", str(out), "-o", str(out / "boot"))

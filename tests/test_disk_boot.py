@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, is_root, run_cli
+from conftest import REPO, board_rootfs_yaml, is_root, run_cli
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(not is_root(), reason="builds and boots a root: needs root")]
 
@@ -29,23 +29,7 @@ CONTAINER = "telemetry"
 MANIFEST = f"""\
 apiVersion: bootimg/v1
 identity: {{name: {NAME}, version: "0.9", source_date_epoch: 1767225600}}
-rootfs:
-  source: {{type: directory, path: build/board/rootfs}}
-  exclude:
-    - /var/cache/**
-    - /usr/share/doc/**
-    - /usr/share/man/**
-    - /usr/share/locale/**
-    - /usr/share/zoneinfo/right/**
-    - /usr/lib/modules/*/kernel/drivers/media/**
-    - /usr/lib/modules/*/kernel/drivers/net/wireless/**
-    - /usr/lib/modules/*/kernel/drivers/net/ethernet/**
-    - /usr/lib/modules/*/kernel/drivers/infiniband/**
-    - /usr/lib/modules/*/kernel/sound/**
-  add_files:
-    - {{path: /etc/hostname, text: "{NAME}\\n"}}
-    - {{path: /root/.ssh/authorized_keys, source_path: build/board/authorized_keys, mode: "0600"}}
-containers:
+{board_rootfs_yaml(NAME)}containers:
   - name: {CONTAINER}
     image: {{type: directory, path: build/images/telemetry}}
     command: [/usr/bin/telemetryd, --config, /etc/telemetry.toml]
