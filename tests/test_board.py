@@ -332,3 +332,35 @@ def test_device_tools_in_the_board_root_do_not_follow_the_checkout_times(tmp_pat
     assert (tree / "usr/bin/bootimg").stat().st_mode & 0o777 == 0o755
     assert (tree / "usr/lib/python3/dist-packages/bootimg/cli.py").is_file()
     assert not list(tree.rglob("__pycache__"))
+
+
+@pytest.mark.skipif(not shutil.which("debugfs"), reason="needs e2fsprogs")
+def test_tamper_object_rewrites_the_object_of_a_file_and_unprovisions(tmp_path):
+    """diskedit.tamper_object, the attacker of the VM tests, on a bare ext4 image: the object
+    the image names for the file is what changes, nothing is mounted."""
+    import stat
+
+    from bootimg.board import diskedit
+    from bootimg.composefs import fsverity
+    from bootimg.composefs.store import ObjectStore
+    from bootimg.composefs.tree import Node
+    from bootimg.composefs.writer import write_image
+    from bootimg.host import HostError
+    from bootimg.sources import treeops
+
+    content = b"GNU General Public License\n" * 10
+    store = ObjectStore(tmp_path / "tree/bootimg/objects")
+    root = Node(stat.S_IFDIR | 0o755)
+    node = treeops.add_file(root, "/usr/share/gpl", content, store=store)
+    obj = fsverity.object_name(node.digest)
+    (tmp_path / "root.cfs").write_bytes(write_image(root))
+    (tmp_path / "tree/bootimg/state").mkdir(parents=True)
+    (tmp_path / "tree/bootimg/state/.provisioned").write_text("")
+    disk = tmp_path / "data.ext4"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", str(tmp_path / "tree"), str(disk), "8M"], check=True)
+    got = diskedit.tamper_object(disk, tmp_path / "root.cfs", "/usr/share/gpl", lambda d: d.replace(b"GNU", b"GNO", 1))
+    assert got == obj
+    assert diskedit.read_file(disk, f"/bootimg/objects/{obj}") == content.replace(b"GNU", b"GNO", 1)
+    assert not diskedit.exists(disk, diskedit.PROVISIONED_MARKER)
+    with pytest.raises(HostError, match="/usr/share is not a file in the object store"):
+        diskedit.tamper_object(disk, tmp_path / "root.cfs", "/usr/share", lambda d: d)

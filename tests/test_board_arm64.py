@@ -66,14 +66,6 @@ def running(system, disk=None, **kw):
     return vm_running(system.machine(disk), marker=BOARD_MARKER, timeout=BOOT_TIMEOUT, **kw)
 
 
-def object_of(system, path: str) -> str:
-    from bootimg.composefs.reader import load_image
-
-    node = load_image(system.release_dir / "images" / "root.cfs").root.lookup(path.encode())
-    assert node is not None and node.payload, path
-    return node.payload.decode()
-
-
 def test_arm64_system_boots_verified_by_uefi_with_its_arm64_containers(system, tmp_path):
     from bootimg import arch
 
@@ -123,12 +115,11 @@ def test_arm64_tampered_root_object_reads_as_eio(system, tmp_path):
     from bootimg.board.system import copy_disk
 
     victim = "/usr/share/common-licenses/GPL-3"
-    obj = object_of(system, victim)
     disk = copy_disk(system, tmp_path / "disk.img")
+    # the next boot gives the new file fs-verity
+    obj = diskedit.tamper_object(disk, system.release_dir / "images/root.cfs", victim,
+                                 lambda data: data.replace(b"GNU", b"GNO", 1))
     path = f"/bootimg/objects/{obj}"
-    original = diskedit.read_file(disk, path)
-    diskedit.replace_file(disk, path, original.replace(b"GNU", b"GNO", 1))
-    diskedit.unprovision(disk)                     # the next boot gives the new file fs-verity
     with running(system, disk, serial_log=tmp_path / "console.log") as vm:
         assert vm.result.ok, vm.result.summary()
         print(f"arm64 tamper boot: marker after {vm.result.duration:.0f} s")

@@ -198,12 +198,11 @@ def test_tampered_root_object_reads_as_eio(system, tmp_path):
     from bootimg.board import diskedit
 
     victim = "/usr/share/common-licenses/GPL-3"
-    obj = object_of(system, victim)
     disk = disk_copy(system, tmp_path)
+    # the next boot gives the new file fs-verity
+    obj = diskedit.tamper_object(disk, system.release_dir / "images/root.cfs", victim,
+                                 lambda data: data.replace(b"GNU", b"GNO", 1))
     path = f"/bootimg/objects/{obj}"
-    original = diskedit.read_file(disk, path)
-    diskedit.replace_file(disk, path, original.replace(b"GNU", b"GNO", 1))
-    diskedit.unprovision(disk)                     # the next boot gives the new file fs-verity
     with running(system, disk, serial_log=tmp_path / "console.log") as vm:
         assert vm.result.ok, vm.result.summary()
         assert "fs-verity enabled on 1 files" in vm.result.console
@@ -222,11 +221,9 @@ def test_tampered_container_object_fails_the_container_as_essential_says(system,
     ``essential: emergency`` takes the board to emergency mode."""
     from bootimg.board import diskedit
 
-    obj = object_of(system, "/usr/bin/rvc", image="rear-camera")
     disk = disk_copy(system, tmp_path)
-    path = f"/bootimg/objects/{obj}"
-    diskedit.replace_file(disk, path, diskedit.read_file(disk, path) + b"# tampered\n", mode=0o755)
-    diskedit.unprovision(disk)
+    obj = diskedit.tamper_object(disk, system.release_dir / "images/rear-camera.cfs", "/usr/bin/rvc",
+                                 lambda data: data + b"# tampered\n", mode=0o755)
     # systemd reports why the container could not start from inside its sandbox, to the journal
     # (the container's private /dev has no /dev/kmsg): its errors go to the console here
     result = boot(system, disk, serial_log=tmp_path / "console.log", timeout=500,

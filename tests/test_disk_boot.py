@@ -145,18 +145,16 @@ def test_tampered_object_on_the_disk_reads_as_eio(gw, tmp_path):
     """One byte of one object of the root, changed on the data partition after the disk was
     made (and given fs-verity of its own at the next boot): the file reads as EIO."""
     from bootimg.board import diskedit
-    from bootimg.composefs.reader import load_image
+
+    def flip(data: bytes) -> bytes:
+        changed = bytearray(data)
+        changed[100] ^= 0x01
+        return bytes(changed)
 
     victim = "/usr/share/common-licenses/GPL-3"
-    node = load_image(gw / "release" / "images" / "root.cfs").root.lookup(victim.lstrip("/").encode())
-    obj = node.payload.decode()
     disk = tmp_path / "tampered.raw"
     subprocess.run(["cp", "--sparse=always", str(gw / "disks" / "a.raw"), str(disk)], check=True)
-    path = f"/bootimg/objects/{obj}"
-    data = bytearray(diskedit.read_file(disk, path))
-    data[100] ^= 0x01
-    diskedit.replace_file(disk, path, bytes(data))
-    diskedit.unprovision(disk)
+    obj = diskedit.tamper_object(disk, gw / "release" / "images" / "root.cfs", victim, flip)
     r = run_cli("qemu", str(disk), "--run", f"cat {victim} >/dev/null; echo status=$?; dmesg | grep 'wrong fs-verity'",
                 "--timeout", "1500")
     out = r.stdout.decode() + r.stderr.decode()

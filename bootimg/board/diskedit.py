@@ -16,7 +16,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ..disk.gpt import data_partition_offset
 from ..host import HostError, need_tools
@@ -90,4 +90,23 @@ def unprovision(disk: str | os.PathLike[str]) -> None:
         remove(disk, PROVISIONED_MARKER)
 
 
-__all__ = ["debugfs", "replace_file", "remove", "exists", "read_file", "unprovision", "PROVISIONED_MARKER"]
+def tamper_object(disk: str | os.PathLike[str], image: str | os.PathLike[str], path: str,
+                  change: Callable[[bytes], bytes], *, mode: int = 0o644) -> str:
+    """The attacker's edit of an image's file: the object that holds ``path`` in ``image`` (one
+    of a release's .cfs) rewritten on the disk's shared store as ``change`` makes it, and the
+    disk unprovisioned so that the next boot gives it fs-verity of its own. Returns the object's
+    name (relative to the store)."""
+    from ..composefs.reader import load_image
+
+    node = load_image(image).root.lookup(path.lstrip("/").encode())
+    if node is None or not node.payload:
+        raise HostError(f"{image}: {path} is not a file in the object store")
+    obj = node.payload.decode()
+    stored = f"/bootimg/objects/{obj}"
+    replace_file(disk, stored, change(read_file(disk, stored)), mode=mode)
+    unprovision(disk)
+    return obj
+
+
+__all__ = ["debugfs", "replace_file", "remove", "exists", "read_file", "unprovision", "tamper_object",
+           "PROVISIONED_MARKER"]
