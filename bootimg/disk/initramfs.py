@@ -43,6 +43,7 @@ from ..host import (
     write_json_atomically,
 )
 from ..manifest.model import Initramfs, from_dict
+from ..manifest.schema import definition_validator
 from ..release.description import parse_release
 from ..release.layout import ROOT_IMAGE_NAME, ReleaseDir
 
@@ -110,14 +111,9 @@ def release_profile(release: dict, file: str) -> Initramfs | None:
     data = (release.get("boot") or {}).get("initramfs") if isinstance(release.get("boot"), dict) else None
     if data is None:
         return None
-    lists = ("drivers", "modules", "omit")
-    if (not isinstance(data, dict) or not set(data) <= {*lists, "compress", "compress_level"}
-            or not all(isinstance(data[k], list) and all(isinstance(v, str) for v in data[k]) for k in lists if k in data)
-            or data.get("compress", "xz") not in boot_initramfs.COMPRESS_COMMANDS
-            or type(data.get("compress_level", 0)) is not int):
+    if not definition_validator("initramfs").is_valid(data):      # the manifest schema's own definition
         raise BootimgError("malformed 'boot.initramfs' (not an initramfs profile)", file=file)
-    profile = from_dict(Initramfs, data)
-    return profile
+    return from_dict(Initramfs, data)
 
 
 # Runs in private mount + PID namespaces: mount the release's root the composefs way (no

@@ -48,6 +48,13 @@ def validator() -> jsonschema.Draft4Validator:
     return jsonschema.Draft4Validator(schema())
 
 
+@functools.lru_cache(maxsize=None)
+def definition_validator(name: str) -> jsonschema.Draft4Validator:
+    """A validator of one of the schema's definitions, for what a release records of its
+    manifest (e.g. ``initramfs``, the profile in release.json's ``boot``)."""
+    return jsonschema.Draft4Validator({"$ref": f"#/definitions/{name}", "definitions": schema()["definitions"]})
+
+
 def resolve(fragment: Schema, root: Schema | None = None) -> Schema:
     """Follow local ``$ref``s ('#' or '#/definitions/NAME') until a concrete fragment."""
     root = schema() if root is None else root
