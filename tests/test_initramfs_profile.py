@@ -108,3 +108,12 @@ def test_bootimg_initramfs_checks_the_profile_before_dracut_runs(tmp_path):
         f"(/boot/config-{KVER}: CONFIG_RD_ZSTD=n)"]
     assert not (tmp_path / "boot").exists()
     assert not any(p.name.startswith(".build-") for p in cache.rglob("*"))
+
+
+def test_every_compressor_the_schema_offers_has_its_levels_and_its_tools():
+    from bootimg.boot.initramfs import COMPRESSORS
+    from bootimg.manifest import limits
+    from bootimg.manifest.schema import schema
+
+    offered = schema()["definitions"]["initramfs"]["properties"]["compress"]["enum"]
+    assert set(offered) == set(COMPRESSORS) == set(limits.COMPRESS_LEVELS)

@@ -25,6 +25,7 @@ manifest checks hold ``add_files`` against.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from importlib import resources
 
 from ..composefs.tree import Node
@@ -61,13 +62,26 @@ OPTIONAL_KERNEL_MODULES = ("tpm_tis", "tpm_crb")
 # What a QEMU board (virtio) and a generic PC need to reach the data partition: added to dracut's
 # generic set of drivers when the manifest names no drivers of its own.
 GENERIC_DRIVERS = ("virtio_blk", "virtio_pci", "virtio_scsi", "ext4")
-# boot.initramfs.compress_level -> the command dracut compresses with (its own options but the
-# level; xz keeps the kernel's CRC32 check).
-COMPRESS_COMMANDS = {
-    "gzip": "gzip -n -{level}",
-    "zstd": "zstd -{level} -q -T0",
-    "xz": "xz --check=crc32 -{level} -T0",
-    "lz4": "lz4 -l -{level}",
+
+
+@dataclass(frozen=True)
+class Compressor:
+    """An initramfs compressor (``boot.initramfs.compress``): what dracut runs in the root, the
+    Debian package of it, the kernel's decompressor, and the command dracut compresses with when
+    the manifest gives a level (dracut's own options but the level; xz keeps the kernel's CRC32
+    check). The levels each takes are the manifest's (``limits.COMPRESS_LEVELS``)."""
+
+    program: str
+    package: str
+    kernel_symbol: str
+    command: str                # with {level}
+
+
+COMPRESSORS = {
+    "gzip": Compressor("gzip", "gzip", "CONFIG_RD_GZIP", "gzip -n -{level}"),
+    "zstd": Compressor("zstd", "zstd", "CONFIG_RD_ZSTD", "zstd -{level} -q -T0"),
+    "xz": Compressor("xz", "xz-utils", "CONFIG_RD_XZ", "xz --check=crc32 -{level} -T0"),
+    "lz4": Compressor("lz4", "lz4", "CONFIG_RD_LZ4", "lz4 -l -{level}"),
 }
 _WORD = re.compile(r"[A-Za-z0-9._+-]+")
 assert all(_WORD.fullmatch(w) for w in DRACUT_DEPENDS + KERNEL_MODULES + OPTIONAL_KERNEL_MODULES)
@@ -96,7 +110,7 @@ def dracut_options(profile: Initramfs | None) -> list[str]:
         argv += ["--omit", " ".join(profile.omit)]
     if profile.compress is not None:
         level = profile.compress_level
-        argv += ["--compress", profile.compress if level is None else COMPRESS_COMMANDS[profile.compress].format(level=level)]
+        argv += ["--compress", profile.compress if level is None else COMPRESSORS[profile.compress].command.format(level=level)]
     return argv
 
 

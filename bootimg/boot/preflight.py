@@ -64,13 +64,6 @@ KERNEL_FEATURES = {
     "overlay": ("overlayfs", "CONFIG_OVERLAY_FS", "kernel/fs/overlayfs"),
     "loop": ("loop devices", "CONFIG_BLK_DEV_LOOP", "kernel/drivers/block"),
 }
-# boot.initramfs.compress -> (its program, Debian's package of it, the kernel's decompressor symbol)
-COMPRESSORS = {
-    "gzip": ("gzip", "gzip", "CONFIG_RD_GZIP"),
-    "zstd": ("zstd", "zstd", "CONFIG_RD_ZSTD"),
-    "xz": ("xz", "xz-utils", "CONFIG_RD_XZ"),
-    "lz4": ("lz4", "lz4", "CONFIG_RD_LZ4"),
-}
 PROGRAM_DIRS = ("/usr/bin", "/usr/sbin", "/bin", "/sbin")
 KERNEL_PACKAGE = "a kernel package (Debian: linux-image-amd64 or linux-image-arm64, Fedora: kernel-core)"
 NEW_KERNEL = "a Linux 6.6 or newer kernel (Debian bookworm: linux-image-amd64 or -arm64 from bookworm-backports)"
@@ -341,7 +334,8 @@ def _check_profile(view: ContainerImage, profile: Initramfs, kernel: _Kernel | N
                     out.append(((key, j), f"the root's dracut has no '{name}' module (no {DRACUT_MODULES}/NN{name})"
                                           + _did_you_mean(name, present)))
     if profile.compress is not None:
-        program, package, symbol = COMPRESSORS[profile.compress]
+        c = initramfs.COMPRESSORS[profile.compress]
+        program, package, symbol = c.program, c.package, c.kernel_symbol
         if not any(_is_file(view, f"{d}/{program}") for d in PROGRAM_DIRS):
             out.append((("compress",), f"the root has no {program} (/usr/bin/{program}), which dracut compresses a "
                                        f"{profile.compress} initramfs with: install the {package} package in it"))
