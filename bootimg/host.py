@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -51,6 +52,61 @@ def cache_dir(cache: str | os.PathLike[str] | None = None, kind: str = "board") 
     except OSError as err:
         raise HostError(f"cannot create the cache directory: {err.strerror}", file=str(path)) from None
     return path
+
+
+# A cache keeps the entries of the last runs: the newest ``keep`` of a kind, and every entry
+# used within ``CACHE_MIN_AGE`` seconds (one test run's or one build's whole working set).
+CACHE_MIN_AGE = 6 * 3600
+
+
+def cache_used(entry: Path) -> None:
+    """Mark a cache entry as used now (its mtime orders ``prune_cache``)."""
+    with contextlib.suppress(OSError):
+        os.utime(entry)
+
+
+def prune_cache(cdir: Path, prefix: str, suffix: str = "", *, keep: int, min_age: float = CACHE_MIN_AGE,
+                log: Log = quiet_log) -> list[Path]:
+    """Remove the least recently used entries named ``PREFIX<key>SUFFIX`` (key: 16 hex digits)
+    beyond the newest ``keep``, with their companions (``PREFIX<key>.*``, ``logs/PREFIX<key>.log``).
+    An entry used within ``min_age`` seconds, or whose lock ``.PREFIX<key>.lock`` another process
+    holds, stays; lock files stay (a process may be waiting on one). Returns the removed entries."""
+    entries = []
+    for path in cdir.iterdir():
+        name = path.name
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        key = name[len(prefix):len(name) - len(suffix)]
+        if len(key) != 16 or any(c not in "0123456789abcdef" for c in key):
+            continue
+        with contextlib.suppress(OSError):
+            entries.append((path.stat().st_mtime, path, key))
+    entries.sort(reverse=True)
+    now = time.time()
+    removed = []
+    for mtime, path, key in entries[keep:]:
+        if now - mtime < min_age:
+            continue
+        lock = cdir / f".{prefix}{key}.lock"
+        try:
+            lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue
+            for part in [*cdir.glob(f"{prefix}{key}*"), cdir / "logs" / f"{prefix}{key}.log"]:
+                if part.is_dir() and not part.is_symlink():
+                    remove_tree(part)
+                else:
+                    part.unlink(missing_ok=True)
+            removed.append(path)
+            log(f"cache: removed {path.name} (unused for {(now - mtime) / 3600:.0f} h)")
+        finally:
+            os.close(lock_fd)
+    return removed
 
 
 def need_root(what: str) -> None:

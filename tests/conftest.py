@@ -20,6 +20,27 @@ ASSETS = Path(os.environ.get("BOOTIMG_COMPOSEFS_ASSETS", REPO.parent / "shared" 
 NON_STRICT_ASSETS = {"no-newline.dump", "longlink.dump", "honggfuzz-longlink-unterminated.dump"}
 
 
+# The VM tests' disks, roots and caches take tens of GB at their peak; a full disk shows up as
+# odd errors far from the cause (mke2fs "Operation not permitted", fixtures failing at setup).
+FREE_GB_NEEDED = 30
+
+
+def pytest_report_header(config):
+    import tempfile
+
+    lines = []
+    for where in (tempfile.gettempdir(), os.environ.get("BOOTIMG_CACHE") or "/var/cache/bootimg"):
+        probe = Path(where)
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free / 1e9
+        lines.append(f"free space under {where}: {free:.1f} GB")
+        if free < FREE_GB_NEEDED:
+            lines.append(f"WARNING: the full suite needs about {FREE_GB_NEEDED} GB free under {where}; "
+                         "failures below may be a full disk")
+    return lines
+
+
 @dataclass(frozen=True)
 class Vector:
     name: str

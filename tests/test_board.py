@@ -73,6 +73,52 @@ def test_cache_dir_honours_env(tmp_path, monkeypatch):
     assert host.cache_dir(tmp_path / "x") == tmp_path / "x"
 
 
+def test_prune_cache_keeps_the_recent_the_newest_and_the_locked(tmp_path):
+    """The cache of disks, initramfs builds and roots stays bounded across runs: the least
+    recently used entries beyond ``keep`` go, with their companions, but never one used in the
+    last hours, one another process holds the lock of, a lock file, or a name that is not an
+    entry."""
+    import fcntl
+    import os
+
+    now = time.time()
+    keys = [f"{i:016x}" for i in range(6)]
+    for i, key in enumerate(keys):          # key 0 used 10 h ago, ..., key 5 just now
+        entry = tmp_path / f"disk-{key}.img"
+        entry.write_bytes(b"x")
+        (tmp_path / f"disk-{key}.json").write_text("{}")
+        (tmp_path / f".disk-{key}.lock").touch()
+        age = 3600 * (10 - 2 * i)
+        os.utime(entry, (now - age, now - age))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / f"disk-{keys[0]}.log").write_text("log")
+    (tmp_path / "disk-notakey.img").write_bytes(b"mine")
+    os.utime(tmp_path / "disk-notakey.img", (0, 0))
+    boot = tmp_path / f"boot-{keys[0]}"
+    boot.mkdir()
+    (boot / "initrd.img").write_bytes(b"i")
+    os.utime(boot, (0, 0))
+    with open(tmp_path / f".disk-{keys[1]}.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        removed = host.prune_cache(tmp_path, "disk-", ".img", keep=2, min_age=3 * 3600)
+    # Newest 2: keys 5, 4 (0 h, 2 h). Beyond them: 3 (4 h), 2 (6 h), 1 (8 h, locked), 0 (10 h).
+    assert sorted(p.name for p in removed) == [f"disk-{keys[0]}.img", f"disk-{keys[2]}.img", f"disk-{keys[3]}.img"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    for key in keys[1:2] + keys[4:]:
+        assert f"disk-{key}.img" in left and f"disk-{key}.json" in left
+    for key in (keys[0], keys[2], keys[3]):
+        assert f"disk-{key}.img" not in left and f"disk-{key}.json" not in left
+        assert f".disk-{key}.lock" in left
+    assert not (tmp_path / "logs" / f"disk-{keys[0]}.log").exists()
+    assert (tmp_path / "disk-notakey.img").read_bytes() == b"mine"
+    assert boot.is_dir()                    # another kind of entry
+    # A hit makes an entry the newest again: key 1, once unlocked and used, outlives key 4.
+    host.cache_used(tmp_path / f"disk-{keys[1]}.img")
+    again = host.prune_cache(tmp_path, "disk-", ".img", keep=1, min_age=0)
+    assert sorted(p.name for p in again) == [f"disk-{keys[4]}.img", f"disk-{keys[5]}.img"]
+    assert (tmp_path / f"disk-{keys[1]}.img").exists()
+
+
 def test_baseline_cmdline_and_qemu_argv(tmp_path):
     cmdline = baseline_cmdline("quiet")
     assert cmdline.split() == [f"root=LABEL={LABEL}", "rw", "console=ttyS0", "panic=-1", POWEROFF_ARG, "quiet"]

@@ -22,11 +22,13 @@ from ..host import (
     HostError,
     Log,
     cache_dir,
+    cache_used,
     chroot_run,
     digest,
     enable_foreign,
     file_lock,
     need_root,
+    prune_cache,
     scratch_dir,
     stderr_log,
     tree_digest,
@@ -50,6 +52,10 @@ class BootFiles:
     cached: bool
     seconds: float
     info: dict
+
+
+# Kernel + initramfs builds kept in the cache beyond those of the last hours (host.prune_cache).
+CACHED_BUILDS = 12
 
 
 def _module_dir_name(path: Path) -> str:
@@ -100,6 +106,7 @@ def build_initramfs(rootfs: Rootfs, *, cache: str | os.PathLike[str] | None = No
     kver = rootfs.kver
     with file_lock(cdir / f".boot-{key}.lock"):
         if not rebuild and (out / "info.json").is_file():
+            cache_used(out)
             info = json.loads((out / "info.json").read_text())
             return BootFiles(out / info["kernel"], out / info["initrd"], kver, info["initrd_size"],
                              key, True, time.monotonic() - start, info)
@@ -150,6 +157,7 @@ def build_initramfs(rootfs: Rootfs, *, cache: str | os.PathLike[str] | None = No
                 os.rename(out, work / "old")
             os.rename(stage, out)
         log(f"initramfs {size / 1e6:.1f} MB in {t_dracut:.0f} s")
+        prune_cache(cdir, "boot-", keep=CACHED_BUILDS, log=log)
         return BootFiles(out / vmlinuz.name, out / f"initrd.img-{kver}", kver, size, key, False,
                          time.monotonic() - start, info)
 

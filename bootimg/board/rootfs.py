@@ -23,12 +23,14 @@ from ..host import (
     HostError,
     Log,
     cache_dir,
+    cache_used,
     chroot_run,
     digest,
     enable_foreign,
     file_lock,
     need_root,
     need_tools,
+    prune_cache,
     remove_tree,
     run,
     scratch_dir,
@@ -38,6 +40,7 @@ from ..host import (
 
 # Bump when the build procedure changes in a way the spec and the script do not show.
 FORMAT = 1
+CACHED_ROOTS = 6       # root tarballs kept beyond those of the last hours (host.prune_cache)
 
 DEFAULT_PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "dracut", "dracut-core", "kmod", "e2fsprogs",
@@ -253,6 +256,7 @@ def build_rootfs(spec: RootfsSpec | None = None, *, cache: str | os.PathLike[str
     info_file = info_path(tarball)
     with file_lock(cdir / f".rootfs-{key}.lock"):
         if not rebuild and tarball.is_file() and info_file.is_file():
+            cache_used(tarball)
             try:
                 info = json.loads(info_file.read_text())
             except (OSError, ValueError) as err:
@@ -310,6 +314,7 @@ def build_rootfs(spec: RootfsSpec | None = None, *, cache: str | os.PathLike[str
             # The record first, then the tarball: a tarball present means a complete build.
             write_json_atomically(info_file, info)
             os.replace(tmp_tar, tarball)
+        prune_cache(cdir, "rootfs-", ".tar.zst", keep=CACHED_ROOTS, log=log)
         return Rootfs(tarball, key, info, False, time.monotonic() - start, spec.arch)
 
 

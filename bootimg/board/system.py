@@ -32,7 +32,7 @@ from typing import Callable
 from .. import arch as archmod
 from ..disk.image import DiskOptions, DiskResult, make_disk
 from ..disk.initramfs import BootFiles, build_initramfs
-from ..host import HostError, Log, digest, file_lock, remove_tree, run, stderr_log, write_json_atomically
+from ..host import HostError, Log, cache_used, digest, file_lock, prune_cache, remove_tree, run, stderr_log, write_json_atomically
 from ..release.layout import ROOT_IMAGE_NAME, ReleaseDir
 from ..vm.qemu import BootResult, Machine, Run
 from ..vm.session import authorized_keys
@@ -42,6 +42,7 @@ from .disk import make_disk as make_plain_disk
 from .rootfs import MARKER, RootfsSpec, extract_rootfs
 
 DISK_FORMAT = 2                  # bump when provisioning or the disk's layout changes
+CACHED_DISKS = 12                # provisioned disks kept beyond those of the last hours (host.prune_cache)
 BOARD_READY = re.compile(re.escape(MARKER) + r".*")
 
 
@@ -221,6 +222,7 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
     t0 = time.monotonic()
     with file_lock(board.cache / f".disk-{disk_key}.lock"):
         if cached.is_file():
+            cache_used(cached)
             disk_path.unlink(missing_ok=True)
             _copy_disk(cached, disk_path)
             log(f"provisioned disk from the cache ({cached.name})")
@@ -233,6 +235,7 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
             tmp = cached.with_name(f".{cached.name}.tmp")
             _copy_disk(disk_path, tmp)
             os.replace(tmp, cached)
+    prune_cache(board.cache, "disk-", ".img", keep=CACHED_DISKS, log=log)
     timings["disk_total"] = time.monotonic() - t0
     write_json_atomically(top / f"{out_name}.system.json", {
         "release": str(out), "digest": system.digest, "disk": str(disk_path), "cmdline": disk.cmdline,

@@ -32,11 +32,13 @@ from ..host import (
     HostError,
     Log,
     cache_dir,
+    cache_used,
     digest,
     enable_foreign,
     file_lock,
     need_root,
     need_tools,
+    prune_cache,
     run,
     scratch_dir,
     stderr_log,
@@ -48,6 +50,7 @@ from ..release.description import parse_release
 from ..release.layout import ROOT_IMAGE_NAME, ReleaseDir
 
 FORMAT = 2
+CACHED_BUILDS = 24     # kernel + initramfs builds kept beyond those of the last hours (host.prune_cache)
 SYSTEMD_BINARY = "/usr/lib/systemd/systemd"
 _KVER = re.compile(r"^[0-9][A-Za-z0-9.+_~-]*$")
 
@@ -156,6 +159,7 @@ def build_initramfs(release_dir: str | os.PathLike[str], *, cache: str | os.Path
     out = cdir / key
     with file_lock(cdir / f".{key}.lock"):
         if not rebuild and (out / "info.json").is_file():
+            cache_used(out)
             info = json.loads((out / "info.json").read_text())
             return BootFiles(out / "vmlinuz", out / "initrd.img", info["kver"], info["arch"], key, True,
                              time.monotonic() - start, info)
@@ -202,6 +206,7 @@ def build_initramfs(release_dir: str | os.PathLike[str], *, cache: str | os.Path
                 os.rename(out, work / "old")
             os.rename(stage, out)
         log(f"initramfs {info['initrd_size'] / 1e6:.1f} MB in {t_dracut:.0f} s")
+        prune_cache(cdir, "", keep=CACHED_BUILDS, log=log)
         return BootFiles(out / "vmlinuz", out / "initrd.img", kernel.kver, arch.name, key, False,
                          time.monotonic() - start, info)
 
