@@ -200,6 +200,55 @@ def test_qemu_start_failure_is_reported_not_hung(tmp_path):
     assert "QEMU failed" in result.summary()
 
 
+FAULT_LINE = "[   22.588636] rcu: rcu_preempt kthread timer wakeup didn't happen for 5251 jiffies! g-1151 f0x0"
+
+
+@pytest.mark.parametrize("consoles, machine_changes, runs, reason, faults", [
+    # A lost timer interrupt (TCG) then a good boot: run again, ready, the fault counted.
+    ([["Run /init", FAULT_LINE], ["Run /init", "BOOTIMG-BOARD: READY"]], {}, 2, "ready", 1),
+    # A timeout of the system itself: not run again.
+    ([["Run /init", "bootimg: FATAL: no"]], {}, 1, "timeout", 0),
+    # Faulty twice: the second result stands.
+    ([[FAULT_LINE], [FAULT_LINE], ["BOOTIMG-BOARD: READY"]], {}, 2, "timeout", 1),
+    # A run that leaves state behind (persistent UEFI variables, a disk without snapshot) is not repeated.
+    ([[FAULT_LINE], ["BOOTIMG-BOARD: READY"]], {"efi_vars": Path("/x/vars.fd")}, 1, "timeout", 0),
+    ([[FAULT_LINE], ["BOOTIMG-BOARD: READY"]], {"snapshot": False}, 1, "timeout", 0),
+])
+def test_boot_runs_again_only_after_an_emulator_fault(tmp_path, monkeypatch, consoles, machine_changes, runs,
+                                                      reason, faults):
+    """A vCPU that never gets its timer interrupt under TCG makes a boot crawl past any timeout;
+    such a boot is run once more, and only when the run leaves nothing behind."""
+    from bootimg.vm import qemu
+
+    started = []
+
+    class FakeRun:
+        def __init__(self, machine, *, marker=None, powers_off=False, serial_log=None):
+            self.console = consoles[len(started)]
+            started.append(machine)
+            Path(serial_log).write_text("\n".join(self.console))
+
+        def watch(self, **kw):
+            pass
+
+        def stop(self):
+            pass
+
+        def result(self):
+            ready = any("READY" in line for line in self.console)
+            return qemu.BootResult(exit_reason="ready" if ready else "timeout", console="\n".join(self.console),
+                                   marker="READY" if ready else None, duration=1.0, wall=1.0, stage="initramfs",
+                                   lines=[(0.1, line) for line in self.console])
+
+    monkeypatch.setattr(qemu, "Run", FakeRun)
+    machine = qemu.Machine(disk=tmp_path / "d.raw", **machine_changes)
+    log = tmp_path / "console.log"
+    result = qemu.boot(machine, serial_log=log)
+    assert (len(started), result.exit_reason, result.emulator_faults) == (runs, reason, faults)
+    assert log.read_text() == "\n".join(consoles[runs - 1])
+    assert sorted(p.name for p in tmp_path.glob("console.log.fault-*")) == [f"console.log.fault-{i + 1}" for i in range(faults)]
+
+
 def test_cli_errors_are_one_line(tmp_path):
     proc = run_cli("board", "boot-baseline", "--times", "0")
     assert proc.returncode != 0

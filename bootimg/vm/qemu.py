@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import arch as archmod
-from ..host import SETUP_HINT, HostError
+from ..host import SETUP_HINT, HostError, stderr_log
 
 QEMU = archmod.X86_64.qemu
 MIN_QEMU = (8, 0)
@@ -53,6 +53,10 @@ INITRD_RE = re.compile(r"\(Initramfs\)!|Reached target .*Initrd Default Target|R
 SWITCH_ROOT_RE = re.compile(r"Switching root\.|Reached target .*Switch Root")
 STARTUP_RE = re.compile(r"Startup finished in (?P<parts>.*?) = (?P<total>[\d.]+)s")
 PART_RE = re.compile(r"([\d.]+)s \((\w+)\)")
+# The guest kernel's report of a timer interrupt that TCG never delivered to a vCPU (its thread
+# starved on a loaded 2-core host): from then on every RCU grace period waits out a 21 s stall and
+# the boot crawls past any timeout, whatever the system under test does. A fault of the emulator.
+EMULATOR_FAULT_RE = re.compile(r"rcu: .*timer wakeup didn't happen")
 
 
 @functools.lru_cache(maxsize=4)
@@ -95,10 +99,16 @@ class BootResult:
     cmdline: str = ""
     argv: list[str] = field(default_factory=list, repr=False)
     serial_log: Path | None = None
+    emulator_faults: int = 0            # earlier runs of this boot lost to an emulator fault (retried)
 
     @property
     def ok(self) -> bool:
         return self.exit_reason == "ready"
+
+    @property
+    def emulator_fault(self) -> bool:
+        """The console shows a fault of the emulator, not of the system (EMULATOR_FAULT_RE)."""
+        return any(EMULATOR_FAULT_RE.search(line) for _, line in self.lines)
 
     @property
     def startup(self) -> dict[str, float]:
@@ -258,19 +268,36 @@ def qemu_argv(machine: Machine, *, efi_vars: Path | None = None, qmp: Path | Non
 
 def boot(machine: Machine, *, timeout: float = DEFAULT_TIMEOUT, serial_log: str | os.PathLike[str] | None = None,
          marker: re.Pattern[str] | None = None, powers_off: bool = False, poweroff_grace: float = 30.0,
-         emergency_grace: float = 3.0) -> BootResult:
+         emergency_grace: float = 3.0, fault_retries: int = 1) -> BootResult:
     """Boot ``machine`` and watch the console until the run is conclusive (see the module doc).
 
     ``marker``: the console line that means "ready" (without one, the run lasts until QEMU
     exits, a panic, an emergency shell or the timeout); ``powers_off``: the guest powers itself
     off after the marker (wait up to ``poweroff_grace`` for it). ``serial_log`` gets the raw console.
+
+    A boot that did not get ready and whose console shows an emulator fault (EMULATOR_FAULT_RE)
+    is run again, up to ``fault_retries`` times, when a run leaves nothing behind (a snapshot
+    disk, the UEFI variables a fresh copy); the faulty console is kept as ``SERIAL_LOG.fault-N``
+    and the result counts it in ``emulator_faults``.
     """
-    run = Run(machine, marker=marker, powers_off=powers_off, serial_log=serial_log)
-    try:
-        run.watch(timeout=timeout, poweroff_grace=poweroff_grace, emergency_grace=emergency_grace)
-    finally:
-        run.stop()
-    return run.result()
+    repeatable = machine.snapshot and machine.efi_vars is None and machine.tpm_state is None
+    for attempt in range(max(fault_retries, 0) + 1):
+        run = Run(machine, marker=marker, powers_off=powers_off, serial_log=serial_log)
+        try:
+            run.watch(timeout=timeout, poweroff_grace=poweroff_grace, emergency_grace=emergency_grace)
+        finally:
+            run.stop()
+        result = run.result()
+        result.emulator_faults = attempt
+        if result.ok or not result.emulator_fault or not repeatable or attempt == fault_retries:
+            return result
+        kept = ""
+        if serial_log is not None and Path(serial_log).exists():
+            kept = f"{serial_log}.fault-{attempt + 1}"
+            os.replace(serial_log, kept)
+        stderr_log(f"QEMU: the guest lost a timer interrupt (an emulator fault{', console: ' + kept if kept else ''}); "
+                   "booting again")
+    raise AssertionError("unreachable")
 
 
 class Run:
