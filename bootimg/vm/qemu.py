@@ -277,11 +277,12 @@ def boot(machine: Machine, *, timeout: float = DEFAULT_TIMEOUT, serial_log: str 
 
     A boot that did not get ready and whose console shows an emulator fault (EMULATOR_FAULT_RE)
     is run again, up to ``fault_retries`` times, when a run leaves nothing behind (a snapshot
-    disk, the UEFI variables a fresh copy); the faulty console is kept as ``SERIAL_LOG.fault-N``
+    disk, the UEFI variables a fresh copy, no TPM state); the faulty console is kept as ``SERIAL_LOG.fault-N``
     and the result counts it in ``emulator_faults``.
     """
     repeatable = machine.snapshot and machine.efi_vars is None and machine.tpm_state is None
-    for attempt in range(max(fault_retries, 0) + 1):
+    attempt = 0
+    while True:
         run = Run(machine, marker=marker, powers_off=powers_off, serial_log=serial_log)
         try:
             run.watch(timeout=timeout, poweroff_grace=poweroff_grace, emergency_grace=emergency_grace)
@@ -289,15 +290,15 @@ def boot(machine: Machine, *, timeout: float = DEFAULT_TIMEOUT, serial_log: str 
             run.stop()
         result = run.result()
         result.emulator_faults = attempt
-        if result.ok or not result.emulator_fault or not repeatable or attempt == fault_retries:
+        if result.ok or not result.emulator_fault or not repeatable or attempt >= fault_retries:
             return result
+        attempt += 1
         kept = ""
         if serial_log is not None and Path(serial_log).exists():
-            kept = f"{serial_log}.fault-{attempt + 1}"
+            kept = f"{serial_log}.fault-{attempt}"
             os.replace(serial_log, kept)
         stderr_log(f"QEMU: the guest lost a timer interrupt (an emulator fault{', console: ' + kept if kept else ''}); "
                    "booting again")
-    raise AssertionError("unreachable")
 
 
 class Run:
