@@ -235,7 +235,7 @@ def prepare_system(manifest: str | os.PathLike[str], *, build_dir: str | os.Path
             tmp = cached.with_name(f".{cached.name}.tmp")
             _copy_disk(disk_path, tmp)
             os.replace(tmp, cached)
-    prune_cache(board.cache, "disk-", ".img", keep=CACHED_DISKS, log=log)
+            prune_cache(board.cache, "disk-", ".img", keep=CACHED_DISKS, log=log)
     timings["disk_total"] = time.monotonic() - t0
     write_json_atomically(top / f"{out_name}.system.json", {
         "release": str(out), "digest": system.digest, "disk": str(disk_path), "cmdline": disk.cmdline,
